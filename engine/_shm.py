@@ -1,0 +1,126 @@
+"""Shared-memory slots: the supervisor creates and unlinks them, everyone else only attaches.
+
+Segment names are `pxc_<owner pid>_<run token>_<slot>`. The owner pid lets a later run tell a
+segment left behind by a killed run (its owner is gone) from one in use, and `sweep_stale`
+unlinks the former: atexit handlers and finalizers never run on SIGKILL.
+
+NOTE [resource tracker]: Python's `SharedMemory` registers every attach with the resource
+tracker, which unlinks the segment when the attaching process exits, even though its owner still
+uses it (CPython gh-82300). Attach-only processes therefore unregister right after attaching.
+The owner stays registered on purpose: if the supervisor is SIGKILLed, its tracker unlinks what
+it had created.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from multiprocessing import resource_tracker
+from multiprocessing.shared_memory import SharedMemory
+from pathlib import Path
+
+__all__ = ["SlotPool", "attach", "sweep_stale", "PREFIX"]
+
+PREFIX = "pxc_"
+_SHM_DIR = Path("/dev/shm")
+_NAME = re.compile(rf"^{PREFIX}(\d+)_")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale(owner_pid: int | None = None) -> list[str]:
+    """Unlinks segments whose owner is dead (or all of `owner_pid`'s); returns their names."""
+    if not _SHM_DIR.is_dir():
+        return []
+    removed = []
+    for path in _SHM_DIR.iterdir():
+        match = _NAME.match(path.name)
+        if not match:
+            continue
+        pid = int(match.group(1))
+        if (owner_pid is not None and pid == owner_pid) or (
+            owner_pid is None and not _pid_alive(pid)
+        ):
+            try:
+                path.unlink()
+                removed.append(path.name)
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+def shm_free_bytes() -> int | None:
+    """Free bytes in /dev/shm, or None where there is no such mount."""
+    try:
+        st = os.statvfs(_SHM_DIR)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def attach(name: str) -> SharedMemory:
+    """Attaches to an existing segment without handing it to this process's resource tracker."""
+    shm = SharedMemory(name=name, create=False)
+    try:
+        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+    except Exception:  # the tracker may be gone at interpreter exit; nothing to undo then
+        pass
+    return shm
+
+
+class SlotPool:
+    """The fixed-size slots of one run. Created by, and only unlinked by, the supervisor."""
+
+    def __init__(self, count: int, slot_bytes: int) -> None:
+        self.slot_bytes = slot_bytes
+        self.token = secrets.token_hex(4)
+        self._segments: list[SharedMemory] = []
+        free = shm_free_bytes()
+        if free is not None and count * slot_bytes > free:
+            raise MemoryError(
+                f"/dev/shm has {free / 2**20:.0f} MiB free but the engine needs "
+                f"{count} slots x {slot_bytes / 2**20:.1f} MiB = {count * slot_bytes / 2**20:.0f} MiB;"
+                " lower num_slots, batch_rows or image_size, or give the container more shared"
+                " memory (docker run --shm-size=1g)"
+            )
+        try:
+            for _ in range(count):
+                self.grow()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self._segments]
+
+    def __len__(self) -> int:
+        return len(self._segments)
+
+    def grow(self) -> int:
+        """Adds one slot; returns its index."""
+        name = f"{PREFIX}{os.getpid()}_{self.token}_{len(self._segments)}"
+        self._segments.append(SharedMemory(name=name, create=True, size=self.slot_bytes))
+        return len(self._segments) - 1
+
+    def close(self) -> None:
+        """Unmaps and unlinks every slot; idempotent."""
+        while self._segments:
+            shm = self._segments.pop()
+            try:
+                shm.close()
+            except BufferError:  # a view is still alive here; unlinking is what matters
+                pass
+            try:
+                shm.unlink()
+            except FileNotFoundError:
+                pass

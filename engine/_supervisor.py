@@ -1,0 +1,496 @@
+"""The supervisor process: downloads chunks, schedules decode tasks, delivers batches in order.
+
+It owns every OS resource of a run (worker processes, shared-memory slots, the download
+folder) and is the only process that unlinks or deletes them.
+
+NOTE [scheduling]: a chunk's records are cut into tasks of `batch_rows` records; a task is
+keyed (chunk position, first record) and dispatched in key order, each with a free slot
+reserved for it. Results are delivered to the consumer in key order only, so the output
+order is the dataset order (or the seeded shuffle) whatever the number of workers. Since
+every task earlier than a dispatched one was dispatched first, the next task to deliver
+always has, or gets, a slot; the exceptions (a task cut short because its slot filled up, a
+consumer holding every slot) are handled by evicting a later finished task or growing the
+pool.
+
+The loop, one state per task:
+
+    pending --dispatch (idle worker + free slot)--> running --TaskDone--> done --deliver--> sent
+       ^                                              |                    |
+       +------ worker died / hung (slot kept) --------+   evicted (slot freed) --> pending
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import os
+import shutil
+import signal
+import struct
+import tempfile
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pixcrawler.engine._config import DecodePolicy, EngineConfig
+from pixcrawler.engine._errors import WorkerError
+from pixcrawler.engine._protocol import (
+    BatchReady,
+    ExceptionWrapper,
+    Failed,
+    Finished,
+    Grow,
+    Ready,
+    Record,
+    SlotsAdded,
+    Stop,
+    Task,
+    TaskDone,
+    TaskFailed,
+)
+from pixcrawler.engine._shm import PREFIX, SlotPool, shm_free_bytes, sweep_stale
+from pixcrawler.engine._sources import Source
+from pixcrawler.engine._worker import ROW_OVERHEAD, SLOT_OVERHEAD, worker_main
+
+__all__ = ["supervisor_main", "slot_bytes_for"]
+
+RELEASE = struct.Struct("<i")
+WORKER_ENV = {
+    # glibc's malloc trimming slows Pillow in long-lived processes (measured, see README).
+    "MALLOC_MMAP_THRESHOLD_": "33554432",
+    "MALLOC_TRIM_THRESHOLD_": "1073741824",
+    "OMP_NUM_THREADS": "1",
+}
+MAX_TASK_RESTARTS = 2
+
+
+def slot_bytes_for(config: EngineConfig, policy: DecodePolicy) -> int:
+    """The size of one slot: a whole batch of fixed-size images, or `slot_bytes`."""
+    if config.slot_bytes is not None:
+        return config.slot_bytes
+    shape = policy.fixed_shape
+    if shape is None:
+        return 64 << 20
+    size = config.batch_rows * (int(np.prod(shape)) + ROW_OVERHEAD) + SLOT_OVERHEAD
+    return -(-size // 4096) * 4096
+
+
+@dataclass
+class _Chunk:
+    plan_index: int
+    records: list[Record] | None = None
+    path: Path | None = None
+    owned: bool = False
+    error: ExceptionWrapper | None = None
+
+
+@dataclass
+class _WorkerSlot:
+    proc: Any
+    conn: Connection
+    task: tuple[int, int, int, int] | None = None  # (pos, start, end, slot)
+    task_id: int = 0
+    started: float = 0.0
+
+
+@dataclass
+class _Done:
+    slot: int | None
+    end: int
+    message: BatchReady | Failed | None = None
+    covered: int = 0
+
+
+@dataclass
+class _State:
+    chunks: dict[int, _Chunk] = field(default_factory=dict)
+    pending: list[tuple[int, int, int, int]] = field(default_factory=list)  # heap
+    done: dict[tuple[int, int], _Done] = field(default_factory=dict)
+    free_slots: list[int] = field(default_factory=list)
+    deliver_pos: int = 0
+    deliver_row: int = 0
+    next_download: int = 0
+    downloads: int = 0
+    held_by_consumer: int = 0
+    stats: dict[str, int] = field(
+        default_factory=lambda: {
+            "samples": 0,
+            "skipped": 0,
+            "chunks": 0,
+            "worker_restarts": 0,
+            "bytes_downloaded": 0,
+            "slots_added": 0,
+        }
+    )
+
+
+class Supervisor:
+    def __init__(
+        self,
+        conn: Connection,
+        release: Connection,
+        source: Source,
+        config: EngineConfig,
+        policy: DecodePolicy,
+    ) -> None:
+        self.conn = conn
+        self.release = release
+        self.source = source
+        self.config = config
+        self.policy = policy
+        self.consumer = os.getppid()
+        self.plans = source.plan()
+        order = np.arange(len(self.plans))
+        if config.shuffle:
+            order = np.random.default_rng(config.seed).permutation(len(self.plans))
+        self.order = [int(i) for i in order]
+        self.state = _State()
+        self.workers: list[_WorkerSlot] = []
+        self.task_ids = 0
+        self.restarts: dict[tuple[int, int], int] = {}
+        self.workdir = Path(tempfile.mkdtemp(prefix="pxc-run-"))
+        self.pool: SlotPool | None = None
+        self.executor = ThreadPoolExecutor(config.max_workers, thread_name_prefix="pxc-fetch")
+        self.fetched: list[tuple[int, Future]] = []
+        self.fetch_lock = threading.Lock()
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+
+    # ---- set-up -------------------------------------------------------------------------
+    def start(self) -> None:
+        import multiprocess
+
+        self.pool = SlotPool(self.config.slots, slot_bytes_for(self.config, self.policy))
+        self.state.free_slots = list(range(len(self.pool)))
+        self.ctx = multiprocess.get_context("spawn")
+        self.opener = self.source.opener()
+        for _ in range(self.config.workers):
+            self.workers.append(self._spawn_worker())
+        self.conn.send(
+            Ready(
+                tuple(self.pool.names),
+                self.pool.slot_bytes,
+                os.getpid(),
+                tuple(w.proc.pid for w in self.workers),
+            )
+        )
+
+    def _spawn_worker(self) -> _WorkerSlot:
+        assert self.pool is not None
+        mine, theirs = self.ctx.Pipe()
+        prefix = f"{PREFIX}{os.getpid()}_{self.pool.token}_"
+        proc = self.ctx.Process(
+            target=worker_main,
+            args=(theirs, self.opener, self.policy, prefix, self.pool.slot_bytes),
+            daemon=True,
+            name="pixcrawler-worker",
+        )
+        proc.start()
+        theirs.close()
+        return _WorkerSlot(proc, mine)
+
+    # ---- the loop -------------------------------------------------------------------------
+    def run(self) -> None:
+        self.start()
+        st = self.state
+        while st.deliver_pos < len(self.order):
+            self._start_downloads()
+            self._dispatch()
+            self._deliver()
+            if st.deliver_pos >= len(self.order):
+                break
+            waitables: list[Any] = [self.conn, self.release, self.wake_r]
+            for w in self.workers:
+                waitables += [w.conn, w.proc.sentinel]
+            ready = wait(waitables, timeout=1.0)
+            if self.release in ready:
+                self._on_releases()
+            if self.conn in ready and self._on_consumer():
+                return
+            for w in list(self.workers):
+                if w.conn in ready:
+                    self._on_result(w)
+            self._collect_downloads()
+            self._check_workers()
+            if os.getppid() != self.consumer:
+                return  # the consumer is gone and nobody will read what we make
+        self.conn.send(Finished(dict(st.stats)))
+
+    def _on_consumer(self) -> bool:
+        """Handles consumer messages; True when the run must stop."""
+        try:
+            while self.conn.poll():
+                msg = self.conn.recv()
+                if isinstance(msg, Stop):
+                    return True
+                if isinstance(msg, Grow):
+                    self._grow()
+        except (EOFError, OSError):
+            return True
+        return False
+
+    def _on_releases(self) -> None:
+        try:
+            data = os.read(self.release.fileno(), 4096 * RELEASE.size)
+        except BlockingIOError:
+            return
+        if not data:
+            raise SystemExit(0)  # the consumer closed its end: it is gone
+        for (slot,) in RELEASE.iter_unpack(data):
+            self.state.free_slots.append(slot)
+            self.state.held_by_consumer -= 1
+
+    def _grow(self) -> None:
+        assert self.pool is not None
+        free = shm_free_bytes()
+        if free is not None and free < 2 * self.pool.slot_bytes:
+            raise MemoryError(
+                f"the consumer holds all {len(self.pool)} shared-memory slots and /dev/shm is "
+                "full; copy the arrays you keep (np.array(image)) instead of keeping views, or "
+                "use to_arrays()"
+            )
+        slot = self.pool.grow()
+        self.state.stats["slots_added"] += 1
+        self.conn.send(SlotsAdded((self.pool.names[slot],)))
+        self.state.free_slots.append(slot)
+
+    # ---- downloads ------------------------------------------------------------------------
+    def _start_downloads(self) -> None:
+        st = self.state
+        limit = min(len(self.order), st.deliver_pos + self.config.prefetch_chunks)
+        while st.next_download < limit and st.downloads < self.config.max_workers:
+            pos = st.next_download
+            plan_index = self.order[pos]
+            st.chunks[pos] = _Chunk(plan_index)
+            future = self.executor.submit(self._fetch, self.plans[plan_index].index)
+            future.add_done_callback(lambda _f: os.write(self.wake_w, b"x"))
+            self.fetched.append((pos, future))
+            st.next_download += 1
+            st.downloads += 1
+
+    def _fetch(self, chunk: int) -> tuple[Path, bool, list[Record]]:
+        path, owned = self.source.fetch(chunk, self.workdir)
+        records = self.source.records(chunk, path)
+        if self.config.shuffle:
+            perm = np.random.default_rng([self.config.seed, chunk]).permutation(len(records))
+            records = [records[i] for i in perm]
+        return path, owned, records
+
+    def _collect_downloads(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self.wake_r, 4096)
+        st = self.state
+        still = []
+        for pos, future in self.fetched:
+            if not future.done():
+                still.append((pos, future))
+                continue
+            st.downloads -= 1
+            chunk = st.chunks[pos]
+            plan = self.plans[chunk.plan_index]
+            try:
+                chunk.path, chunk.owned, chunk.records = future.result()
+            except Exception as exc:
+                chunk.error = ExceptionWrapper.wrap(exc, f"downloading chunk {plan.index}")
+                st.done[(pos, 0)] = _Done(None, plan.num_records, Failed(chunk.error))
+                continue
+            st.stats["chunks"] += 1
+            if chunk.path is not None and chunk.owned:
+                st.stats["bytes_downloaded"] += chunk.path.stat().st_size
+            n = len(chunk.records)
+            rows = self.config.batch_rows
+            for start in range(0, n, rows):
+                heapq.heappush(st.pending, (pos, start, min(start + rows, n), -1))
+            if n == 0:
+                st.done[(pos, 0)] = _Done(None, 0)
+        self.fetched = still
+
+    # ---- decoding -------------------------------------------------------------------------
+    def _dispatch(self) -> None:
+        st = self.state
+        idle = [w for w in self.workers if w.task is None and w.proc.is_alive()]
+        while idle and st.pending:
+            pos, start, end, slot = st.pending[0]
+            if slot < 0:
+                if not st.free_slots:
+                    if not any(w.task for w in self.workers) and not self._evict(pos, start):
+                        break
+                    if not st.free_slots:
+                        break
+                slot = st.free_slots.pop()
+            heapq.heappop(st.pending)
+            worker = idle.pop()
+            chunk = st.chunks[pos]
+            assert chunk.records is not None and chunk.path is not None
+            self.task_ids += 1
+            task = Task(
+                self.task_ids,
+                self.plans[chunk.plan_index].index,
+                str(chunk.path),
+                tuple(chunk.records[start:end]),
+                slot,
+            )
+            worker.conn.send(task)
+            worker.task, worker.task_id, worker.started = (pos, start, end, slot), task.task_id, (
+                time.monotonic()
+            )
+
+    def _evict(self, pos: int, start: int) -> bool:
+        """Frees the slot of the latest finished task that waits behind (pos, start)."""
+        st = self.state
+        later = [k for k, d in st.done.items() if k > (pos, start) and d.slot is not None]
+        if not later:
+            return False
+        key = max(later)
+        done = st.done.pop(key)
+        assert done.slot is not None
+        st.free_slots.append(done.slot)
+        heapq.heappush(st.pending, (key[0], key[1], done.end, -1))
+        return True
+
+    def _on_result(self, worker: _WorkerSlot) -> None:
+        try:
+            result = worker.conn.recv()
+        except (EOFError, OSError):
+            return  # it died; _check_workers redoes its task
+        if worker.task is None or result.task_id != worker.task_id:
+            return
+        pos, start, end, slot = worker.task
+        worker.task = None
+        st = self.state
+        chunk = st.chunks[pos]
+        plan_index = self.plans[chunk.plan_index].index
+        if isinstance(result, TaskFailed):
+            st.free_slots.append(slot)
+            st.done[(pos, start)] = _Done(None, end, Failed(result.error))
+            return
+        assert isinstance(result, TaskDone)
+        covered_end = start + result.covered
+        if covered_end < end:  # the slot filled up: the rest is a task of its own
+            heapq.heappush(st.pending, (pos, covered_end, end, -1))
+        st.done[(pos, start)] = _Done(
+            slot,
+            covered_end,
+            BatchReady(slot, result.nbytes, result.rows, plan_index, result.errors),
+            result.covered,
+        )
+
+    def _check_workers(self) -> None:
+        now = time.monotonic()
+        for i, w in enumerate(self.workers):
+            hung = w.task is not None and now - w.started > self.config.worker_timeout
+            if hung and w.proc.is_alive():
+                os.kill(w.proc.pid, signal.SIGKILL)
+                w.proc.join(5)
+            if w.proc.is_alive():
+                continue
+            w.proc.join()
+            pid, code = w.proc.pid, w.proc.exitcode
+            w.conn.close()
+            self.state.stats["worker_restarts"] += 1
+            if w.task is not None:
+                pos, start, end, slot = w.task
+                tries = self.restarts.get((pos, start), 0) + 1
+                self.restarts[(pos, start)] = tries
+                if tries > MAX_TASK_RESTARTS:
+                    why = "hung" if hung else f"exited with code {code}"
+                    raise WorkerError(
+                        f"worker {pid} {why} on chunk {self.plans[self.state.chunks[pos].plan_index].index}"
+                        f" (records {start}-{end}), {tries} times; the chunk may hold an image "
+                        "that crashes the decoder",
+                        pid=pid,
+                        exitcode=code,
+                    )
+                heapq.heappush(self.state.pending, (pos, start, end, slot))
+            self.workers[i] = self._spawn_worker()
+
+    # ---- delivery -------------------------------------------------------------------------
+    def _deliver(self) -> None:
+        st = self.state
+        while st.deliver_pos < len(self.order):
+            key = (st.deliver_pos, st.deliver_row)
+            done = st.done.pop(key, None)
+            if done is None:
+                return
+            if isinstance(done.message, Failed):
+                self.conn.send(done.message)
+                raise _Delivered()
+            if isinstance(done.message, BatchReady):
+                st.stats["samples"] += done.message.rows
+                st.stats["skipped"] += len(done.message.errors)
+                st.held_by_consumer += 1
+                self.conn.send(done.message)
+            st.deliver_row = done.end
+            chunk = st.chunks[st.deliver_pos]
+            if chunk.records is not None and st.deliver_row >= len(chunk.records):
+                # Delivered whole: no task can need the file again (evictions redo only
+                # tasks of undelivered chunks).
+                if chunk.owned and chunk.path is not None:
+                    chunk.path.unlink(missing_ok=True)
+                del st.chunks[st.deliver_pos]
+                st.deliver_pos += 1
+                st.deliver_row = 0
+
+    # ---- teardown -------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stops workers, unlinks slots, removes the download folder. Idempotent."""
+        for w in self.workers:
+            with contextlib.suppress(Exception):
+                w.conn.send(None)
+        deadline = time.monotonic() + 2.0
+        for w in self.workers:
+            w.proc.join(max(0.0, deadline - time.monotonic()))
+        for w in self.workers:
+            if w.proc.is_alive():
+                w.proc.kill()
+                w.proc.join(2.0)
+            with contextlib.suppress(Exception):
+                w.conn.close()
+        self.workers.clear()
+        if self.pool is not None:
+            self.pool.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        with contextlib.suppress(Exception):
+            self.source.close()
+
+
+class _Delivered(Exception):
+    """A run-ending error was handed to the consumer; stop quietly."""
+
+
+def supervisor_main(
+    conn: Connection,
+    release: Connection,
+    source: Source,
+    config: EngineConfig,
+    policy: DecodePolicy,
+) -> None:
+    """The body of the supervisor process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the consumer handles Ctrl-C
+    os.environ.update(WORKER_ENV)  # inherited by the workers spawned from here
+    sweep_stale()
+    supervisor = None
+    code = 0
+    try:
+        supervisor = Supervisor(conn, release, source, config, policy)
+        supervisor.run()
+    except (_Delivered, SystemExit):
+        pass
+    except BaseException as exc:
+        code = 1
+        with contextlib.suppress(Exception):
+            conn.send(Failed(ExceptionWrapper.wrap(exc, f"in the supervisor (pid {os.getpid()})")))
+    finally:
+        if supervisor is not None:
+            supervisor.close()
+        with contextlib.suppress(Exception):
+            conn.close()
+        # Download threads may sit in a socket read; they must not keep this process alive.
+        os._exit(code)

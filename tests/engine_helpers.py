@@ -1,0 +1,118 @@
+"""Helpers shared by the engine tests: sources over the test store and process checks."""
+
+from __future__ import annotations
+
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+from pixcrawler.engine import DecodePolicy, EngineConfig, JobSource, Stream
+from pixcrawler.engine._jobapi import JobClient
+
+
+def job_source(store: Path, job_id: str = "demo") -> JobSource:
+    client = JobClient(f"file://{store}", None)
+    return JobSource(client, client.get_job(job_id))
+
+
+def expected_keys(store: Path, job_id: str = "demo") -> list[str]:
+    """Every sample key of a packed job, in dataset order, read straight from the zips."""
+    import json
+
+    keys = []
+    chunks = sorted(
+        (store / "jobs" / job_id / "chunks").glob("*.zip"), key=lambda p: int(p.stem)
+    )
+    for path in chunks:
+        with zipfile.ZipFile(path) as zf:
+            for line in zf.read("manifest.jsonl").decode().splitlines():
+                keys.append(json.loads(line)["file"])
+    return keys
+
+
+def run_keys(stream: Stream) -> list[str]:
+    keys: list[str] = []
+    for batch in stream:
+        keys.extend(batch.keys)
+    return keys
+
+
+def small_config(**kw: object) -> EngineConfig:
+    base: dict[str, object] = {"num_workers": 2, "batch_rows": 8, "max_workers": 2}
+    base.update(kw)
+    return EngineConfig(**base)  # type: ignore[arg-type]
+
+
+POLICY = DecodePolicy(image_size=(32, 32))
+
+
+def wait_gone(pids: list[int], timeout: float) -> list[int]:
+    """Waits (bounded) until every pid has exited; returns those still alive."""
+    procs = []
+    for pid in pids:
+        try:
+            procs.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    return [p.pid for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+
+
+def shm_names() -> set[str]:
+    return {p.name for p in Path("/dev/shm").iterdir() if p.name.startswith("pxc_")}
+
+
+def wait_no_shm(names: set[str], timeout: float) -> set[str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        left = names & shm_names()
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)
+
+
+def reference_pixels(store: Path, key: str, policy: DecodePolicy, job_id: str = "demo") -> np.ndarray:
+    from pixcrawler.engine._decode import decode_image
+
+    for path in (store / "jobs" / job_id / "chunks").glob("*.zip"):
+        with zipfile.ZipFile(path) as zf:
+            if key in zf.namelist():
+                return decode_image(zf.read(key), policy)
+    raise KeyError(key)
+
+
+def corrupt_one_sample(store: Path, job_id: str, chunk: int = 0, row: int = 3) -> str:
+    """Rewrites one chunk so that sample `row` is a truncated file named broken<ext>.
+
+    The job's manifest (sha256, size) is updated, so only decoding can notice.
+    """
+    import hashlib
+    import json
+
+    path = store / "jobs" / job_id / "chunks" / f"{chunk}.zip"
+    with zipfile.ZipFile(path) as zf:
+        lines = [json.loads(x) for x in zf.read("manifest.jsonl").decode().splitlines()]
+        members = {e["file"]: zf.read(e["file"]) for e in lines}
+    entry = lines[row]
+    data = members.pop(entry["file"])
+    new_name = "broken" + Path(entry["file"]).suffix
+    members[new_name] = data[: len(data) // 3]
+    entry["file"] = new_name
+    tmp = path.with_suffix(".tmp")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
+        for e in lines:
+            zf.writestr(e["file"], members[e["file"]])
+        zf.writestr("manifest.jsonl", "".join(json.dumps(e) + "\n" for e in lines))
+    tmp.replace(path)
+    job_path = store / "jobs" / job_id / "job.json"
+    job = json.loads(job_path.read_text())
+    for c in job["chunks"]:
+        if c["index"] == chunk:
+            c["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+            c["size_bytes"] = path.stat().st_size
+    job["size_bytes"] = sum(c["size_bytes"] for c in job["chunks"])
+    job_path.write_text(json.dumps(job))
+    return new_name

@@ -1,0 +1,136 @@
+"""Process faults on real processes: killed and stopped workers, killed consumers, Ctrl-C, leftovers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from multiprocessing.shared_memory import SharedMemory
+from pathlib import Path
+
+import psutil
+import pytest
+from engine_helpers import (
+    POLICY,
+    expected_keys,
+    job_source,
+    shm_names,
+    small_config,
+    wait_gone,
+    wait_no_shm,
+)
+
+from pixcrawler.engine import Stream
+from pixcrawler.engine._shm import sweep_stale
+
+CONSUMER = textwrap.dedent(
+    """
+    import json, sys, time
+    sys.path.insert(0, {tests!r})
+    from engine_helpers import job_source, small_config, POLICY
+    from pixcrawler.engine import Stream
+    from pathlib import Path
+
+    stream = Stream(job_source(Path({store!r})), config=small_config(batch_rows=2), policy=POLICY)
+    it = iter(stream)
+    batch = next(it)
+    print(json.dumps({{"supervisor": stream.pid, "workers": list(stream.worker_pids)}}), flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def _start_consumer(store: Path) -> tuple[subprocess.Popen[str], dict[str, object]]:
+    script = CONSUMER.format(tests=str(Path(__file__).parents[1]), store=str(store))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line, "the consumer script printed nothing"
+    return proc, json.loads(line)
+
+
+@pytest.mark.parametrize("victims", ["one", "all"])
+def test_sigkill_workers_mid_run_delivers_every_sample_once(store: Path, victims: str) -> None:
+    config = small_config(batch_rows=2, num_slots=3)
+    keys: list[str] = []
+    with Stream(job_source(store), config=config, policy=POLICY) as stream:
+        for i, batch in enumerate(stream):
+            keys.extend(batch.keys)
+            if i == 1:
+                targets = stream.worker_pids[:1] if victims == "one" else stream.worker_pids
+                for pid in targets:
+                    os.kill(pid, signal.SIGKILL)
+        assert stream.stats["worker_restarts"] >= 1
+    assert keys == expected_keys(store)
+
+
+def test_stopped_worker_is_timed_out_and_replaced(store: Path) -> None:
+    config = small_config(batch_rows=2, num_slots=3, worker_timeout=2.0)
+    keys: list[str] = []
+    with Stream(job_source(store), config=config, policy=POLICY) as stream:
+        for i, batch in enumerate(stream):
+            keys.extend(batch.keys)
+            if i == 0:
+                for pid in stream.worker_pids:  # both: one of them surely holds a task
+                    os.kill(pid, signal.SIGSTOP)
+        assert stream.stats["worker_restarts"] >= 1
+    assert keys == expected_keys(store)
+
+
+def test_sigkill_of_the_consumer_takes_supervisor_and_workers_along(store: Path) -> None:
+    before = shm_names()
+    proc, pids = _start_consumer(store)
+    children = [pids["supervisor"], *pids["workers"]]  # type: ignore[list-item]
+    proc.kill()
+    proc.wait(5)
+    assert wait_gone(children, 10.0) == []
+    # The supervisor unlinks its slots on the way out (or its resource tracker does).
+    assert wait_no_shm(shm_names() - before, 5.0) == set()
+
+
+def test_ctrl_c_in_the_consumer_stops_everything(store: Path) -> None:
+    before = shm_names()
+    proc, pids = _start_consumer(store)
+    children = [pids["supervisor"], *pids["workers"]]  # type: ignore[list-item]
+    os.killpg(proc.pid, signal.SIGINT)  # the terminal sends it to the whole group
+    proc.wait(10)
+    assert proc.returncode != 0
+    assert wait_gone(children, 5.0) == []
+    assert wait_no_shm(shm_names() - before, 5.0) == set()
+
+
+def test_sigkill_of_the_whole_group_is_reclaimed_by_the_next_run(store: Path) -> None:
+    before = shm_names()
+    proc, pids = _start_consumer(store)
+    children = [pids["supervisor"], *pids["workers"]]  # type: ignore[list-item]
+    os.killpg(proc.pid, signal.SIGKILL)  # takes the resource tracker along too
+    proc.wait(5)
+    assert wait_gone(children, 10.0) == []
+    # Whatever the killed run left is gone once the next run has started.
+    with Stream(job_source(store), config=small_config(), policy=POLICY) as stream:
+        next(iter(stream))
+        assert not {n for n in shm_names() - before if n.startswith(f"pxc_{pids['supervisor']}_")}
+
+
+def test_sweep_unlinks_segments_of_dead_owners_only() -> None:
+    dead = psutil.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = SharedMemory(name=f"pxc_{dead.pid}_dead_0", create=True, size=4096)
+    mine = SharedMemory(name=f"pxc_{os.getpid()}_live_0", create=True, size=4096)
+    try:
+        removed = sweep_stale()
+        assert stale.name in removed
+        assert mine.name not in removed
+        assert Path("/dev/shm", mine.name).exists()
+    finally:
+        stale.close()
+        mine.close()
+        mine.unlink()
+        from multiprocessing import resource_tracker
+
+        resource_tracker.unregister(stale._name, "shared_memory")  # type: ignore[attr-defined]

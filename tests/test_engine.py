@@ -1,0 +1,138 @@
+"""The engine on real processes and real shared memory: order, zero copy, leases, shuffle."""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import numpy as np
+import pytest
+from engine_helpers import (
+    POLICY,
+    corrupt_one_sample,
+    expected_keys,
+    job_source,
+    reference_pixels,
+    run_keys,
+    small_config,
+    wait_gone,
+)
+
+from pixcrawler.engine import DecodePolicy, SampleWarning, Stream, decode_chunk
+from pixcrawler.engine._store import pack
+
+
+@pytest.fixture(scope="module")
+def bad_store(tmp_path_factory: pytest.TempPathFactory, demo_source: Path) -> Path:
+    """A store whose job "bad" has one truncated image in its first chunk."""
+    store = tmp_path_factory.mktemp("bad-store")
+    pack(demo_source, store, "bad", chunk_size=16)
+    corrupt_one_sample(store, "bad")
+    return store
+
+
+def test_dataset_order_exactly_once_with_right_pixels(store: Path) -> None:
+    keys = []
+    with Stream(job_source(store), config=small_config(), policy=POLICY) as stream:
+        for batch in stream:
+            images = batch.images
+            assert isinstance(images, np.ndarray)
+            assert images.shape[1:] == (32, 32, 3) and images.dtype == np.uint8
+            # Spot-check pixels against an in-process decode of the same bytes.
+            np.testing.assert_array_equal(images[0], reference_pixels(store, batch.keys[0], POLICY))
+            keys.extend(batch.keys)
+        assert stream.stats["samples"] == len(keys)
+    assert keys == expected_keys(store)
+
+
+def test_batches_are_views_of_shared_memory(store: Path) -> None:
+    with Stream(job_source(store), config=small_config(), policy=POLICY) as stream:
+        it = iter(stream)
+        batch = next(it)
+        images = batch.images
+        segments = [np.frombuffer(s.buf, np.uint8) for s in stream._state.slots]
+        assert any(np.shares_memory(images, seg) for seg in segments)
+        del segments
+        it.close()
+
+
+def test_variable_size_output_keeps_each_shape(store: Path) -> None:
+    policy = DecodePolicy(image_size=None)
+    with Stream(job_source(store), config=small_config(), policy=policy) as stream:
+        shapes = set()
+        n = 0
+        for batch in stream:
+            images = batch.images
+            assert isinstance(images, list)
+            shapes.update(img.shape for img in images)
+            n += len(images)
+    assert n == len(expected_keys(store))
+    assert len(shapes) > 1  # the demo job mixes sizes
+
+
+def test_shuffle_is_seeded_and_independent_of_worker_count(store: Path) -> None:
+    def order(workers: int, seed: int) -> list[str]:
+        config = small_config(num_workers=workers, shuffle=True, seed=seed)
+        return run_keys(Stream(job_source(store), config=config, policy=POLICY))
+
+    one, two = order(1, 7), order(2, 7)
+    assert one == two
+    assert sorted(one) == sorted(expected_keys(store))
+    assert one != expected_keys(store)
+    assert order(2, 8) != one
+
+
+def test_views_kept_by_the_caller_pin_slots_and_the_pool_grows(store: Path) -> None:
+    config = small_config(num_slots=2, batch_rows=4)
+    kept = []
+    with Stream(job_source(store), config=config, policy=POLICY) as stream:
+        for batch in stream:
+            kept.append(batch.images)  # never released: the engine must not reuse them
+        assert stream.stats["slots_added"] > 0
+    first = kept[0].copy()
+    gc.collect()
+    np.testing.assert_array_equal(kept[0], first)  # still intact after the run ended
+    assert sum(len(k) for k in kept) == len(expected_keys(store))
+
+
+def test_decode_chunk_is_a_plain_function(store: Path) -> None:
+    chunk = store / "jobs" / "demo" / "chunks" / "0.zip"
+    batch = decode_chunk(chunk.read_bytes(), POLICY)
+    assert batch.num_rows == len(expected_keys(store)[: batch.num_rows])
+    assert batch.schema.field("image").type.shape == [32, 32, 3]
+
+
+def test_bad_samples_follow_on_error(bad_store: Path) -> None:
+    total = len(expected_keys(bad_store, "bad"))
+    skip = DecodePolicy(image_size=(32, 32), on_error="skip")
+    with Stream(job_source(bad_store, "bad"), config=small_config(), policy=skip) as stream:
+        keys = run_keys(stream)
+        assert stream.stats["skipped"] == 1
+    assert len(keys) == total - 1
+
+    warn = DecodePolicy(image_size=(32, 32), on_error="warn")
+    with pytest.warns(SampleWarning, match="broken"):
+        keys = run_keys(Stream(job_source(bad_store, "bad"), config=small_config(), policy=warn))
+    assert len(keys) == total - 1
+
+    with pytest.raises(Exception, match="broken") as info:
+        run_keys(Stream(job_source(bad_store, "bad"), config=small_config(), policy=POLICY))
+    assert "chunk" in str(info.value)
+
+
+def test_break_stops_every_process(store: Path) -> None:
+    stream = Stream(job_source(store), config=small_config(batch_rows=2), policy=POLICY)
+    for _ in stream:
+        break
+    pids = [stream.pid, *stream.worker_pids]
+    assert wait_gone(pids, 5.0) == []
+
+
+def test_garbage_collection_stops_every_process(store: Path) -> None:
+    stream = Stream(job_source(store), config=small_config(batch_rows=2), policy=POLICY)
+    it = iter(stream)
+    next(it)
+    pids = [stream.pid, *stream.worker_pids]
+    del it, stream
+    gc.collect()
+    assert wait_gone(pids, 5.0) == []

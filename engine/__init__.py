@@ -20,7 +20,7 @@ from pixcrawler.engine._errors import (
     WorkerError,
 )
 from pixcrawler.engine._protocol import Record
-from pixcrawler.engine._sources import ChunkPlan, JobSource, Source, ZipOpener
+from pixcrawler.engine._sources import ChunkPlan, JobSource, Source, SubsetSource, ZipOpener
 from pixcrawler.engine._stream import Batch, SampleWarning, Stream
 from pixcrawler.engine._worker import decode_chunk, decode_records
 
@@ -42,6 +42,7 @@ __all__ = [
     "SampleWarning",
     "Source",
     "Stream",
+    "SubsetSource",
     "WorkerError",
     "ZipOpener",
     "decode_chunk",

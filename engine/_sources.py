@@ -17,7 +17,15 @@ from typing import Any, Protocol
 from pixcrawler.engine._errors import DecodeError, DecompressionError
 from pixcrawler.engine._protocol import Record
 
-__all__ = ["ChunkOpener", "ChunkPlan", "ChunkReader", "JobSource", "Source", "ZipOpener"]
+__all__ = [
+    "ChunkOpener",
+    "ChunkPlan",
+    "ChunkReader",
+    "JobSource",
+    "Source",
+    "SubsetSource",
+    "ZipOpener",
+]
 
 # Caps on untrusted archives: a member larger than this, or compressed more than this ratio,
 # is refused before it is read.
@@ -203,3 +211,31 @@ class JobSource:
 
     def close(self) -> None:
         self._client.close()
+
+
+class SubsetSource:
+    """Only some chunks of another source, in the given order (shards, resumed exports)."""
+
+    def __init__(self, source: Source, chunks: list[int]) -> None:
+        self.source = source
+        wanted = set(chunks)
+        by_index = {p.index: p for p in source.plan()}
+        missing = wanted - by_index.keys()
+        if missing:
+            raise ValueError(f"no such chunks in the source: {sorted(missing)}")
+        self._plans = [by_index[i] for i in chunks]
+
+    def plan(self) -> list[ChunkPlan]:
+        return list(self._plans)
+
+    def fetch(self, chunk: int, workdir: Path) -> tuple[Path, bool]:
+        return self.source.fetch(chunk, workdir)
+
+    def records(self, chunk: int, path: Path) -> list[Record]:
+        return self.source.records(chunk, path)
+
+    def opener(self) -> ChunkOpener:
+        return self.source.opener()
+
+    def close(self) -> None:
+        self.source.close()

@@ -124,9 +124,7 @@ class BatchBuilder:
             offsets = np.zeros(n + 1, dtype=np.int64)
             np.cumsum([a.nbytes for a in self.images], out=offsets[1:])
             data = (
-                np.concatenate([a.reshape(-1) for a in self.images])
-                if n
-                else np.empty(0, np.uint8)
+                np.concatenate([a.reshape(-1) for a in self.images]) if n else np.empty(0, np.uint8)
             )
             binary = pa.LargeBinaryArray.from_buffers(
                 pa.large_binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data)]
@@ -180,19 +178,14 @@ def image_views(batch: pa.RecordBatch) -> np.ndarray | list[np.ndarray]:
         values = column.storage.values  # type: ignore[attr-defined]
         flat = values.to_numpy(zero_copy_only=True)
         start = column.offset * int(np.prod(shape))
-        return flat[start : start + len(column) * int(np.prod(shape))].reshape(
-            len(column), *shape
-        )
+        return flat[start : start + len(column) * int(np.prod(shape))].reshape(len(column), *shape)
     offsets = np.frombuffer(column.buffers()[1], dtype=np.int64)[
         column.offset : column.offset + len(column) + 1
     ]
     data = np.frombuffer(column.buffers()[2], dtype=np.uint8)
     shapes = batch.column("image_shape").values.to_numpy(zero_copy_only=True).reshape(-1, 3)
     shapes = shapes[column.offset : column.offset + len(column)]
-    return [
-        data[offsets[i] : offsets[i + 1]].reshape(tuple(shapes[i]))
-        for i in range(len(column))
-    ]
+    return [data[offsets[i] : offsets[i + 1]].reshape(tuple(shapes[i])) for i in range(len(column))]
 
 
 def labels_of(batch: pa.RecordBatch) -> list[Any]:

@@ -19,7 +19,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["DecodePolicy", "EngineConfig", "OnError", "ResizeMode", "ColorMode"]
+__all__ = ["ColorMode", "DecodePolicy", "EngineConfig", "OnError", "ResizeMode"]
 
 ResizeMode = Literal["fit", "crop", "pad", "stretch"]
 ColorMode = Literal["RGB", "L", "keep"]

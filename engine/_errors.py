@@ -97,7 +97,9 @@ class DecodeError(PixCrawlerError):
 class WorkerError(PixCrawlerError):
     """An engine process died, hung or could not start; `pid` and `exitcode` say which."""
 
-    def __init__(self, message: str, *, pid: int | None = None, exitcode: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, pid: int | None = None, exitcode: int | None = None
+    ) -> None:
         super().__init__(message)
         self.pid = pid
         self.exitcode = exitcode

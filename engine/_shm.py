@@ -20,7 +20,7 @@ from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 
-__all__ = ["SlotPool", "attach", "sweep_stale", "PREFIX"]
+__all__ = ["PREFIX", "SlotPool", "attach", "sweep_stale"]
 
 PREFIX = "pxc_"
 _SHM_DIR = Path("/dev/shm")
@@ -88,7 +88,8 @@ class SlotPool:
         if free is not None and count * slot_bytes > free:
             raise MemoryError(
                 f"/dev/shm has {free / 2**20:.0f} MiB free but the engine needs "
-                f"{count} slots x {slot_bytes / 2**20:.1f} MiB = {count * slot_bytes / 2**20:.0f} MiB;"
+                f"{count} slots x {slot_bytes / 2**20:.1f} MiB = "
+                f"{count * slot_bytes / 2**20:.0f} MiB;"
                 " lower num_slots, batch_rows or image_size, or give the container more shared"
                 " memory (docker run --shm-size=1g)"
             )

@@ -107,9 +107,7 @@ def _check_member(info: zipfile.ZipInfo) -> None:
         )
 
 
-def read_zip_manifest(
-    path: Path | zipfile.ZipFile, chunk: int, first_index: int
-) -> list[Record]:
+def read_zip_manifest(path: Path | zipfile.ZipFile, chunk: int, first_index: int) -> list[Record]:
     """Reads and checks `manifest.jsonl` of a chunk zip (a path or an open ZipFile).
 
     Raises:

@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-
 from pixcrawler.engine._batch import image_views, labels_of, metadata_of, read_batch
 from pixcrawler.engine._config import DecodePolicy, EngineConfig
 from pixcrawler.engine._errors import WorkerError
@@ -39,7 +38,7 @@ from pixcrawler.engine._shm import attach, sweep_stale
 from pixcrawler.engine._sources import Source
 from pixcrawler.engine._supervisor import RELEASE, WORKER_ENV, supervisor_main
 
-__all__ = ["Batch", "Stream", "SampleWarning"]
+__all__ = ["Batch", "SampleWarning", "Stream"]
 
 # Variables a child process must not inherit: the API key never reaches another process's
 # environment (it travels to the supervisor inside the source, over a pipe).

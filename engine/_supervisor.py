@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from pixcrawler.engine._config import DecodePolicy, EngineConfig
 from pixcrawler.engine._errors import WorkerError
 from pixcrawler.engine._protocol import (
@@ -58,7 +57,7 @@ from pixcrawler.engine._shm import PREFIX, SlotPool, shm_free_bytes, sweep_stale
 from pixcrawler.engine._sources import Source
 from pixcrawler.engine._worker import ROW_OVERHEAD, SLOT_OVERHEAD, worker_main
 
-__all__ = ["supervisor_main", "slot_bytes_for"]
+__all__ = ["slot_bytes_for", "supervisor_main"]
 
 RELEASE = struct.Struct("<i")
 WORKER_ENV = {
@@ -337,8 +336,10 @@ class Supervisor:
                 slot,
             )
             worker.conn.send(task)
-            worker.task, worker.task_id, worker.started = (pos, start, end, slot), task.task_id, (
-                time.monotonic()
+            worker.task, worker.task_id, worker.started = (
+                (pos, start, end, slot),
+                task.task_id,
+                (time.monotonic()),
             )
 
     def _evict(self, pos: int, start: int) -> bool:
@@ -400,9 +401,10 @@ class Supervisor:
                 self.restarts[(pos, start)] = tries
                 if tries > MAX_TASK_RESTARTS:
                     why = "hung" if hung else f"exited with code {code}"
+                    chunk_id = self.plans[self.state.chunks[pos].plan_index].index
                     raise WorkerError(
-                        f"worker {pid} {why} on chunk {self.plans[self.state.chunks[pos].plan_index].index}"
-                        f" (records {start}-{end}), {tries} times; the chunk may hold an image "
+                        f"worker {pid} {why} on chunk {chunk_id} (records {start}-{end}), "
+                        f"{tries} times; the chunk may hold an image "
                         "that crashes the decoder",
                         pid=pid,
                         exitcode=code,

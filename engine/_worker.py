@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-
 from pixcrawler.engine._batch import BatchBuilder, ipc_size, write_batch
 from pixcrawler.engine._config import DecodePolicy
 from pixcrawler.engine._decode import decode_image, output_shape, probe

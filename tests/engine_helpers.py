@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-
 from pixcrawler.engine import DecodePolicy, EngineConfig, JobSource, Stream
 from pixcrawler.engine._jobapi import JobClient
 
@@ -23,9 +22,7 @@ def expected_keys(store: Path, job_id: str = "demo") -> list[str]:
     import json
 
     keys = []
-    chunks = sorted(
-        (store / "jobs" / job_id / "chunks").glob("*.zip"), key=lambda p: int(p.stem)
-    )
+    chunks = sorted((store / "jobs" / job_id / "chunks").glob("*.zip"), key=lambda p: int(p.stem))
     for path in chunks:
         with zipfile.ZipFile(path) as zf:
             for line in zf.read("manifest.jsonl").decode().splitlines():
@@ -74,7 +71,9 @@ def wait_no_shm(names: set[str], timeout: float) -> set[str]:
         time.sleep(0.05)
 
 
-def reference_pixels(store: Path, key: str, policy: DecodePolicy, job_id: str = "demo") -> np.ndarray:
+def reference_pixels(
+    store: Path, key: str, policy: DecodePolicy, job_id: str = "demo"
+) -> np.ndarray:
     from pixcrawler.engine._decode import decode_image
 
     for path in (store / "jobs" / job_id / "chunks").glob("*.zip"):

@@ -1,4 +1,4 @@
-"""Process faults on real processes: killed and stopped workers, killed consumers, Ctrl-C, leftovers."""
+"""Process faults on real processes: killed or stopped workers, killed consumers, Ctrl-C."""
 
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ from engine_helpers import (
     wait_gone,
     wait_no_shm,
 )
-
 from pixcrawler.engine import Stream
 from pixcrawler.engine._shm import sweep_stale
 

@@ -341,7 +341,7 @@ def _sniff(path: Path, where: str) -> str:
                 f.seek(0)
                 try:
                     im = factory(f, os.fspath(path))
-                except (SyntaxError, ValueError, IndexError, TypeError, OSError, EOFError):
+                except Exception:
                     continue
                 if im.size[0] > 0 and im.size[1] > 0:
                     return ext

@@ -76,12 +76,25 @@ def _close_pipes(proc: subprocess.Popen[str], readers: list[threading.Thread]) -
             pipe.close()
 
 
-def start_server(store: Path, keys_file: Path, *extra: str) -> ServerProcess:
-    """Starts `python -m pixcrawler serve` on a free loopback port and waits for its URL."""
+def start_server(
+    store: Path, keys_file: Path | None, *extra: str, api_key_env: str | None = None
+) -> ServerProcess:
+    """Starts `python -m pixcrawler serve` on a free loopback port and waits for its URL.
+
+    Args:
+        store: the store to serve.
+        keys_file: passed as `--keys-file` (None: no keys file).
+        extra: more command-line arguments.
+        api_key_env: a key put in PIXCRAWLER_API_KEY (keys never go on the command line).
+    """
     env = {k: v for k, v in os.environ.items() if k != "PIXCRAWLER_API_KEY"}
     env["PYTHONUNBUFFERED"] = "1"
+    if api_key_env is not None:
+        env["PIXCRAWLER_API_KEY"] = api_key_env
     cmd = [sys.executable, "-m", "pixcrawler", "serve", str(store), "--port", "0"]
-    cmd += ["--host", "127.0.0.1", "--keys-file", str(keys_file), *extra]
+    cmd += ["--host", "127.0.0.1", *extra]
+    if keys_file is not None:
+        cmd += ["--keys-file", str(keys_file)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     lines: list[str] = []
     first: queue.Queue[str | None] = queue.Queue()
@@ -169,11 +182,20 @@ def server(store: Path, keys_file: Path) -> Iterator[ServerProcess]:
 
 @pytest.fixture
 def server_factory(store: Path, keys_file: Path) -> Iterator[Callable[..., ServerProcess]]:
-    """Starts extra servers (`factory(*extra_args, store=...)`); stops leftovers at teardown."""
+    """Starts extra servers; stops leftovers at teardown.
+
+    `factory(*extra_args, store=store, keys_file=keys_file, api_key_env=None)` takes the
+    arguments of `start_server`, with the session's store and keys file by default.
+    """
     started: list[ServerProcess] = []
 
-    def factory(*extra: str, store: Path = store) -> ServerProcess:
-        started.append(start_server(store, keys_file, *extra))
+    def factory(
+        *extra: str,
+        store: Path = store,
+        keys_file: Path | None = keys_file,
+        api_key_env: str | None = None,
+    ) -> ServerProcess:
+        started.append(start_server(store, keys_file, *extra, api_key_env=api_key_env))
         return started[-1]
 
     yield factory

@@ -6,17 +6,18 @@ unlinks the former: atexit handlers and finalizers never run on SIGKILL.
 
 NOTE [resource tracker]: Python's `SharedMemory` registers every attach with the resource
 tracker, which unlinks the segment when the attaching process exits, even though its owner still
-uses it (CPython gh-82300). Attach-only processes therefore unregister right after attaching.
-The owner stays registered on purpose: if the supervisor is SIGKILLed, its tracker unlinks what
-it had created.
+uses it (CPython gh-82300); and its `close()` unmaps memory that raw-address views (Arrow foreign
+buffers) may still read. Attach-only processes therefore map `/dev/shm/<name>` with `mmap`
+themselves (`Mapping`). The owner keeps `SharedMemory` and stays registered on purpose: if the
+supervisor is SIGKILLed, its tracker unlinks what it had created.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
 import secrets
-from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 
@@ -67,14 +68,34 @@ def shm_free_bytes() -> int | None:
     return st.f_bavail * st.f_frsize
 
 
-def attach(name: str) -> SharedMemory:
-    """Attaches to an existing segment without handing it to this process's resource tracker."""
-    shm = SharedMemory(name=name, create=False)
-    try:
-        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
-    except Exception:  # the tracker may be gone at interpreter exit; nothing to undo then
-        pass
-    return shm
+class Mapping:
+    """A slot mapped by a process that did not create it (a worker or the consumer).
+
+    It never unlinks. `close()` unmaps only when no view of `buf` is left; otherwise the
+    memory stays mapped until the last view is garbage-collected.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        # Mapping the file directly keeps this process out of the resource tracker.
+        fd = os.open(_SHM_DIR / name, os.O_RDWR)
+        try:
+            self._mmap = mmap.mmap(fd, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+        self.buf = memoryview(self._mmap)
+
+    def close(self) -> None:
+        try:
+            self.buf.release()
+            self._mmap.close()
+        except BufferError:  # views are alive: they keep the mapping until they go
+            pass
+
+
+def attach(name: str) -> Mapping:
+    """Maps an existing slot for reading and writing, without owning it."""
+    return Mapping(name)
 
 
 class SlotPool:

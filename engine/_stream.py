@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
+import subprocess
+import sys
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+
 from pixcrawler.engine._batch import image_views, labels_of, metadata_of, read_batch
 from pixcrawler.engine._config import DecodePolicy, EngineConfig
 from pixcrawler.engine._errors import WorkerError
@@ -36,14 +38,14 @@ from pixcrawler.engine._protocol import (
 )
 from pixcrawler.engine._shm import attach, sweep_stale
 from pixcrawler.engine._sources import Source
-from pixcrawler.engine._supervisor import RELEASE, WORKER_ENV, supervisor_main
+from pixcrawler.engine._supervisor import RELEASE, WORKER_ENV
 
 __all__ = ["Batch", "SampleWarning", "Stream"]
 
 # Variables a child process must not inherit: the API key never reaches another process's
 # environment (it travels to the supervisor inside the source, over a pipe).
 _SECRET_ENV = ("PIXCRAWLER_API_KEY",)
-_env_lock = threading.Lock()
+_BOOTSTRAP = "from pixcrawler.engine._supervisor import bootstrap; bootstrap()"
 
 
 class SampleWarning(UserWarning):
@@ -51,12 +53,13 @@ class SampleWarning(UserWarning):
 
 
 class _Lease:
-    """Keeps a slot out of the pool while any view of it lives."""
+    """Keeps a slot out of the pool, and mapped, while any view of it lives."""
 
-    __slots__ = ("__weakref__", "shm")
+    __slots__ = ("__weakref__", "array")
 
-    def __init__(self, shm: Any) -> None:
-        self.shm = shm  # the mapping must outlive every view into it
+    def __init__(self, mapping: Any) -> None:
+        # An export of the mapping's buffer: while it lives the mapping cannot be closed.
+        self.array = np.frombuffer(mapping.buf, dtype=np.uint8)
 
 
 class Batch:
@@ -120,22 +123,19 @@ def _shutdown(state: _RunState) -> None:
     if proc is not None:
         with contextlib.suppress(Exception):
             state.conn.send(Stop())
-        proc.join(5.0)
-        if proc.is_alive():
-            proc.terminate()
-            proc.join(2.0)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(2.0)
+        for stop, grace in ((None, 5.0), (proc.terminate, 2.0), (proc.kill, 2.0)):
+            if stop is not None:
+                stop()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(grace)
+                break
         # A supervisor that was killed could not unlink its slots; its pid names them.
         sweep_stale(owner_pid=proc.pid)
     for conn in (state.conn, state.release_conn):
         with contextlib.suppress(Exception):
             conn.close()
     while state.slots:
-        shm = state.slots.pop()
-        with contextlib.suppress(BufferError):  # views alive: the mapping goes with them
-            shm.close()
+        state.slots.pop().close()  # unmaps now, or when the last view is gone
 
 
 class Stream:
@@ -148,35 +148,35 @@ class Stream:
     """
 
     def __init__(self, source: Source, *, config: EngineConfig, policy: DecodePolicy) -> None:
-        import multiprocess
+        from multiprocess.connection import Pipe
 
         self.config = config
         self.policy = policy
         self._state = _RunState()
         self._finalizer = weakref.finalize(self, _shutdown, self._state)
         sweep_stale()  # reclaim what a killed run left behind
-        ctx = multiprocess.get_context("spawn")
-        conn, child_conn = ctx.Pipe()
-        release_r, release_w = ctx.Pipe(duplex=False)
-        proc = ctx.Process(
-            target=supervisor_main,
-            args=(child_conn, release_r, source, config, policy),
-            daemon=False,
-            name="pixcrawler-supervisor",
+        conn, child_conn = Pipe()
+        release_r, release_w = Pipe(duplex=False)
+        # NOTE [bootstrap]: the supervisor is a fresh interpreter started here, not a
+        # multiprocessing child: spawn would re-run the caller's __main__ (a script without
+        # an `if __name__ == "__main__"` guard would start itself again). Its arguments go
+        # over the pipe with dill, so lambdas and __main__ functions travel by value; its
+        # environment lacks the API key and carries the workers' malloc settings.
+        env = {k: v for k, v in os.environ.items() if k not in _SECRET_ENV}
+        env.update(WORKER_ENV)
+        fds = (child_conn.fileno(), release_r.fileno())
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _BOOTSTRAP, *map(str, fds)], pass_fds=fds, env=env
         )
-        with _env_lock:
-            saved = {k: os.environ.pop(k) for k in _SECRET_ENV if k in os.environ}
-            os.environ.update(WORKER_ENV)
-            try:
-                proc.start()
-            finally:
-                for k in WORKER_ENV:
-                    os.environ.pop(k, None)
-                os.environ.update(saved)
         child_conn.close()
         release_r.close()
         self._state.proc, self._state.conn = proc, conn
         self._state.release_conn, self._state.release_fd = release_w, release_w.fileno()
+        try:
+            conn.send(list(sys.path))
+            conn.send((source, config, policy))
+        except OSError:
+            pass  # it died at once; the first receive says how
         self.pid = proc.pid
         self.worker_pids: tuple[int, ...] = ()
         self._ready: Ready | None = None
@@ -240,13 +240,12 @@ class Stream:
                 if msg is not None:
                     return msg
             proc = state.proc
-            if not proc.is_alive():
-                proc.join(1.0)
+            if proc.poll() is not None:
                 raise WorkerError(
-                    f"the supervisor process (pid {proc.pid}) exited with code {proc.exitcode} "
+                    f"the supervisor process (pid {proc.pid}) exited with code {proc.returncode} "
                     "before the run finished; see its error output above, or rerun",
                     pid=proc.pid,
-                    exitcode=proc.exitcode,
+                    exitcode=proc.returncode,
                 )
             if self._ready is not None and state.slots and state.live_leases >= len(state.slots):
                 # Every slot is pinned by views the caller keeps: ask for one more.
@@ -258,6 +257,5 @@ class Stream:
         lease = _Lease(shm)
         state.live_leases += 1
         weakref.finalize(lease, state.release, msg.slot)
-        address = np.frombuffer(shm.buf, dtype=np.uint8, count=1).ctypes.data
-        buf = pa.foreign_buffer(address, msg.nbytes, base=lease)
+        buf = pa.foreign_buffer(lease.array.ctypes.data, msg.nbytes, base=lease)
         return Batch(read_batch(buf))

@@ -27,6 +27,7 @@ import os
 import shutil
 import signal
 import struct
+import sys
 import tempfile
 import threading
 import time
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from pixcrawler.engine._config import DecodePolicy, EngineConfig
 from pixcrawler.engine._errors import WorkerError
 from pixcrawler.engine._protocol import (
@@ -467,6 +469,24 @@ class _Delivered(Exception):
     """A run-ending error was handed to the consumer; stop quietly."""
 
 
+def bootstrap() -> None:
+    """Entry point of the supervisor interpreter (see NOTE [bootstrap] in `_stream`).
+
+    argv holds the file descriptors of its two pipes; the first message is the caller's
+    `sys.path` (so that its objects unpickle here), the second the run's arguments.
+    """
+    from multiprocess.connection import Connection as DillConnection
+
+    conn = DillConnection(int(sys.argv[1]))
+    release = DillConnection(int(sys.argv[2]), writable=False)
+    try:
+        sys.path[:] = conn.recv()
+        source, config, policy = conn.recv()
+    except (EOFError, OSError):
+        os._exit(0)  # the consumer went away before the run began
+    supervisor_main(conn, release, source, config, policy)
+
+
 def supervisor_main(
     conn: Connection,
     release: Connection,
@@ -476,7 +496,6 @@ def supervisor_main(
 ) -> None:
     """The body of the supervisor process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the consumer handles Ctrl-C
-    os.environ.update(WORKER_ENV)  # inherited by the workers spawned from here
     sweep_stale()
     supervisor = None
     code = 0

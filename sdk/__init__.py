@@ -11,7 +11,7 @@ imported only by `Dataset.to_torch` and `Dataset.to_tensorflow`.
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError
+from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
 from importlib.metadata import version as _version
 
 from pixcrawler._dataset import Dataset, load_dataset
@@ -30,7 +30,7 @@ from pixcrawler.exceptions import (
 
 try:
     __version__ = _version("pixcrawler-sdk")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree, not installed
+except _PackageNotFoundError:  # pragma: no cover - running from a source tree, not installed
     __version__ = "0.0.0"
 
 __all__ = [

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import pytest
 from pixcrawler import _demo_data
 from pixcrawler.engine import _store
@@ -205,10 +206,22 @@ def server_factory(store: Path, keys_file: Path) -> Iterator[Callable[..., Serve
 
 
 def _shm_names() -> set[str]:
+    """Our segments: those whose owner (the pid in the name) is dead or a child of this process.
+
+    A live owner outside this process tree is another test run on the same machine, not a
+    leak of ours.
+    """
     try:
-        return {name for name in os.listdir(SHM) if name.startswith(SHM_PREFIX)}
+        names = {name for name in os.listdir(SHM) if name.startswith(SHM_PREFIX)}
     except FileNotFoundError:
         return set()
+    mine = {p.pid for p in psutil.Process().children(recursive=True)}
+    ours = set()
+    for name in names:
+        owner = name[len(SHM_PREFIX) :].split("_", 1)[0]
+        if not owner.isdigit() or int(owner) in mine or not psutil.pid_exists(int(owner)):
+            ours.add(name)
+    return ours
 
 
 @pytest.fixture(autouse=True)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+
 from pixcrawler import _demo_data
 from pixcrawler.engine import _store
 

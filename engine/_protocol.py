@@ -6,7 +6,7 @@ Every message is a frozen dataclass; none carries pixels (those stay in shared m
     supervisor -> consumer:  Ready(slots, slot_bytes) | BatchReady(...) | SlotsAdded(names)
                              | Failed(error) | Finished(stats)
     supervisor -> worker:    Task(...) | None (exit)
-    worker -> supervisor:    TaskDone(...) | TaskFailed(...)
+    worker -> supervisor:    WorkerReady(pid) | TaskDone(...) | TaskFailed(...)
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ __all__ = [
     "Task",
     "TaskDone",
     "TaskFailed",
+    "WorkerReady",
 ]
 
 
@@ -58,8 +59,9 @@ class ExceptionWrapper:
 
     @classmethod
     def wrap(cls, exc: BaseException, where: str) -> ExceptionWrapper:
+        exc_bytes: bytes | None
         try:
-            exc_bytes: bytes | None = pickle.dumps(exc)
+            exc_bytes = pickle.dumps(exc)
             pickle.loads(exc_bytes)
         except Exception:  # an exception that cannot be rebuilt travels as text
             exc_bytes = None
@@ -136,6 +138,13 @@ class Task:
 
 
 # worker -> supervisor
+@dataclass(frozen=True)
+class WorkerReady:
+    """Sent once a worker has imported what it needs: its task clock starts after this."""
+
+    pid: int
+
+
 @dataclass(frozen=True)
 class TaskDone:
     task_id: int

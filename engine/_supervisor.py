@@ -54,6 +54,7 @@ from pixcrawler.engine._protocol import (
     Task,
     TaskDone,
     TaskFailed,
+    WorkerReady,
 )
 from pixcrawler.engine._shm import PREFIX, SlotPool, shm_free_bytes, sweep_stale
 from pixcrawler.engine._sources import Source
@@ -69,6 +70,7 @@ WORKER_ENV = {
     "OMP_NUM_THREADS": "1",
 }
 MAX_TASK_RESTARTS = 2
+WORKER_START_TIMEOUT = 120.0
 
 
 def slot_bytes_for(config: EngineConfig, policy: DecodePolicy) -> int:
@@ -98,6 +100,8 @@ class _WorkerSlot:
     task: tuple[int, int, int, int] | None = None  # (pos, start, end, slot)
     task_id: int = 0
     started: float = 0.0
+    ready: bool = False  # imports done (WorkerReady); only then it gets tasks
+    born: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -315,7 +319,7 @@ class Supervisor:
     # ---- decoding -------------------------------------------------------------------------
     def _dispatch(self) -> None:
         st = self.state
-        idle = [w for w in self.workers if w.task is None and w.proc.is_alive()]
+        idle = [w for w in self.workers if w.ready and w.task is None and w.proc.is_alive()]
         while idle and st.pending:
             pos, start, end, slot = st.pending[0]
             if slot < 0:
@@ -362,6 +366,9 @@ class Supervisor:
             result = worker.conn.recv()
         except (EOFError, OSError):
             return  # it died; _check_workers redoes its task
+        if isinstance(result, WorkerReady):
+            worker.ready = True
+            return
         if worker.task is None or result.task_id != worker.task_id:
             return
         pos, start, end, slot = worker.task
@@ -388,6 +395,13 @@ class Supervisor:
         now = time.monotonic()
         for i, w in enumerate(self.workers):
             hung = w.task is not None and now - w.started > self.config.worker_timeout
+            if not w.ready and now - w.born > WORKER_START_TIMEOUT:
+                raise WorkerError(
+                    f"worker {w.proc.pid} did not start within {WORKER_START_TIMEOUT:.0f} s; "
+                    "the machine may be out of memory or processes",
+                    pid=w.proc.pid,
+                    exitcode=w.proc.exitcode,
+                )
             if hung and w.proc.is_alive():
                 os.kill(w.proc.pid, signal.SIGKILL)
                 w.proc.join(5)

@@ -17,11 +17,19 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+
 from pixcrawler.engine._batch import BatchBuilder, ipc_size, write_batch
 from pixcrawler.engine._config import DecodePolicy
 from pixcrawler.engine._decode import decode_image, output_shape, probe
 from pixcrawler.engine._errors import DecodeError, DecompressionError
-from pixcrawler.engine._protocol import ExceptionWrapper, Record, Task, TaskDone, TaskFailed
+from pixcrawler.engine._protocol import (
+    ExceptionWrapper,
+    Record,
+    Task,
+    TaskDone,
+    TaskFailed,
+    WorkerReady,
+)
 from pixcrawler.engine._shm import attach
 from pixcrawler.engine._sources import ChunkOpener, ChunkReader, read_zip_manifest
 
@@ -181,6 +189,7 @@ def worker_main(
     supervisor = os.getppid()
     worker = _Worker(opener, policy, slot_prefix, slot_bytes)
     try:
+        conn.send(WorkerReady(os.getpid()))
         while True:
             # Wake up now and then to notice a supervisor that died without closing the pipe.
             if not conn.poll(1.0):

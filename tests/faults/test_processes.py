@@ -8,8 +8,11 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -22,6 +25,7 @@ from engine_helpers import (
     wait_gone,
     wait_no_shm,
 )
+
 from pixcrawler.engine import Stream
 from pixcrawler.engine._shm import sweep_stale
 
@@ -42,15 +46,21 @@ CONSUMER = textwrap.dedent(
 )
 
 
-def _start_consumer(store: Path) -> tuple[subprocess.Popen[str], dict[str, object]]:
+@contextmanager
+def _consumer(store: Path) -> Iterator[tuple[subprocess.Popen[str], dict[str, Any]]]:
+    """A consumer process in a session of its own, past its first batch, and its children."""
     script = CONSUMER.format(tests=str(Path(__file__).parents[1]), store=str(store))
-    proc = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, start_new_session=True
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    assert line, "the consumer script printed nothing"
-    return proc, json.loads(line)
+    ) as proc:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line, "the consumer script printed nothing"
+        try:
+            yield proc, json.loads(line)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
 
 
 @pytest.mark.parametrize("victims", ["one", "all"])
@@ -83,10 +93,10 @@ def test_stopped_worker_is_timed_out_and_replaced(store: Path) -> None:
 
 def test_sigkill_of_the_consumer_takes_supervisor_and_workers_along(store: Path) -> None:
     before = shm_names()
-    proc, pids = _start_consumer(store)
-    children = [pids["supervisor"], *pids["workers"]]  # type: ignore[list-item]
-    proc.kill()
-    proc.wait(5)
+    with _consumer(store) as (proc, pids):
+        children = [pids["supervisor"], *pids["workers"]]
+        proc.kill()
+        proc.wait(5)
     assert wait_gone(children, 10.0) == []
     # The supervisor unlinks its slots on the way out (or its resource tracker does).
     assert wait_no_shm(shm_names() - before, 5.0) == set()
@@ -94,21 +104,21 @@ def test_sigkill_of_the_consumer_takes_supervisor_and_workers_along(store: Path)
 
 def test_ctrl_c_in_the_consumer_stops_everything(store: Path) -> None:
     before = shm_names()
-    proc, pids = _start_consumer(store)
-    children = [pids["supervisor"], *pids["workers"]]  # type: ignore[list-item]
-    os.killpg(proc.pid, signal.SIGINT)  # the terminal sends it to the whole group
-    proc.wait(10)
-    assert proc.returncode != 0
+    with _consumer(store) as (proc, pids):
+        children = [pids["supervisor"], *pids["workers"]]
+        os.killpg(proc.pid, signal.SIGINT)  # the terminal sends it to the whole group
+        proc.wait(10)
+        assert proc.returncode != 0
     assert wait_gone(children, 5.0) == []
     assert wait_no_shm(shm_names() - before, 5.0) == set()
 
 
 def test_sigkill_of_the_whole_group_is_reclaimed_by_the_next_run(store: Path) -> None:
     before = shm_names()
-    proc, pids = _start_consumer(store)
-    children = [pids["supervisor"], *pids["workers"]]  # type: ignore[list-item]
-    os.killpg(proc.pid, signal.SIGKILL)  # takes the resource tracker along too
-    proc.wait(5)
+    with _consumer(store) as (proc, pids):
+        children = [pids["supervisor"], *pids["workers"]]
+        os.killpg(proc.pid, signal.SIGKILL)  # takes the resource tracker along too
+        proc.wait(5)
     assert wait_gone(children, 10.0) == []
     # Whatever the killed run left is gone once the next run has started.
     with Stream(job_source(store), config=small_config(), policy=POLICY) as stream:

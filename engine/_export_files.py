@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from pixcrawler.engine._config import DecodePolicy
 from pixcrawler.engine._export_state import Workspace, safe_name
 from pixcrawler.engine._export_writers import FormatWriter, Piece, label_text
 from pixcrawler.engine._protocol import Record
@@ -53,17 +54,21 @@ class NumpyWriter(FormatWriter):
 
     def __init__(self, ws: Workspace, manifest: Any, **kw: Any) -> None:
         super().__init__(ws, manifest, **kw)
-        policy = self.policy
-        shape = policy.fixed_shape if policy is not None else None
-        if shape is None or policy is None or policy.on_error != "raise":
-            raise ValueError(
-                "the numpy format needs one fixed image size and every sample: pass an image "
-                "size (resize stretch, crop or pad, not fit) and on_error='raise'"
-            )
+        self.check(self.policy)
+        assert self.policy is not None and self.policy.fixed_shape is not None
+        shape = self.policy.fixed_shape
         self.shape = shape
         self.total = sum(c.num_images for c in manifest.chunks)
         self.images: np.memmap | None = None
         self.lines: list[str] = []
+
+    @classmethod
+    def check(cls, policy: DecodePolicy | None) -> None:
+        if policy is None or policy.fixed_shape is None or policy.on_error != "raise":
+            raise ValueError(
+                "the numpy format needs one fixed image size and every sample: pass an image "
+                "size (resize stretch, crop or pad, not fit) and on_error='raise'"
+            )
 
     def begin(self) -> None:
         path = self.ws.meta / "images.npy"

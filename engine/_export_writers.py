@@ -213,6 +213,10 @@ class FormatWriter:
         self.tmp = None
         self._pool: ThreadPoolExecutor | None = None
 
+    @classmethod
+    def check(cls, policy: DecodePolicy | None) -> None:
+        """Raises ValueError, before anything is written, if the format cannot take `policy`."""
+
     def begin(self) -> None:
         """Prepares state shared by every chunk (called again after a restart)."""
 

@@ -113,6 +113,7 @@ def export_job(
         raise ValueError(f"unknown export format {format!r}; use one of {EXPORT_FORMATS}")
     if format == "zip" and policy is not None:
         raise ValueError("the zip format keeps the chunk files as they are; it takes no policy")
+    _WRITERS[format].check(policy)  # before anything is written
     config = (config or EngineConfig()).replace(shuffle=False)
     manifest = source.manifest
     plans = source.plan()

@@ -102,3 +102,7 @@ def serve(
         )
     keys = load_keys(api_key=api_key, keys_file=keys_file)
     run_server(store, keys=keys, config=config)
+
+
+# download, list and info live in their own module and register themselves on `main`.
+from pixcrawler import _cli_download  # noqa: E402, F401

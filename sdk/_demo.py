@@ -140,8 +140,8 @@ def _preview(parquet_dirs: list[Path], out: Path, per_class: int = 2) -> Path:
                     tiles.append((img, str(names[label]) if names else str(label)))
     cols = 8
     tile = 128
-    rows = -(-len(tiles) // cols)
-    grid = Image.new("RGB", (cols * tile, rows * (tile + 16)), "white")
+    grid_rows = -(-len(tiles) // cols)
+    grid = Image.new("RGB", (cols * tile, grid_rows * (tile + 16)), "white")
     draw = ImageDraw.Draw(grid)
     for n, (img, label) in enumerate(tiles):
         x, y = (n % cols) * tile, (n // cols) * (tile + 16)

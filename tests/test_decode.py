@@ -529,6 +529,31 @@ def test_junk_probe_raises_decode_error() -> None:
             probe(data)
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "JPEG-progressive", "PNG", "GIF", "WEBP", "TIFF"])
+def test_damaged_files_never_leak_library_errors(chelsea: Image.Image, fmt: str) -> None:
+    """Every cut and every damaged header byte of a real file gives pixels or a DecodeError."""
+    name, _, variant = fmt.partition("-")
+    good = with_orientation(chelsea, name, 6, **({"progressive": True} if variant else {}))
+    cuts = sorted({*range(0, 64, 3), *range(64, len(good), max(1, len(good) // 25))})
+    damaged = [good[:cut] for cut in cuts]
+    for pos in range(2, 160, 5):  # markers, lengths, IHDR/SOF fields, EXIF offsets
+        broken = bytearray(good)
+        broken[pos] ^= 0xFF
+        damaged.append(bytes(broken))
+    policies = (DecodePolicy(), DecodePolicy(image_size=(64, 96), resize="crop", color="L"))
+    for data in damaged:
+        for policy in policies:
+            try:
+                out = decode_image(memoryview(data), policy)
+            except DecodeError:
+                continue
+            assert out.shape == output_shape(probe(data), policy)
+        try:
+            decode_mask(data, (32, 32), max_pixels=10**7)
+        except DecodeError:
+            pass
+
+
 # --------------------------------------------------------------------------- masks
 
 

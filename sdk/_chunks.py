@@ -139,7 +139,6 @@ class LocalChunks:
     def __init__(self, ref: JobRef) -> None:
         self.ref = ref
         self.pid = os.getpid()
-        self._client: JobClient | None = None
         self._dir: Path | None = None
         self._paths: dict[int, Path] = {}
         self._open: OrderedDict[int, tuple[ChunkReader, list[Record]]] = OrderedDict()
@@ -170,13 +169,16 @@ class LocalChunks:
         path = self._paths.get(chunk)
         if path is None:
             info = self._by_index[chunk]
-            if self.ref.is_local:
-                # A store chunk is read in place (after its sha256 check): no folder needed.
-                path = self._get_client().fetch_chunk(info, Path(tempfile.gettempdir()))
-            elif self.ref.cache_dir is not None:
-                path = self._fetch_shared(info)
-            else:
-                path = self._get_client().fetch_chunk(info, self._private_dir())
+            # A connection per chunk, closed at once: chunks are large and fetched once, and
+            # no socket is left for garbage collection (or a forked child) to deal with.
+            with self.ref.client() as client:
+                if self.ref.is_local:
+                    # A store chunk is read in place after its sha256 check: no folder needed.
+                    path = client.fetch_chunk(info, Path(tempfile.gettempdir()))
+                elif self.ref.cache_dir is not None:
+                    path = self._fetch_shared(client, info)
+                else:
+                    path = client.fetch_chunk(info, self._private_dir())
             self._paths[chunk] = path
         return path
 
@@ -211,14 +213,11 @@ class LocalChunks:
         return reader.read(record.ref), record
 
     def close(self) -> None:
-        """Closes the open archives and the connection; files stay until the process ends."""
+        """Closes the open archives; downloaded files stay until the process ends."""
         while self._open:
             _, (reader, _) = self._open.popitem()
             with contextlib.suppress(Exception):
                 reader.close()
-        if self._client is not None:
-            self._client.close()
-            self._client = None
 
     def discard(self) -> None:
         """Closes everything and removes this cache's private folder now."""
@@ -229,11 +228,6 @@ class LocalChunks:
         self._paths.clear()
 
     # ---- internals ----------------------------------------------------------------------
-    def _get_client(self) -> JobClient:
-        if self._client is None:
-            self._client = self.ref.client()
-        return self._client
-
     def _private_dir(self) -> Path:
         if self._dir is None:
             _sweep_dead_dirs()
@@ -246,7 +240,7 @@ class LocalChunks:
             )  # fmt: skip
         return self._dir
 
-    def _fetch_shared(self, info: ChunkInfo) -> Path:
+    def _fetch_shared(self, client: JobClient, info: ChunkInfo) -> Path:
         # The engine's disk cache: shared by processes and runs, one download per chunk.
         from pixcrawler.engine._cache import ChunkCache
 
@@ -255,7 +249,7 @@ class LocalChunks:
             self.ref.manifest.version,
             info.sha256,
             info.size_bytes,
-            lambda dest: Path(self._get_client().fetch_chunk(info, dest)),
+            lambda dest: Path(client.fetch_chunk(info, dest)),
         )
 
 

@@ -135,7 +135,13 @@ def to_tensorflow(dataset: Dataset) -> tf.data.Dataset:
         tf.TensorSpec(shape=expected, dtype=tf.uint8),
         tf.TensorSpec(shape=(), dtype=label_dtype),
     )
-    return tf.data.Dataset.from_generator(generator, output_signature=signature)
+    tf_dataset = tf.data.Dataset.from_generator(generator, output_signature=signature)
+    if dataset.policy.on_error == "raise":
+        # Every image comes out, so the count is known: Keras then sizes its epochs (and its
+        # progress bar) instead of finding the end by running out of data. Skipping bad images
+        # would make the count a guess, and a wrong one is an error in tf.data.
+        tf_dataset = tf_dataset.apply(tf.data.experimental.assert_cardinality(len(dataset)))
+    return tf_dataset
 
 
 def _label_encoding(class_to_idx: dict[str, int], first_label: Any) -> tuple[Any, Any]:

@@ -169,11 +169,10 @@ class Supervisor:
 
     # ---- set-up -------------------------------------------------------------------------
     def start(self) -> None:
-        import multiprocess
-
         self.pool = SlotPool(self.config.slots, slot_bytes_for(self.config, self.policy))
         self.state.free_slots = list(range(len(self.pool)))
-        self.ctx = multiprocess.get_context("spawn")
+        self._start_downloads()  # the first chunks download while the workers boot
+        self.ctx = worker_context()
         self.opener = self.source.opener()
         for _ in range(self.config.workers):
             self.workers.append(self._spawn_worker())
@@ -483,6 +482,21 @@ class _Delivered(Exception):
     """A run-ending error was handed to the consumer; stop quietly."""
 
 
+def worker_context() -> Any:
+    """The multiprocess context workers start from, with its fork server booting.
+
+    Workers fork from a single-threaded server that imported and warmed up the decoder once:
+    fast to start (one import for all of them) and safe (never a fork of a threaded process).
+    """
+    import multiprocess
+    from multiprocess import forkserver
+
+    ctx = multiprocess.get_context("forkserver")
+    ctx.set_forkserver_preload(["pixcrawler.engine._warm"])
+    forkserver.ensure_running()  # returns at once; the server imports in the background
+    return ctx
+
+
 def bootstrap() -> None:
     """Entry point of the supervisor interpreter (see NOTE [bootstrap] in `_stream`).
 
@@ -493,6 +507,7 @@ def bootstrap() -> None:
 
     conn = DillConnection(int(sys.argv[1]))
     release = DillConnection(int(sys.argv[2]), writable=False)
+    worker_context()  # boots while we read our arguments
     try:
         sys.path[:] = conn.recv()
         source, config, policy = conn.recv()

@@ -172,6 +172,22 @@ class _Worker:
             shm.close()
 
 
+def warm_up() -> None:
+    """Runs the decode and batch paths once on tiny images, so that lazy imports happen now."""
+    from PIL import Image
+
+    for fmt, policy in (
+        ("JPEG", DecodePolicy(image_size=(8, 8))),
+        ("PNG", DecodePolicy(image_size=None)),
+    ):
+        out = io.BytesIO()
+        Image.new("RGB", (16, 16), (200, 100, 50)).save(out, fmt)
+        data = out.getvalue()
+        record = Record(key="warm", ref="warm", label="warm", index=0)
+        batch, _, _ = decode_records([record], lambda _ref: data, policy, chunk=0)
+        write_batch(batch, memoryview(bytearray(ipc_size(batch))))
+
+
 def _position(records: Sequence[Record], key: str) -> int:
     return next(i for i, r in enumerate(records) if r.key == key)
 

@@ -11,11 +11,8 @@ imported only by `Dataset.to_torch` and `Dataset.to_tensorflow`.
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
-from importlib.metadata import version as _version
+from typing import TYPE_CHECKING, Any
 
-from pixcrawler._dataset import Dataset, load_dataset
-from pixcrawler._info import DatasetInfo
 from pixcrawler.exceptions import (
     AuthenticationError,
     DecodeError,
@@ -28,10 +25,40 @@ from pixcrawler.exceptions import (
     WorkerError,
 )
 
-try:
-    __version__ = _version("pixcrawler-sdk")
-except _PackageNotFoundError:  # pragma: no cover - running from a source tree, not installed
-    __version__ = "0.0.0"
+if TYPE_CHECKING:
+    from pixcrawler._dataset import Dataset, load_dataset
+    from pixcrawler._info import DatasetInfo
+
+# Every engine process imports this package first (the engine is `pixcrawler.engine`), so
+# the facade loads on first use: a worker never pays for pandas, tqdm or the SDK modules.
+_LAZY = {
+    "Dataset": "pixcrawler._dataset",
+    "load_dataset": "pixcrawler._dataset",
+    "DatasetInfo": "pixcrawler._info",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    elif name == "__version__":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            value = version("pixcrawler-sdk")
+        except PackageNotFoundError:  # pragma: no cover - a source tree, not installed
+            value = "0.0.0"
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "AuthenticationError",

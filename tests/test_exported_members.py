@@ -27,13 +27,19 @@ PUBLIC = [
 
 
 def _public_members(module: types.ModuleType) -> set[str]:
-    """Names a module defines for its users: not private, not a submodule, not a __future__."""
+    """Names a module defines for its users: not private, not a submodule, not a __future__.
+
+    Lazily loaded names are resolved first; typing helpers are not members.
+    """
+    for name in getattr(module, "__all__", []):
+        getattr(module, name)
     return {
         name
         for name, value in vars(module).items()
         if (not name.startswith("_") or name == "__version__")
         and not isinstance(value, types.ModuleType)
         and type(value).__module__ != "__future__"  # `from __future__ import annotations`
+        and name not in ("TYPE_CHECKING", "Any")
     }
 
 

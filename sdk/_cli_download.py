@@ -188,9 +188,6 @@ def download(
         )
     if fmt == "numpy" and image_size is None:
         image_size = DEFAULT_NUMPY_SIZE
-        click.echo(
-            "numpy: images are resized to 224x224 (use --image-size HxW to change)", err=True
-        )
     policy = DecodePolicy(image_size=image_size, resize=resize) if image_size else None
     cache = None
     if cache_dir is not None or use_cache:
@@ -238,7 +235,8 @@ def download(
         if result.chunks_resumed
         else ""
     )
-    click.echo(f"Saved {result.num_images:,} images of {job_id} to {target} ({fmt}){resumed}.")
+    how = f"{fmt}, {image_size[0]}x{image_size[1]}" if image_size else fmt
+    click.echo(f"Saved {result.num_images:,} images of {job_id} to {target} ({how}){resumed}.")
 
 
 @main.command("list")

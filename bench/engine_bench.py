@@ -1,0 +1,334 @@
+"""Engine benchmark: per-core ceiling, the engine at 1 and N workers, torch DataLoader baselines.
+
+Run as `python -m bench.engine_bench --out bench/results`. Everything runs side by side in one
+process tree on the same chunks of 640x480-class real-photo JPEGs, decoded to 224x224.
+
+    a  single-process loop of our decode + resize (the per-core ceiling)
+    b  this engine, 1 worker and one per core
+    c  torch DataLoader(num_workers=cores, batch_size=64), Image.open().convert("RGB") + resize
+    d  the same DataLoader calling our decode function
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench._util import TreeRss, build_bench_store, cpu_count, describe_machine
+
+SIZE = (224, 224)
+
+
+def _members(store: Path, job: str) -> list[tuple[str, str]]:
+    out = []
+    for path in sorted((store / "jobs" / job / "chunks").glob("*.zip"), key=lambda p: int(p.stem)):
+        with zipfile.ZipFile(path) as zf:
+            for line in zf.read("manifest.jsonl").decode().splitlines():
+                out.append((str(path), json.loads(line)["file"]))
+    return out
+
+
+class ZipImages:
+    """A map-style torch dataset over the chunk zips, as a torch user would write it."""
+
+    def __init__(self, members: list[tuple[str, str]], ours: bool) -> None:
+        self.members = members
+        self.ours = ours
+        self._zips: dict[str, zipfile.ZipFile] = {}
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def __getitem__(self, i: int) -> Any:
+        import torch
+        from PIL import Image
+
+        path, name = self.members[i]
+        zf = self._zips.get(path) or self._zips.setdefault(path, zipfile.ZipFile(path))
+        data = zf.read(name)
+        if self.ours:
+            from pixcrawler.engine import DecodePolicy
+            from pixcrawler.engine._decode import decode_image
+
+            arr = decode_image(data, DecodePolicy(image_size=SIZE))
+        else:
+            img = Image.open(io.BytesIO(data)).convert("RGB")
+            arr = np.asarray(img.resize((SIZE[1], SIZE[0]), Image.Resampling.BILINEAR))
+        return torch.from_numpy(arr)
+
+
+def run_loop(store: Path, job: str) -> dict[str, float]:
+    from pixcrawler.engine import DecodePolicy
+    from pixcrawler.engine._decode import decode_image
+
+    policy = DecodePolicy(image_size=SIZE)
+    members = _members(store, job)
+    zips: dict[str, zipfile.ZipFile] = {}
+    start = time.perf_counter()
+    pixels = 0
+    for path, name in members:
+        zf = zips.get(path) or zips.setdefault(path, zipfile.ZipFile(path))
+        data = zf.read(name)
+        out = decode_image(data, policy)
+        pixels += out.size
+    seconds = time.perf_counter() - start
+    return {"images": len(members), "seconds": seconds, "first_batch_s": float("nan")}
+
+
+def run_engine(store: Path, job: str, workers: int) -> dict[str, float]:
+    from pixcrawler.engine import DecodePolicy, EngineConfig, JobSource, Stream
+    from pixcrawler.engine._jobapi import JobClient
+
+    client = JobClient(f"file://{store}", None)
+    source = JobSource(client, client.get_job(job))
+    config = EngineConfig(num_workers=workers, batch_rows=64)
+    with TreeRss() as rss:
+        start = time.perf_counter()
+        first = None
+        n = 0
+        checksum = 0
+        with Stream(source, config=config, policy=DecodePolicy(image_size=SIZE)) as stream:
+            for batch in stream:
+                images = batch.images
+                assert isinstance(images, np.ndarray)
+                if first is None:
+                    first = time.perf_counter() - start
+                checksum += int(images[:, 0, 0, 0].sum())
+                n += len(images)
+        seconds = time.perf_counter() - start
+    return {"images": n, "seconds": seconds, "first_batch_s": first or 0.0, "peak_rss": rss.peak}
+
+
+def run_dataloader(store: Path, job: str, ours: bool, workers: int) -> dict[str, float]:
+    import torch
+    from torch.utils.data import DataLoader
+
+    torch.set_num_threads(1)
+    dataset = ZipImages(_members(store, job), ours)
+    loader: DataLoader[Any] = DataLoader(
+        dataset,  # type: ignore[arg-type]
+        batch_size=64,
+        num_workers=workers,
+        multiprocessing_context="spawn",
+    )
+    with TreeRss() as rss:
+        start = time.perf_counter()
+        first = None
+        n = 0
+        for batch in loader:
+            if first is None:
+                first = time.perf_counter() - start
+            n += len(batch)
+        seconds = time.perf_counter() - start
+    return {"images": n, "seconds": seconds, "first_batch_s": first or 0.0, "peak_rss": rss.peak}
+
+
+def receive_cost(repeats: int = 2000) -> dict[str, float]:
+    """Consumer-side cost of mapping one 64x224x224x3 batch from a slot, in microseconds."""
+    import pyarrow as pa
+
+    from pixcrawler.engine._batch import BatchBuilder, image_views, read_batch, write_batch
+    from pixcrawler.engine._shm import SlotPool
+
+    builder = BatchBuilder((224, 224, 3), capacity=64)
+    for i in range(64):
+        builder.add(
+            builder.next_image(),
+            label="x",
+            key=str(i),
+            chunk=0,
+            index=i,
+            orig_size=(640, 480),
+            metadata=None,
+        )
+    batch = builder.build()
+    pool = SlotPool(1, 16 << 20)
+    try:
+        shm = pool._segments[0]
+        nbytes = write_batch(batch, shm.buf)
+        address = np.frombuffer(shm.buf, np.uint8, count=1).ctypes.data
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            buf = pa.foreign_buffer(address, nbytes, base=shm)
+            images = image_views(read_batch(buf))
+            times.append(time.perf_counter() - t)
+            del images, buf
+    finally:
+        pool.close()
+    return {
+        "median_us": statistics.median(times) * 1e6,
+        "p90_us": sorted(times)[int(0.9 * len(times))] * 1e6,
+    }
+
+
+# Peak RSS is read from VmHWM: ru_maxrss of a child includes its parent's peak on Linux.
+_HWM = """
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+"""
+
+HUGE = (
+    _HWM
+    + """
+import sys, time
+from pixcrawler.engine import DecodePolicy
+from pixcrawler.engine._decode import decode_image
+data = open(sys.argv[1], "rb").read()
+base = hwm()
+t = time.perf_counter()
+out = decode_image(data, DecodePolicy(image_size=(1024, 1024), resize="fit"))
+dt = time.perf_counter() - t
+print(base, hwm(), dt, *out.shape)
+"""
+)
+
+FULL = (
+    _HWM
+    + """
+import sys, time, io
+from PIL import Image
+Image.MAX_IMAGE_PIXELS = None
+data = open(sys.argv[1], "rb").read()
+base = hwm()
+t = time.perf_counter()
+img = Image.open(io.BytesIO(data)).convert("RGB")
+img.thumbnail((1024, 1024))
+dt = time.perf_counter() - t
+print(base, hwm(), dt, img.size[1], img.size[0], 3)
+"""
+)
+
+
+def huge_jpeg(root: Path) -> Path:
+    """A ~133-megapixel JPEG made from a real photo (skimage's astronaut, upscaled)."""
+    path = root / "huge-133mp.jpg"
+    if not path.exists():
+        from PIL import Image
+        from skimage import data
+
+        img = Image.fromarray(data.astronaut()).resize((14000, 9500), Image.Resampling.BILINEAR)
+        img.save(path, quality=85)
+    return path
+
+
+def run_huge(root: Path) -> dict[str, Any]:
+    path = huge_jpeg(root)
+    out: dict[str, Any] = {"megapixels": 14000 * 9500 / 1e6}
+    for name, script in (("ours", HUGE), ("full_decode", FULL)):
+        res = subprocess.run(
+            [sys.executable, "-c", script, str(path)], capture_output=True, text=True, check=True
+        )
+        base, peak, dt, *shape = res.stdout.split()
+        out[name] = {
+            "process_peak_rss_mb": int(peak) / 1024,  # the whole worker-like process
+            "decode_rss_increase_mb": (int(peak) - int(base)) / 1024,
+            "seconds": float(dt),
+            "shape": [int(s) for s in shape],
+        }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--photos", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    cores = cpu_count()
+    work = Path(tempfile.mkdtemp(prefix="pxc-bench-"))
+    store, job = build_bench_store(work, n_photos=args.photos)
+    store10, job10 = build_bench_store(work, copies=10, n_photos=args.photos)
+
+    runs: dict[str, list[dict[str, float]]] = {}
+    cases = {
+        "a_loop": lambda: run_loop(store, job),
+        "b_engine_1": lambda: run_engine(store, job, 1),
+        f"b_engine_{cores}": lambda: run_engine(store, job, cores),
+        "c_dataloader_pil": lambda: run_dataloader(store, job, False, cores),
+        "d_dataloader_ours": lambda: run_dataloader(store, job, True, cores),
+    }
+    for _ in range(args.repeats):  # interleaved, so drift hits every case alike
+        for name, fn in cases.items():
+            runs.setdefault(name, []).append(fn())
+    summary: dict[str, Any] = {}
+    for name, rs in runs.items():
+        rate = statistics.median(r["images"] / r["seconds"] for r in rs)
+        summary[name] = {
+            "images_per_s": rate,
+            "megapixels_per_s": rate * SIZE[0] * SIZE[1] / 1e6,
+            "first_batch_s": statistics.median(r["first_batch_s"] for r in rs),
+            "peak_rss_mb": statistics.median(r.get("peak_rss", 0) for r in rs) / 2**20,
+            "runs": rs,
+        }
+    rates = {k: v["images_per_s"] for k, v in summary.items()}
+    big = run_engine(store10, job10, cores)
+    ratios = {
+        "b_N_over_2a": rates[f"b_engine_{cores}"] / (cores * rates["a_loop"]),
+        "b_N_over_c": rates[f"b_engine_{cores}"] / rates["c_dataloader_pil"],
+        "b_N_over_d": rates[f"b_engine_{cores}"] / rates["d_dataloader_ours"],
+        "rss_10x_over_1x": big["peak_rss"] / 2**20 / summary[f"b_engine_{cores}"]["peak_rss_mb"],
+    }
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": describe_machine(),
+        "images": runs["a_loop"][0]["images"],
+        "summary": summary,
+        "ratios": ratios,
+        "engine_10x": {
+            "images": big["images"],
+            "peak_rss_mb": big["peak_rss"] / 2**20,
+            "images_per_s": big["images"] / big["seconds"],
+        },
+        "receive_batch": receive_cost(),
+        "huge_jpeg": run_huge(work),
+        "bench_process_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    (args.out / "engine.json").write_text(json.dumps(result, indent=2))
+    chart(result, args.out / "engine.png")
+    print(json.dumps({k: result[k] for k in ("ratios", "receive_batch", "huge_jpeg")}, indent=2))
+    for name, s in summary.items():
+        print(
+            f"{name:22s} {s['images_per_s']:8.1f} img/s  first batch {s['first_batch_s']:.2f}s"
+            f"  peak RSS {s['peak_rss_mb']:.0f} MB"
+        )
+
+
+def chart(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["summary"])
+    rates = [result["summary"][n]["images_per_s"] for n in names]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.barh(names, rates, color=["#888", "#4a7", "#2a5", "#c66", "#c96"][: len(names)])
+    ax.set_xlabel("images/s (640x480 JPEG -> 224x224)")
+    m = result["machine"]
+    ax.set_title(f"pixcrawler engine, {m['cpus']} cores, {result['date']}")
+    for i, r in enumerate(rates):
+        ax.text(r, i, f" {r:.0f}", va="center")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    tmp.replace(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -113,7 +113,7 @@ class BatchBuilder:
     def build(self) -> pa.RecordBatch:
         n = len(self.keys)
         schema = schema_for(self.fixed_shape)
-        if self.pixels is not None:
+        if self.pixels is not None and self.fixed_shape is not None:
             image_type = schema.field("image").type
             storage = pa.FixedSizeListArray.from_arrays(
                 pa.array(self.pixels[:n].reshape(-1), type=pa.uint8()),
@@ -175,7 +175,7 @@ def image_views(batch: pa.RecordBatch) -> np.ndarray | list[np.ndarray]:
     column = batch.column("image")
     if isinstance(column.type, pa.FixedShapeTensorType):
         shape = tuple(column.type.shape)
-        values = column.storage.values  # type: ignore[attr-defined]
+        values = column.storage.values
         flat = values.to_numpy(zero_copy_only=True)
         start = column.offset * int(np.prod(shape))
         return flat[start : start + len(column) * int(np.prod(shape))].reshape(len(column), *shape)

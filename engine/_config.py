@@ -122,9 +122,9 @@ class EngineConfig:
     cache_limit_bytes: int = 10 * 2**30
 
     def __post_init__(self) -> None:
-        def positive(name: str, value: Any, kind: type = int) -> None:
-            if not isinstance(value, kind) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive {kind.__name__}, got {value!r}")
+        def positive(name: str, value: Any) -> None:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
 
         if self.num_workers is not None:
             positive("num_workers", self.num_workers)

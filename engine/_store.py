@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
+
 from pixcrawler.engine._errors import NotFoundError
 
 __all__ = [

@@ -184,7 +184,7 @@ def warm_up() -> None:
         Image.new("RGB", (16, 16), (200, 100, 50)).save(out, fmt)
         data = out.getvalue()
         record = Record(key="warm", ref="warm", label="warm", index=0)
-        batch, _, _ = decode_records([record], lambda _ref: data, policy, chunk=0)
+        batch, _, _ = decode_records([record], {"warm": data}.__getitem__, policy, chunk=0)
         write_batch(batch, memoryview(bytearray(ipc_size(batch))))
 
 

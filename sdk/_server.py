@@ -33,14 +33,15 @@ from typing import Any, Literal
 
 import anyio
 import uvicorn
-from pixcrawler.engine import _store
-from pixcrawler.engine._errors import NotFoundError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
+
+from pixcrawler.engine import _store
+from pixcrawler.engine._errors import NotFoundError
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+
 from pixcrawler.engine import DecodePolicy, EngineConfig, JobSource, Stream
 from pixcrawler.engine._jobapi import JobClient
 

@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import ServerProcess
 from PIL import Image
+
 from pixcrawler._cli import main
 from pixcrawler.engine import _store
 

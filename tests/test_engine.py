@@ -17,6 +17,7 @@ from engine_helpers import (
     small_config,
     wait_gone,
 )
+
 from pixcrawler.engine import DecodePolicy, SampleWarning, Stream, decode_chunk
 from pixcrawler.engine._store import pack
 

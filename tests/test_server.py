@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 from conftest import ServerProcess
+
 from pixcrawler._server import ServerConfig, load_keys, parse_range
 from pixcrawler.engine import _store
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+
 from pixcrawler.engine import _store
 from pixcrawler.engine._errors import NotFoundError
 

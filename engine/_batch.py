@@ -5,6 +5,8 @@ A decoded batch is one Arrow RecordBatch with these columns:
     image        fixed_shape_tensor<uint8>[H, W, C]   when the decode policy fixes the shape
                  large_binary (raw HWC bytes)         otherwise, with `image_shape`
     image_shape  fixed_size_list<int32>[3]            (variable-size form only)
+    mask         fixed_shape_tensor<uint8>[H, W] or large_binary: the segmentation mask at
+                 the image's geometry (only for sources with masks)
     label        string: the label as JSON (str, int or dict labels all survive the trip)
     key          string: the sample's key within its source (zip member, row id)
     chunk        int32: the chunk it came from
@@ -26,7 +28,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-__all__ = ["BatchBuilder", "image_views", "labels_of", "read_batch", "write_batch"]
+__all__ = [
+    "BatchBuilder",
+    "image_views",
+    "labels_of",
+    "mask_views",
+    "read_batch",
+    "schema_for",
+    "write_batch",
+]
 
 _COMMON_FIELDS = [
     pa.field("label", pa.string()),
@@ -39,16 +49,37 @@ _COMMON_FIELDS = [
 ]
 
 
-def schema_for(fixed_shape: tuple[int, int, int] | None) -> pa.Schema:
+def schema_for(fixed_shape: tuple[int, int, int] | None, *, masks: bool = False) -> pa.Schema:
     """The schema of a batch for a fixed output shape (H, W, C), or None for variable size."""
     if fixed_shape is not None:
         image = [pa.field("image", pa.fixed_shape_tensor(pa.uint8(), list(fixed_shape)))]
+        if masks:
+            mask_type = pa.fixed_shape_tensor(pa.uint8(), list(fixed_shape[:2]))
+            image.append(pa.field("mask", mask_type))
     else:
         image = [
             pa.field("image", pa.large_binary()),
             pa.field("image_shape", pa.list_(pa.int32(), 3)),
         ]
+        if masks:
+            image.append(pa.field("mask", pa.large_binary()))
     return pa.schema(image + _COMMON_FIELDS)
+
+
+def _binary(arrays: Sequence[np.ndarray]) -> pa.LargeBinaryArray:
+    """Concatenates arrays into one large_binary column, one value each (one copy)."""
+    n = len(arrays)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum([a.nbytes for a in arrays], out=offsets[1:])
+    data = np.concatenate([a.reshape(-1) for a in arrays]) if n else np.empty(0, np.uint8)
+    return pa.LargeBinaryArray.from_buffers(
+        pa.large_binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data)]
+    )
+
+
+def _tensor(type_: pa.DataType, array: np.ndarray, width: int) -> pa.ExtensionArray:
+    storage = pa.FixedSizeListArray.from_arrays(pa.array(array.reshape(-1), type=pa.uint8()), width)
+    return pa.ExtensionArray.from_storage(type_, storage)
 
 
 @dataclass
@@ -63,6 +94,7 @@ class BatchBuilder:
     capacity: int
     pixels: np.ndarray | None = None
     images: list[np.ndarray] = field(default_factory=list)
+    masks: list[np.ndarray] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
     chunks: list[int] = field(default_factory=list)
@@ -96,9 +128,12 @@ class BatchBuilder:
         index: int,
         orig_size: tuple[int, int],
         metadata: dict[str, Any] | str | None,
+        mask: np.ndarray | None = None,
     ) -> None:
         if self.pixels is None:
             self.images.append(image)
+        if mask is not None:
+            self.masks.append(mask)
         self.labels.append(json.dumps(label))
         self.keys.append(key)
         self.chunks.append(chunk)
@@ -112,28 +147,23 @@ class BatchBuilder:
 
     def build(self) -> pa.RecordBatch:
         n = len(self.keys)
-        schema = schema_for(self.fixed_shape)
+        if self.masks and len(self.masks) != n:
+            raise ValueError("either every sample of a batch has a mask or none has")
+        schema = schema_for(self.fixed_shape, masks=bool(self.masks))
+        columns: list[pa.Array]
         if self.pixels is not None and self.fixed_shape is not None:
-            image_type = schema.field("image").type
-            storage = pa.FixedSizeListArray.from_arrays(
-                pa.array(self.pixels[:n].reshape(-1), type=pa.uint8()),
-                int(np.prod(self.fixed_shape)),
-            )
-            columns: list[pa.Array] = [pa.ExtensionArray.from_storage(image_type, storage)]
+            h, w, c = self.fixed_shape
+            columns = [_tensor(schema.field("image").type, self.pixels[:n], h * w * c)]
+            if self.masks:
+                columns.append(_tensor(schema.field("mask").type, np.stack(self.masks), h * w))
         else:
-            offsets = np.zeros(n + 1, dtype=np.int64)
-            np.cumsum([a.nbytes for a in self.images], out=offsets[1:])
-            data = (
-                np.concatenate([a.reshape(-1) for a in self.images]) if n else np.empty(0, np.uint8)
-            )
-            binary = pa.LargeBinaryArray.from_buffers(
-                pa.large_binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data)]
-            )
             shapes = np.array([a.shape for a in self.images], dtype=np.int32).reshape(n, 3)
             columns = [
-                binary,
+                _binary(self.images),
                 pa.FixedSizeListArray.from_arrays(pa.array(shapes.reshape(-1)), 3),
             ]
+            if self.masks:
+                columns.append(_binary(self.masks))
         columns += [
             pa.array(self.labels, pa.string()),
             pa.array(self.keys, pa.string()),
@@ -186,6 +216,28 @@ def image_views(batch: pa.RecordBatch) -> np.ndarray | list[np.ndarray]:
     shapes = batch.column("image_shape").values.to_numpy(zero_copy_only=True).reshape(-1, 3)
     shapes = shapes[column.offset : column.offset + len(column)]
     return [data[offsets[i] : offsets[i + 1]].reshape(tuple(shapes[i])) for i in range(len(column))]
+
+
+def mask_views(batch: pa.RecordBatch) -> np.ndarray | list[np.ndarray] | None:
+    """The masks of a batch as zero-copy views, shaped like `image_views` without channels."""
+    if "mask" not in batch.schema.names:
+        return None
+    column = batch.column("mask")
+    if isinstance(column.type, pa.FixedShapeTensorType):
+        shape = tuple(column.type.shape)
+        size = int(np.prod(shape))
+        flat = column.storage.values.to_numpy(zero_copy_only=True)
+        start = column.offset * size
+        return flat[start : start + len(column) * size].reshape(len(column), *shape)
+    offsets = np.frombuffer(column.buffers()[1], dtype=np.int64)[
+        column.offset : column.offset + len(column) + 1
+    ]
+    data = np.frombuffer(column.buffers()[2], dtype=np.uint8)
+    shapes = batch.column("image_shape").values.to_numpy(zero_copy_only=True).reshape(-1, 3)
+    shapes = shapes[column.offset : column.offset + len(column)]
+    return [
+        data[offsets[i] : offsets[i + 1]].reshape(tuple(shapes[i][:2])) for i in range(len(column))
+    ]
 
 
 def labels_of(batch: pa.RecordBatch) -> list[Any]:

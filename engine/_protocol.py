@@ -45,6 +45,7 @@ class Record:
     label: Any
     index: int  # position in the unshuffled dataset
     metadata: str = "{}"  # JSON of the other manifest fields
+    mask_ref: Any = None  # where its segmentation mask's bytes are, if it has one
 
 
 @dataclass(frozen=True)

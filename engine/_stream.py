@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pixcrawler.engine._batch import image_views, labels_of, metadata_of, read_batch
+from pixcrawler.engine._batch import image_views, labels_of, mask_views, metadata_of, read_batch
 from pixcrawler.engine._config import DecodePolicy, EngineConfig
 from pixcrawler.engine._errors import WorkerError
 from pixcrawler.engine._protocol import (
@@ -79,6 +79,11 @@ class Batch:
     def images(self) -> np.ndarray | list[np.ndarray]:
         """(B, H, W, C) view for fixed-size output, else a list of (H, W, C) views."""
         return image_views(self.record_batch)
+
+    @property
+    def masks(self) -> np.ndarray | list[np.ndarray] | None:
+        """Segmentation masks at the images' geometry ((B, H, W) or a list), or None."""
+        return mask_views(self.record_batch)
 
     @property
     def labels(self) -> list[Any]:

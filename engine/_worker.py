@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from pixcrawler.engine._batch import BatchBuilder, ipc_size, write_batch
 from pixcrawler.engine._config import DecodePolicy
-from pixcrawler.engine._decode import decode_image, output_shape, probe
+from pixcrawler.engine._decode import ImageHeader, decode_image, decode_mask, output_shape, probe
 from pixcrawler.engine._errors import DecodeError, DecompressionError
 from pixcrawler.engine._protocol import (
     ExceptionWrapper,
@@ -86,6 +86,10 @@ def decode_records(
                     "shrink images, or a larger slot_bytes"
                 )
             image = decode_image(data, policy, out=builder.next_image())
+            mask = None
+            if record.mask_ref is not None:
+                mask = _decode_mask(read(record.mask_ref), header, image.shape, policy)
+                need += mask.nbytes
         except DecodeError as exc:
             error = DecodeError(
                 f"chunk {chunk}, sample {record.key!r}: {exc}", chunk_id=chunk, key=record.key
@@ -106,9 +110,31 @@ def decode_records(
             if header.orientation < 5
             else (header.height, header.width),
             metadata=record.metadata,
+            mask=mask,
         )
         covered += 1
     return builder.build(), covered, errors
+
+
+def _decode_mask(
+    data: bytes, header: ImageHeader, shape: tuple[int, ...], policy: DecodePolicy
+) -> np.ndarray:
+    """A segmentation mask at its image's output geometry: nearest neighbour, values kept."""
+    if policy.image_size is not None and policy.resize in ("crop", "pad"):
+        raise DecodeError(
+            f"masks follow their image only through a plain resize; resize={policy.resize!r} "
+            'would misalign them: use resize="stretch" or "fit"'
+        )
+    mask_header = probe(data)
+    size = (header.width, header.height)
+    if header.orientation >= 5:
+        size = (header.height, header.width)
+    if (mask_header.width, mask_header.height) != size:
+        raise DecodeError(
+            f"its mask is {mask_header.width}x{mask_header.height} but the image is "
+            f"{size[0]}x{size[1]}; a mask must match its image pixel for pixel"
+        )
+    return decode_mask(data, (shape[0], shape[1]), max_pixels=policy.max_pixels)
 
 
 def decode_chunk(chunk_bytes: bytes, policy: DecodePolicy, *, chunk: int = 0) -> pa.RecordBatch:

@@ -136,3 +136,55 @@ def test_garbage_collection_stops_every_process(store: Path) -> None:
     del it, stream
     gc.collect()
     assert wait_gone(pids, 5.0) == []
+
+
+def _png(array: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, "PNG")
+    return out.getvalue()
+
+
+def _mask_for(image: np.ndarray) -> np.ndarray:
+    """A mask of classes 0-15 and 255, following the photo's brightness (not noise)."""
+    gray = image.mean(axis=2)
+    mask = (gray // 16).astype(np.uint8)
+    mask[gray > 240] = 255
+    return mask
+
+
+def test_masks_follow_their_image_without_interpolation() -> None:
+    from skimage import data
+
+    from pixcrawler.engine import Record, decode_records
+    from pixcrawler.engine._batch import image_views, mask_views
+
+    photo = data.astronaut()[:300, :200]
+    mask = _mask_for(photo)
+    blobs = {"img": _png(photo), "mask": _png(mask)}
+    record = Record(key="a", ref="img", label=1, index=0, mask_ref="mask")
+    for policy in (DecodePolicy(image_size=(75, 50)), DecodePolicy(image_size=None)):
+        batch, covered, errors = decode_records([record], blobs.__getitem__, policy, chunk=0)
+        assert covered == 1 and not errors
+        images, masks = image_views(batch), mask_views(batch)
+        assert masks is not None
+        assert masks[0].shape == images[0].shape[:2]
+        assert set(np.unique(masks[0])) <= set(np.unique(mask))  # no interpolated values
+    np.testing.assert_array_equal(masks[0], mask)  # full size: identical
+
+
+def test_a_mask_of_another_size_is_a_per_sample_error() -> None:
+    from skimage import data
+
+    from pixcrawler.engine import Record, decode_records
+
+    photo = data.astronaut()[:300, :200]
+    blobs = {"img": _png(photo), "mask": _png(_mask_for(photo)[:100])}
+    record = Record(key="a", ref="img", label=1, index=0, mask_ref="mask")
+    policy = DecodePolicy(image_size=(64, 64), on_error="skip")
+    batch, covered, errors = decode_records([record], blobs.__getitem__, policy, chunk=0)
+    assert batch.num_rows == 0 and covered == 1
+    assert "must match its image" in errors[0][1]

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from pixcrawler._arrays import check_size, concat, label_array, memory_limit, stack_images
 from pixcrawler._chunks import Credential, JobRef
 from pixcrawler._info import DatasetInfo, format_bytes
 from pixcrawler.engine._config import ColorMode, DecodePolicy, EngineConfig, OnError, ResizeMode
@@ -37,9 +38,6 @@ __all__ = ["DEFAULT_BASE_URL", "Dataset", "load_dataset"]
 DEFAULT_BASE_URL = "https://api.pixcrawler.com"
 ENV_API_KEY = "PIXCRAWLER_API_KEY"
 ENV_BASE_URL = "PIXCRAWLER_BASE_URL"
-# `to_arrays()` and `to_dataframe()` refuse to allocate more than this share of the memory
-# available when they start, unless told otherwise: failing fast beats swapping or an OOM kill.
-MEMORY_FRACTION = 0.5
 _SCHEMES = ("http", "https", "file")
 
 
@@ -280,7 +278,7 @@ class Dataset:
         parts: list[np.ndarray] = []
         labels: list[Any] = []
         for batch in self.iter_engine_batches(desc="images"):
-            images = self._stack(batch.images, parts[0].shape[1:] if parts else None)
+            images = stack_images(batch.images, parts[0].shape[1:] if parts else None)
             batch_labels = batch.labels
             start, n = 0, len(batch_labels)
             while start < n:
@@ -294,11 +292,11 @@ class Dataset:
                     parts.append(images[start : start + take].copy())
                     labels.extend(batch_labels[start : start + take])
                     if len(labels) == batch_size:
-                        yield self._concat(parts), labels
+                        yield concat(parts), labels
                         parts, labels = [], []
                 start += take
         if labels and not drop_last:
-            yield self._concat(parts), labels
+            yield concat(parts), labels
 
     def iter_engine_batches(self, *, desc: str | None = None) -> Iterator[Batch]:
         """The engine's batches of one pass, as they arrive (see `pixcrawler.engine.Batch`).
@@ -364,25 +362,25 @@ class Dataset:
             >>> X, y = dataset.to_arrays()
             >>> X_train, X_test, y_train, y_test = train_test_split(X, y)
         """
-        limit = _memory_limit(max_bytes)
+        limit = memory_limit(max_bytes)
         fixed = self._policy.fixed_shape
         if fixed is not None:
-            self._check_size(self.num_images * int(np.prod(fixed)), limit, fixed)
+            check_size(self.num_images, int(np.prod(fixed)), limit, fixed)
         x: np.ndarray | None = None
         labels: list[Any] = []
         for batch in self.iter_engine_batches(desc="to_arrays"):
             if x is None:
                 images0 = batch.images
                 shape = images0.shape[1:] if isinstance(images0, np.ndarray) else images0[0].shape
-                self._check_size(self.num_images * int(np.prod(shape)), limit, shape)
+                check_size(self.num_images, int(np.prod(shape)), limit, shape)
                 x = np.empty((self.num_images, *shape), dtype=np.uint8)
             n = len(labels)
-            images = self._stack(batch.images, x.shape[1:])
+            images = stack_images(batch.images, x.shape[1:])
             x[n : n + len(images)] = images
             labels.extend(batch.labels)
         if x is None:
             x = np.empty((0, 0, 0, 0), dtype=np.uint8)
-        return x[: len(labels)], _label_array(labels)
+        return x[: len(labels)], label_array(labels)
 
     def to_dataframe(self, max_bytes: int | None = None) -> pd.DataFrame:
         """Convert dataset to pandas DataFrame.
@@ -407,10 +405,10 @@ class Dataset:
         """
         import pandas as pd
 
-        limit = _memory_limit(max_bytes)
+        limit = memory_limit(max_bytes)
         fixed = self._policy.fixed_shape
         if fixed is not None:
-            self._check_size(self.num_images * int(np.prod(fixed)), limit, fixed)
+            check_size(self.num_images, int(np.prod(fixed)), limit, fixed)
         images = np.empty(self.num_images, dtype=object)
         columns: dict[str, list[Any]] = {"label": [], "metadata": [], "key": []}
         sizes: list[tuple[int, int]] = []
@@ -419,7 +417,7 @@ class Dataset:
             for image in batch.images:
                 used += image.nbytes
                 if used > limit:  # variable sizes: known only as they arrive
-                    self._check_size(used, limit, None)
+                    check_size(self.num_images, used // max(1, len(sizes)), limit, None)
                 images[len(sizes)] = np.array(image)  # a copy: the row outlives the batch
                 sizes.append(image.shape[:2])
             columns["label"].extend(batch.labels)
@@ -495,77 +493,3 @@ class Dataset:
     ) -> Iterator[Batch]:
         """One engine pass over some chunks (all when None) with the given settings."""
         yield from self._run(self._ref.source(chunks), config, desc=desc)
-
-    # ---- helpers ----------------------------------------------------------------------
-    def _check_size(self, need: int, limit: int, shape: tuple[int, ...] | None) -> None:
-        if need <= limit:
-            return
-        what = "x".join(str(v) for v in shape) if shape else "their decoded size"
-        raise MemoryError(
-            f"loading {self.num_images:,} images of {what} needs about {format_bytes(need)}, "
-            f"over the limit of {format_bytes(limit)}; iterate with iter_batches() instead, "
-            "pass a smaller image_size= to load_dataset, or raise the limit with max_bytes="
-        )
-
-    @staticmethod
-    def _stack(images: np.ndarray | list[np.ndarray], shape: tuple[int, ...] | None) -> np.ndarray:
-        """Images of one engine batch as one (B, H, W, C) array, if they share one shape."""
-        if isinstance(images, np.ndarray):
-            if shape is not None and images.shape[1:] != tuple(shape):
-                raise _shape_error(tuple(shape), images.shape[1:])
-            return images
-        first = tuple(shape) if shape is not None else (images[0].shape if images else None)
-        for image in images:
-            if image.shape != first:
-                raise _shape_error(first, image.shape)
-        if not images:
-            return np.empty((0, *(first or (0, 0, 0))), dtype=np.uint8)
-        return np.stack(images)
-
-    @staticmethod
-    def _concat(parts: list[np.ndarray]) -> np.ndarray:
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
-
-def _shape_error(first: Any, other: Any) -> ValueError:
-    return ValueError(
-        f"the images of this dataset differ in size ({tuple(first)} and {tuple(other)}), so "
-        "they cannot be stacked into one array: pass image_size=(height, width) (or an int) "
-        "to load_dataset to resize them all, or iterate one image at a time"
-    )
-
-
-def _label_array(labels: list[Any]) -> np.ndarray:
-    """Labels as a 1-D array: str and int labels keep their type, anything else is an object."""
-    if labels and all(isinstance(v, str) for v in labels):
-        return np.array(labels, dtype=str)
-    if labels and all(isinstance(v, int) and not isinstance(v, bool) for v in labels):
-        return np.array(labels, dtype=np.int64)
-    out = np.empty(len(labels), dtype=object)
-    for i, value in enumerate(labels):
-        out[i] = value
-    return out
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available to new allocations (Linux `MemAvailable`), or None."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def _memory_limit(max_bytes: int | None) -> int:
-    if max_bytes is not None:
-        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0:
-            raise ValueError(f"max_bytes must be a positive int, got {max_bytes!r}")
-        return max_bytes
-    available = available_memory()
-    return int(available * MEMORY_FRACTION) if available else 1 << 62

@@ -168,7 +168,7 @@ def test_corrupt_image_raises_in_map_style(tmp_path: Path, store: Path) -> None:
 
 def test_iterable_shards_over_workers_without_duplicates(demo: Any) -> None:
     ds = demo.to_torch(iterable=True)
-    assert isinstance(ds, IterableDataset) and len(ds) == 120
+    assert isinstance(ds, IterableDataset) and len(ds) == 120  # type: ignore[arg-type]
     reference = fingerprints((x[None], [y]) for x, y in demo.to_torch())
     in_workers = fingerprints(DataLoader(ds, batch_size=10, num_workers=2))
     assert in_workers == reference

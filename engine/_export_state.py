@@ -102,9 +102,10 @@ class Workspace:
             The state (`phase` is `writing`, `finalizing` or `complete`).
 
         Raises:
-            PixCrawlerError: the target holds something else (another job, other options, a
-                folder that is not an export), or another process is writing this export.
-            OSError: the target cannot be created or written.
+            PixCrawlerError: the target cannot be created, holds something else (another
+                job, other options, a folder that is not an export), or another process is
+                writing this export.
+            OSError: the work folder cannot be written.
         """
         if self.target.exists() and not self.target.is_dir():
             raise PixCrawlerError(f"{self.target} exists and is not a folder; choose another path")
@@ -117,7 +118,13 @@ class Workspace:
                 f"{self.target} already exists and is not a PixCrawler export; choose another "
                 "--output-dir, or move that folder away"
             )
-        self.meta.mkdir(parents=True, exist_ok=True)
+        try:
+            self.meta.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PixCrawlerError(
+                f"cannot create the export folder {self.target}: {exc.strerror or exc}; "
+                "choose a writable --output-dir"
+            ) from exc
         self._take_lock()
         if self.state_path.is_file():
             state = self._read_state()

@@ -140,7 +140,7 @@ def export_job(
                 chunks_resumed=len(plans),
                 already_complete=True,
             )
-        threads = min(4, config.workers)
+        threads = config.workers  # PNG encoding: numpy and zlib release the GIL
         writer = _WRITERS[format](ws, manifest, policy=policy, threads=threads)
         ws.sweep_temps()
         done = ws.done_chunks()
@@ -242,13 +242,13 @@ def _write_encoded(
 ) -> None:
     """Writes the parts of formats that keep the stored bytes: no decoding, no processes."""
     depth = max(config.prefetch_chunks, config.max_workers)
-    for plan, path in _fetch_in_order(source, [p.index for p in todo], config.max_workers, depth):
-        records = source.records(plan, path) if writer.needs_records else None
-        writer.chunk_file(
-            plan, path, records, owned=path.parent == writer.ws.downloads, rows=config.batch_rows
-        )
+    sizes = {p.index: p.num_records for p in todo}
+    for chunk, path in _fetch_in_order(source, list(sizes), config.max_workers, depth):
+        records = source.records(chunk, path) if writer.needs_records else None
+        owned = path.parent == writer.ws.downloads
+        writer.chunk_file(chunk, path, records, owned=owned, rows=config.batch_rows)
         _release(writer.ws, path)
-        counter.add(next(p.num_records for p in todo if p.index == plan))
+        counter.add(sizes[chunk])
 
 
 def _fetch_in_order(

@@ -189,10 +189,10 @@ def download(
     if fmt == "numpy" and image_size is None:
         image_size = DEFAULT_NUMPY_SIZE
     policy = DecodePolicy(image_size=image_size, resize=resize) if image_size else None
+    config = _engine_config(max_workers=max_workers, num_workers=num_workers)
     cache = None
     if cache_dir is not None or use_cache:
-        cache = ChunkCache(cache_dir)
-    config = _engine_config(max_workers=max_workers, num_workers=num_workers)
+        cache = ChunkCache(cache_dir, limit_bytes=config.cache_limit_bytes)
     from tqdm import tqdm
 
     with _client(api_key, base_url, config) as client:

@@ -127,6 +127,23 @@ def test_each_chunk_is_fetched_once_per_process(demo: Any, monkeypatch: pytest.M
     assert len(got) == 120 and calls == Counter(range(8))
 
 
+def test_map_style_shares_the_disk_cache(server: Any, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    dataset = load_dataset(
+        "demo", server.api_key, server.url, image_size=8, cache_dir=cache, **FAST
+    )
+    ds = dataset.to_torch()
+    first = ds[0][0]
+    assert len(list(cache.rglob("*.zip"))) == 1  # only the chunk asked for
+    ds[119]
+    assert len(list(cache.rglob("*.zip"))) == 2
+    # Another process (here: a fresh dataset object) finds the chunk in the cache.
+    again = dataset.to_torch()
+    assert torch.equal(again[0][0], first) and len(list(cache.rglob("*.zip"))) == 2
+    key = server.api_key.encode()
+    assert not any(key in p.read_bytes() for p in cache.rglob("*") if p.is_file())
+
+
 @MANY_WORKERS
 def test_dataloader_shuffled_workers_and_random_split(demo: Any) -> None:
     ds = demo.to_torch()

@@ -39,13 +39,16 @@ def _args(url: str, out: Path, *extra: str) -> list[str]:
     return ["download", "demo", *common, *extra]
 
 
-def _start(server: ServerProcess, url: str, out: Path, *extra: str) -> subprocess.Popen[str]:
+def _start(
+    server: ServerProcess, url: str, out: Path, *extra: str, new_session: bool = False
+) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "pixcrawler", *_args(url, out, *extra)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=_env(server),
+        start_new_session=new_session,  # its own process group, as a terminal job has
     )
 
 
@@ -137,14 +140,28 @@ def test_sigkill_then_rerun_continues(server: ServerProcess, tmp_path: Path, ext
     assert _digest(out / "demo") == expected
 
 
-def test_ctrl_c_exits_130_and_the_rerun_completes(server: ServerProcess, tmp_path: Path) -> None:
-    extra = ("--format", "images", "--max-workers", "1")
+@pytest.mark.parametrize(
+    ("extra", "group"),
+    [
+        (("--format", "images"), False),
+        (("--format", "numpy", "--image-size", "32x32", "--num-workers", "1"), True),
+    ],
+    ids=["images-process", "numpy-decoded-process-group"],
+)
+def test_ctrl_c_exits_130_and_the_rerun_completes(
+    server: ServerProcess, tmp_path: Path, extra: tuple, group: bool
+) -> None:
+    """Ctrl-C in a terminal reaches the whole process group (decoders too), or one process."""
+    extra = ("--max-workers", "1", *extra)
     expected = _reference(server, tmp_path / "reference", *extra)
     out = tmp_path / "out"
     with proxied(server.url, Fault("stall", match=f"/chunks/{STALLED}", after_bytes=STALL)) as p:
-        proc = _start(server, p.url, out, *extra)
+        proc = _start(server, p.url, out, *extra, new_session=group)
         _wait_until_stalled(proc, out)
-        proc.send_signal(signal.SIGINT)
+        if group:
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 130
     assert "run the same command again to resume" in stderr

@@ -27,6 +27,7 @@ import pyarrow as pa
 from pixcrawler.engine._batch import image_views, labels_of, mask_views, metadata_of, read_batch
 from pixcrawler.engine._config import DecodePolicy, EngineConfig
 from pixcrawler.engine._errors import WorkerError
+from pixcrawler.engine._launch import BOOTSTRAP, WORKER_ENV
 from pixcrawler.engine._protocol import (
     BatchReady,
     Failed,
@@ -38,14 +39,13 @@ from pixcrawler.engine._protocol import (
 )
 from pixcrawler.engine._shm import attach, sweep_stale
 from pixcrawler.engine._sources import Source
-from pixcrawler.engine._supervisor import RELEASE, WORKER_ENV
+from pixcrawler.engine._supervisor import RELEASE
 
 __all__ = ["Batch", "SampleWarning", "Stream"]
 
 # Variables a child process must not inherit: the API key never reaches another process's
 # environment (it travels to the supervisor inside the source, over a pipe).
 _SECRET_ENV = ("PIXCRAWLER_API_KEY",)
-_BOOTSTRAP = "from pixcrawler.engine._supervisor import bootstrap; bootstrap()"
 
 
 class SampleWarning(UserWarning):
@@ -162,16 +162,13 @@ class Stream:
         sweep_stale()  # reclaim what a killed run left behind
         conn, child_conn = Pipe()
         release_r, release_w = Pipe(duplex=False)
-        # NOTE [bootstrap]: the supervisor is a fresh interpreter started here, not a
-        # multiprocessing child: spawn would re-run the caller's __main__ (a script without
-        # an `if __name__ == "__main__"` guard would start itself again). Its arguments go
-        # over the pipe with dill, so lambdas and __main__ functions travel by value; its
-        # environment lacks the API key and carries the workers' malloc settings.
+        # See NOTE [bootstrap] in `_launch`. The supervisor's environment lacks the API key
+        # and carries the workers' malloc settings.
         env = {k: v for k, v in os.environ.items() if k not in _SECRET_ENV}
         env.update(WORKER_ENV)
         fds = (child_conn.fileno(), release_r.fileno())
         proc = subprocess.Popen(
-            [sys.executable, "-c", _BOOTSTRAP, *map(str, fds)], pass_fds=fds, env=env
+            [sys.executable, "-c", BOOTSTRAP, *map(str, fds)], pass_fds=fds, env=env
         )
         child_conn.close()
         release_r.close()

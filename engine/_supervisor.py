@@ -27,7 +27,6 @@ import os
 import shutil
 import signal
 import struct
-import sys
 import tempfile
 import threading
 import time
@@ -56,19 +55,13 @@ from pixcrawler.engine._protocol import (
     TaskFailed,
     WorkerReady,
 )
-from pixcrawler.engine._shm import PREFIX, SlotPool, shm_free_bytes, sweep_stale
+from pixcrawler.engine._shm import PREFIX, SlotPool, shm_free_bytes
 from pixcrawler.engine._sources import Source
 from pixcrawler.engine._worker import ROW_OVERHEAD, SLOT_OVERHEAD, worker_main
 
-__all__ = ["slot_bytes_for", "supervisor_main"]
+__all__ = ["RELEASE", "Supervisor", "slot_bytes_for"]
 
-RELEASE = struct.Struct("<i")
-WORKER_ENV = {
-    # glibc's malloc trimming slows Pillow in long-lived processes (measured, see README).
-    "MALLOC_MMAP_THRESHOLD_": "33554432",
-    "MALLOC_TRIM_THRESHOLD_": "1073741824",
-    "OMP_NUM_THREADS": "1",
-}
+RELEASE = struct.Struct("<i")  # one released slot, as the consumer writes it to its pipe
 MAX_TASK_RESTARTS = 2
 WORKER_START_TIMEOUT = 120.0
 
@@ -172,6 +165,8 @@ class Supervisor:
         self.pool = SlotPool(self.config.slots, slot_bytes_for(self.config, self.policy))
         self.state.free_slots = list(range(len(self.pool)))
         self._start_downloads()  # the first chunks download while the workers boot
+        from pixcrawler.engine._launch import worker_context
+
         self.ctx = worker_context()
         self.opener = self.source.opener()
         for _ in range(self.config.workers):
@@ -480,67 +475,3 @@ class Supervisor:
 
 class _Delivered(Exception):
     """A run-ending error was handed to the consumer; stop quietly."""
-
-
-def worker_context() -> Any:
-    """The multiprocess context workers start from, with its fork server booting.
-
-    Workers fork from a single-threaded server that imported and warmed up the decoder once:
-    fast to start (one import for all of them) and safe (never a fork of a threaded process).
-    """
-    import multiprocess
-    from multiprocess import forkserver
-
-    ctx = multiprocess.get_context("forkserver")
-    ctx.set_forkserver_preload(["pixcrawler.engine._warm"])
-    forkserver.ensure_running()  # returns at once; the server imports in the background
-    return ctx
-
-
-def bootstrap() -> None:
-    """Entry point of the supervisor interpreter (see NOTE [bootstrap] in `_stream`).
-
-    argv holds the file descriptors of its two pipes; the first message is the caller's
-    `sys.path` (so that its objects unpickle here), the second the run's arguments.
-    """
-    from multiprocess.connection import Connection as DillConnection
-
-    conn = DillConnection(int(sys.argv[1]))
-    release = DillConnection(int(sys.argv[2]), writable=False)
-    worker_context()  # boots while we read our arguments
-    try:
-        sys.path[:] = conn.recv()
-        source, config, policy = conn.recv()
-    except (EOFError, OSError):
-        os._exit(0)  # the consumer went away before the run began
-    supervisor_main(conn, release, source, config, policy)
-
-
-def supervisor_main(
-    conn: Connection,
-    release: Connection,
-    source: Source,
-    config: EngineConfig,
-    policy: DecodePolicy,
-) -> None:
-    """The body of the supervisor process."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the consumer handles Ctrl-C
-    sweep_stale()
-    supervisor = None
-    code = 0
-    try:
-        supervisor = Supervisor(conn, release, source, config, policy)
-        supervisor.run()
-    except (_Delivered, SystemExit):
-        pass
-    except BaseException as exc:
-        code = 1
-        with contextlib.suppress(Exception):
-            conn.send(Failed(ExceptionWrapper.wrap(exc, f"in the supervisor (pid {os.getpid()})")))
-    finally:
-        if supervisor is not None:
-            supervisor.close()
-        with contextlib.suppress(Exception):
-            conn.close()
-        # Download threads may sit in a socket read; they must not keep this process alive.
-        os._exit(code)

@@ -41,7 +41,7 @@ def run_keys(stream: Stream) -> list[str]:
 def small_config(**kw: object) -> EngineConfig:
     base: dict[str, object] = {"num_workers": 2, "batch_rows": 8, "max_workers": 2}
     base.update(kw)
-    return EngineConfig(**base)  # type: ignore[arg-type]
+    return EngineConfig(**base)
 
 
 POLICY = DecodePolicy(image_size=(32, 32))

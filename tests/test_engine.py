@@ -59,7 +59,7 @@ def test_batches_are_views_of_shared_memory(store: Path) -> None:
 def test_variable_size_output_keeps_each_shape(store: Path) -> None:
     policy = DecodePolicy(image_size=None)
     with Stream(job_source(store), config=small_config(), policy=policy) as stream:
-        shapes = set()
+        shapes: set[tuple[int, ...]] = set()
         n = 0
         for batch in stream:
             images = batch.images

@@ -106,3 +106,4 @@ def serve(
 
 # download, list and info live in their own module and register themselves on `main`.
 from pixcrawler import _cli_download  # noqa: E402, F401
+from pixcrawler import _cli_export_images  # noqa: E402, F401

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Literal
 
 import click
 
@@ -70,14 +71,14 @@ def export_images(
     if all_samples and max_samples is not None:
         raise click.UsageError("give --max-samples N or --all, not both")
 
-    def choice(value: str | None) -> str | bool | None:
+    def choice(value: str | None) -> str | Literal[False] | None:
         return False if value is not None and value.lower() == "none" else value
 
     src = ParquetSource(
         list(source),
         image_column=image_column,
-        mask_column=choice(mask_column),  # type: ignore[arg-type]
-        label_column=choice(label_column),  # type: ignore[arg-type]
+        mask_column=choice(mask_column),
+        label_column=choice(label_column),
         token=os.environ.get(ENV_TOKEN) or None,
     )
     columns = src.columns
@@ -93,7 +94,7 @@ def export_images(
             max_side=max_side,
             max_samples=max_samples,
             num_workers=num_workers,
-            on_error=on_error,  # type: ignore[arg-type]
+            on_error=on_error,
             visualizations=visualizations,
             progress=not no_progress,
         )

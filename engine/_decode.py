@@ -209,7 +209,7 @@ def decode_mask(
     if header is not None:
         _check_budget(header, max_pixels)
     with _library_errors("mask"):
-        im = open_pillow(view)
+        im: Image.Image = open_pillow(view)
         header = header or header_from_pillow(im)
         _check_budget(header, max_pixels)
         im.load()

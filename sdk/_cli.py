@@ -8,10 +8,12 @@ exit 2 (click's default). Configuration files in `configs/` are read here, at th
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import click
+
 from pixcrawler.engine._errors import PixCrawlerError
 
 __all__ = ["main"]
@@ -97,13 +99,11 @@ def serve(
     if config_path is not None:
         config = ServerConfig.from_toml(config_path, host=host, port=port)
     else:
-        config = ServerConfig(
-            **{k: v for k, v in (("host", host), ("port", port)) if v is not None}
-        )
+        overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+        config = dataclasses.replace(ServerConfig(), **overrides)
     keys = load_keys(api_key=api_key, keys_file=keys_file)
     run_server(store, keys=keys, config=config)
 
 
 # download, list and info live in their own module and register themselves on `main`.
-from pixcrawler import _cli_download  # noqa: E402, F401
-from pixcrawler import _cli_export_images  # noqa: E402, F401
+from pixcrawler import _cli_download, _cli_export_images  # noqa: E402, F401

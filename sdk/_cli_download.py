@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import click
@@ -173,7 +173,7 @@ def download(
     same command is run again: finished chunks are neither downloaded nor written twice.
     """
     from pixcrawler.engine._cache import ChunkCache
-    from pixcrawler.engine._config import DecodePolicy
+    from pixcrawler.engine._config import DecodePolicy, ResizeMode
     from pixcrawler.engine._export_state import safe_name
     from pixcrawler.engine._sinks import export_job
     from pixcrawler.engine._sources import JobSource
@@ -188,7 +188,8 @@ def download(
         )
     if fmt == "numpy" and image_size is None:
         image_size = DEFAULT_NUMPY_SIZE
-    policy = DecodePolicy(image_size=image_size, resize=resize) if image_size else None
+    mode = cast(ResizeMode, resize)
+    policy = DecodePolicy(image_size=image_size, resize=mode) if image_size else None
     config = _engine_config(max_workers=max_workers, num_workers=num_workers)
     cache = None
     if cache_dir is not None or use_cache:

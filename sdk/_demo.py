@@ -87,13 +87,17 @@ def _export(job: str, url: str, key: str, target: Path) -> dict[str, Any]:
     source = JobSource(client, client.get_job(job))
     start = time.perf_counter()
     with tqdm(total=info.num_images, desc=f"{job}: download, decode, export", unit="img") as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.update(done - bar.n)
+
         result = export_job(
             source,
             target,
             format="parquet",
             policy=DecodePolicy(image_size=SIZE),
             config=EngineConfig(),
-            progress=lambda done, total: bar.update(done - bar.n),
+            progress=progress,
         )
     seconds = time.perf_counter() - start
     source.close()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -69,7 +68,7 @@ class ZipImages:
         return torch.from_numpy(arr)
 
 
-def run_loop(store: Path, job: str) -> dict[str, float]:
+def run_loop(store: Path, job: str) -> dict[str, Any]:
     from pixcrawler.engine import DecodePolicy
     from pixcrawler.engine._decode import decode_image
 
@@ -77,17 +76,30 @@ def run_loop(store: Path, job: str) -> dict[str, float]:
     members = _members(store, job)
     zips: dict[str, zipfile.ZipFile] = {}
     start = time.perf_counter()
-    pixels = 0
-    for path, name in members:
+    first = None
+    for i, (path, name) in enumerate(members):
         zf = zips.get(path) or zips.setdefault(path, zipfile.ZipFile(path))
-        data = zf.read(name)
-        out = decode_image(data, policy)
-        pixels += out.size
+        decode_image(zf.read(name), policy)
+        if i == 63:
+            first = time.perf_counter() - start
     seconds = time.perf_counter() - start
-    return {"images": len(members), "seconds": seconds, "first_batch_s": float("nan")}
+    return _result(len(members), seconds, first or seconds, 64, rss=None)
 
 
-def run_engine(store: Path, job: str, workers: int) -> dict[str, float]:
+def _result(n: int, seconds: float, first: float, first_n: int, rss: int | None) -> dict[str, Any]:
+    """End-to-end and steady-state (after the first batch) rates of one run."""
+    steady = (n - first_n) / (seconds - first) if n > first_n and seconds > first else 0.0
+    return {
+        "images": n,
+        "seconds": seconds,
+        "first_batch_s": first,
+        "images_per_s": n / seconds,
+        "steady_images_per_s": steady,
+        "peak_rss": rss or 0,
+    }
+
+
+def run_engine(store: Path, job: str, workers: int) -> dict[str, Any]:
     from pixcrawler.engine import DecodePolicy, EngineConfig, JobSource, Stream
     from pixcrawler.engine._jobapi import JobClient
 
@@ -96,22 +108,22 @@ def run_engine(store: Path, job: str, workers: int) -> dict[str, float]:
     config = EngineConfig(num_workers=workers, batch_rows=64)
     with TreeRss() as rss:
         start = time.perf_counter()
-        first = None
+        first, first_n = None, 0
         n = 0
         checksum = 0
         with Stream(source, config=config, policy=DecodePolicy(image_size=SIZE)) as stream:
             for batch in stream:
                 images = batch.images
                 assert isinstance(images, np.ndarray)
-                if first is None:
-                    first = time.perf_counter() - start
-                checksum += int(images[:, 0, 0, 0].sum())
+                checksum += int(images[:, 0, 0, 0].sum())  # touch the pixels
                 n += len(images)
+                if first is None:
+                    first, first_n = time.perf_counter() - start, n
         seconds = time.perf_counter() - start
-    return {"images": n, "seconds": seconds, "first_batch_s": first or 0.0, "peak_rss": rss.peak}
+    return _result(n, seconds, first or seconds, first_n, rss.peak)
 
 
-def run_dataloader(store: Path, job: str, ours: bool, workers: int) -> dict[str, float]:
+def run_dataloader(store: Path, job: str, ours: bool, workers: int) -> dict[str, Any]:
     import torch
     from torch.utils.data import DataLoader
 
@@ -125,14 +137,14 @@ def run_dataloader(store: Path, job: str, ours: bool, workers: int) -> dict[str,
     )
     with TreeRss() as rss:
         start = time.perf_counter()
-        first = None
+        first, first_n = None, 0
         n = 0
         for batch in loader:
-            if first is None:
-                first = time.perf_counter() - start
             n += len(batch)
+            if first is None:
+                first, first_n = time.perf_counter() - start, n
         seconds = time.perf_counter() - start
-    return {"images": n, "seconds": seconds, "first_batch_s": first or 0.0, "peak_rss": rss.peak}
+    return _result(n, seconds, first or seconds, first_n, rss.peak)
 
 
 def receive_cost(repeats: int = 2000) -> dict[str, float]:
@@ -251,46 +263,84 @@ def run_huge(root: Path) -> dict[str, Any]:
     return out
 
 
+def run_case(case: str, store: Path, job: str) -> dict[str, Any]:
+    """One case in a fresh process, so that its process tree holds only what it needs."""
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.engine_bench",
+            "--case",
+            case,
+            "--store",
+            str(store),
+            "--job",
+            job,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if res.returncode != 0:
+        raise RuntimeError(f"case {case} failed:\n{res.stderr[-3000:]}")
+    return dict(json.loads(res.stdout.strip().splitlines()[-1]))
+
+
+def _one(case: str, store: Path, job: str) -> dict[str, Any]:
+    cores = cpu_count()
+    if case == "a_loop":
+        return run_loop(store, job)
+    if case.startswith("b_engine_"):
+        return run_engine(store, job, int(case.rsplit("_", 1)[1]))
+    if case == "c_dataloader_pil":
+        return run_dataloader(store, job, False, cores)
+    if case == "d_dataloader_ours":
+        return run_dataloader(store, job, True, cores)
+    raise ValueError(case)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--photos", type=int, default=1000)
+    parser.add_argument("--copies", type=int, default=3, help="the photos, packed this many times")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--store", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--job", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.case:
+        print(json.dumps(_one(args.case, args.store, args.job)))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     cores = cpu_count()
     work = Path(tempfile.mkdtemp(prefix="pxc-bench-"))
-    store, job = build_bench_store(work, n_photos=args.photos)
-    store10, job10 = build_bench_store(work, copies=10, n_photos=args.photos)
+    store, job = build_bench_store(work, copies=args.copies, n_photos=args.photos)
+    store10, job10 = build_bench_store(work, copies=10 * args.copies, n_photos=args.photos)
 
-    runs: dict[str, list[dict[str, float]]] = {}
-    cases = {
-        "a_loop": lambda: run_loop(store, job),
-        "b_engine_1": lambda: run_engine(store, job, 1),
-        f"b_engine_{cores}": lambda: run_engine(store, job, cores),
-        "c_dataloader_pil": lambda: run_dataloader(store, job, False, cores),
-        "d_dataloader_ours": lambda: run_dataloader(store, job, True, cores),
-    }
+    cases = ["a_loop", "b_engine_1", f"b_engine_{cores}", "c_dataloader_pil", "d_dataloader_ours"]
+    runs: dict[str, list[dict[str, Any]]] = {c: [] for c in cases}
     for _ in range(args.repeats):  # interleaved, so drift hits every case alike
-        for name, fn in cases.items():
-            runs.setdefault(name, []).append(fn())
+        for case in cases:
+            runs[case].append(run_case(case, store, job))
     summary: dict[str, Any] = {}
     for name, rs in runs.items():
-        rate = statistics.median(r["images"] / r["seconds"] for r in rs)
         summary[name] = {
-            "images_per_s": rate,
-            "megapixels_per_s": rate * SIZE[0] * SIZE[1] / 1e6,
-            "first_batch_s": statistics.median(r["first_batch_s"] for r in rs),
-            "peak_rss_mb": statistics.median(r.get("peak_rss", 0) for r in rs) / 2**20,
-            "runs": rs,
+            key: statistics.median(r[key] for r in rs)
+            for key in ("images_per_s", "steady_images_per_s", "first_batch_s")
         }
-    rates = {k: v["images_per_s"] for k, v in summary.items()}
-    big = run_engine(store10, job10, cores)
+        summary[name]["peak_rss_mb"] = statistics.median(r["peak_rss"] for r in rs) / 2**20
+        summary[name]["runs"] = rs
+    steady = {k: v["steady_images_per_s"] for k, v in summary.items()}
+    big = run_case(f"b_engine_{cores}", store10, job10)
+    engine_n = f"b_engine_{cores}"
     ratios = {
-        "b_N_over_2a": rates[f"b_engine_{cores}"] / (cores * rates["a_loop"]),
-        "b_N_over_c": rates[f"b_engine_{cores}"] / rates["c_dataloader_pil"],
-        "b_N_over_d": rates[f"b_engine_{cores}"] / rates["d_dataloader_ours"],
-        "rss_10x_over_1x": big["peak_rss"] / 2**20 / summary[f"b_engine_{cores}"]["peak_rss_mb"],
+        "b_N_over_N_times_a": steady[engine_n] / (cores * steady["a_loop"]),
+        "b_N_over_c": steady[engine_n] / steady["c_dataloader_pil"],
+        "b_N_over_d": steady[engine_n] / steady["d_dataloader_ours"],
+        "end_to_end_b_N_over_c": summary[engine_n]["images_per_s"]
+        / summary["c_dataloader_pil"]["images_per_s"],
+        "rss_10x_over_1x": big["peak_rss"] / 2**20 / summary[engine_n]["peak_rss_mb"],
     }
     result = {
         "date": time.strftime("%Y-%m-%d"),
@@ -301,19 +351,19 @@ def main() -> None:
         "engine_10x": {
             "images": big["images"],
             "peak_rss_mb": big["peak_rss"] / 2**20,
-            "images_per_s": big["images"] / big["seconds"],
+            "steady_images_per_s": big["steady_images_per_s"],
         },
         "receive_batch": receive_cost(),
         "huge_jpeg": run_huge(work),
-        "bench_process_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     (args.out / "engine.json").write_text(json.dumps(result, indent=2))
     chart(result, args.out / "engine.png")
     print(json.dumps({k: result[k] for k in ("ratios", "receive_batch", "huge_jpeg")}, indent=2))
     for name, s in summary.items():
         print(
-            f"{name:22s} {s['images_per_s']:8.1f} img/s  first batch {s['first_batch_s']:.2f}s"
-            f"  peak RSS {s['peak_rss_mb']:.0f} MB"
+            f"{name:20s} steady {s['steady_images_per_s']:7.1f} img/s, end-to-end "
+            f"{s['images_per_s']:7.1f} img/s, first batch {s['first_batch_s']:.2f} s, "
+            f"peak RSS {s['peak_rss_mb']:.0f} MB"
         )
 
 
@@ -324,10 +374,10 @@ def chart(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(result["summary"])
-    rates = [result["summary"][n]["images_per_s"] for n in names]
+    rates = [result["summary"][n]["steady_images_per_s"] for n in names]
     fig, ax = plt.subplots(figsize=(8, 4))
     ax.barh(names, rates, color=["#888", "#4a7", "#2a5", "#c66", "#c96"][: len(names)])
-    ax.set_xlabel("images/s (640x480 JPEG -> 224x224)")
+    ax.set_xlabel("images/s after the first batch (640x480-class JPEG -> 224x224)")
     m = result["machine"]
     ax.set_title(f"pixcrawler engine, {m['cpus']} cores, {result['date']}")
     for i, r in enumerate(rates):

@@ -86,7 +86,8 @@ _ID_COLUMNS = ("id", "image_id", "sample_id", "uid")
 _NOT_DESCRIPTIVE = frozenset({*_ID_COLUMNS, "key", "path", "file", "filename", "url", "_error"})
 _MAX_DISTINCT = 1000
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-_IN_FLIGHT = 8  # PNG encodings queued at most: each pins its batch's shared-memory slot
+_IN_FLIGHT = 4  # samples queued for writing at most: each pins its batch's shared-memory slot
+VIS_HEIGHT = 512
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,17 @@ def _save_png(pixels: np.ndarray, path: Path) -> None:
         raise
 
 
+def _write_sample(image: np.ndarray, mask: np.ndarray | None, files: dict[str, Path]) -> None:
+    """Writes one sample's PNGs (in a pool thread: the colour arrays exist one sample at a time)."""
+    _save_png(image, files["image"])
+    if mask is None:
+        return
+    _save_png(mask, files["annotation"])
+    _save_png(PALETTE[mask], files["annotation_rgb"])
+    if "visualization" in files:
+        _save_png(visualization(image, mask), files["visualization"])
+
+
 def _write_text(path: Path, text: str) -> None:
     tmp = _tmp(path)
     tmp.write_text(text, encoding="utf-8")
@@ -161,12 +173,23 @@ def visualization(image: np.ndarray, mask: np.ndarray, *, alpha: float = 0.5) ->
     """The 4-panel picture: image | mask (grey) | mask (colours) | colours over the image.
 
     Background pixels (255) keep the image in the overlay; a 4-pixel white gap parts panels.
+    Panels are at most `VIS_HEIGHT` pixels high (a preview, not a second copy of the data).
     """
+    if mask.shape[0] > VIS_HEIGHT:
+        from PIL import Image
+
+        size = (max(1, round(mask.shape[1] * VIS_HEIGHT / mask.shape[0])), VIS_HEIGHT)
+        image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+        mask = np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.NEAREST))
     h = mask.shape[0]
     colours = PALETTE[mask]
     grey = np.repeat(mask[:, :, None], 3, axis=2)
     damaged = (mask != BACKGROUND)[:, :, None]
-    blend = (image.astype(np.float32) * (1 - alpha) + colours * alpha).astype(np.uint8)
+    # Integer arithmetic: a float32 copy of a 1024 px image would be 12 MB per panel.
+    a = round(alpha * 256)
+    blend = ((image.astype(np.uint16) * (256 - a) + colours.astype(np.uint16) * a) >> 8).astype(
+        np.uint8
+    )
     overlay = np.where(damaged, blend, image)
     gap = np.full((h, 4, 3), 255, dtype=np.uint8)
     return np.concatenate([image, gap, grey, gap, colours, gap, overlay], axis=1)
@@ -315,9 +338,14 @@ def export_images(
         source = _Head(source, max_samples)
     total = sum(p.num_records for p in source.plan())
     workers = num_workers or os.cpu_count() or 1
-    # Small batches in small slots: at 1024 px a sample is at most ~4 MB of pixels and mask.
+    # Small batches in small slots (every touched slot page counts in two processes' RSS):
+    # two samples of at most max_side^2 x (3 + 1 mask) bytes each.
+    per_sample = 256 << 20 if max_side is None else max_side * max_side * 4 + (64 << 10)
     config = config or EngineConfig(
-        num_workers=workers, batch_rows=2, slot_bytes=24 << 20, num_slots=workers + 2
+        num_workers=workers,
+        batch_rows=2,
+        slot_bytes=2 * per_sample + (1 << 20),
+        num_slots=workers + 2,
     )
     size = None if max_side is None else (max_side, max_side)
     # Bad samples always come back as warnings, so that statistics.json can list them.
@@ -363,20 +391,17 @@ def export_images(
                         "height": image.shape[0],
                         "classes": "",
                     }
-                    jobs = [(image, out / row["image"])]
+                    files = {"image": out / row["image"]}
                     if mask is not None:
                         row["annotation"] = f"annotations/{name}.png"
                         row["annotation_rgb"] = f"annotations_rgb/{name}.png"
                         row["classes"] = " ".join(map(str, stats.add_mask(mask)))
-                        jobs += [
-                            (mask, out / row["annotation"]),
-                            (PALETTE[mask], out / row["annotation_rgb"]),
-                        ]
+                        files["annotation"] = out / row["annotation"]
+                        files["annotation_rgb"] = out / row["annotation_rgb"]
                         if stats.samples < visualizations:
                             row["visualization"] = f"visualizations/{name}.png"
-                            jobs.append((visualization(image, mask), out / row["visualization"]))
-                    for pixels, path in jobs:
-                        pending.append(pool.submit(_save_png, pixels, path))
+                            files["visualization"] = out / row["visualization"]
+                    pending.append(pool.submit(_write_sample, image, mask, files))
                     while len(pending) > _IN_FLIGHT:
                         pending.pop(0).result()
                     stats.samples += 1

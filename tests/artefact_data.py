@@ -206,12 +206,12 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _rows(n_small: int, huge: dict[str, Path] | None) -> Iterator[dict[str, Any]]:
-    """The rows in dataset order: small photos, with the huge ones in the middle."""
+def _rows(
+    n_small: int, huge: dict[str, Path], which: tuple[str, ...], at: int
+) -> Iterator[dict[str, Any]]:
+    """The rows in dataset order: small photos, with the huge ones from row `at` on."""
     order: list[Any] = list(range(n_small))
-    if huge is not None:
-        middle = n_small // 2
-        order[middle:middle] = ["jpeg", "png"]
+    order[at:at] = list(which)
     for i, item in enumerate(order):
         row: dict[str, Any] = {
             "id": f"af{i:05d}",
@@ -220,7 +220,6 @@ def _rows(n_small: int, huge: dict[str, Path] | None) -> Iterator[dict[str, Any]
             "type": TYPES[i % len(TYPES)],
         }
         if isinstance(item, str):
-            assert huge is not None
             image = huge[item].read_bytes()
             mask_png = huge[f"{item}_mask"].read_bytes()
             mask = _open_huge(mask_png)
@@ -243,18 +242,18 @@ def build(
     dest: str | os.PathLike[str],
     *,
     n_small: int = 22,
-    huge: bool = False,
+    huge: tuple[str, ...] = (),
     shards: int = 2,
-    rows_per_group: int = 6,
+    rows_per_group: int = 4,
 ) -> Artefact:
     """Writes the dataset as Parquet shards `dest/data/train-0000i-of-0000n.parquet`.
 
     Args:
         dest: the dataset folder to create.
         n_small: how many ordinary photos (a few hundred pixels a side).
-        huge: add the 133 MP JPEG and the 100 MP PNG (see `huge_images`), in the middle of
-            the dataset, in the same row group.
-        shards: how many Parquet files the rows are split into (in order).
+        huge: which huge images to add (`"jpeg"`: 133 MP, `"png"`: 100 MP; see
+            `huge_images`), together at the start of a row group in the middle.
+        shards: how many Parquet files the row groups are split into (in order).
         rows_per_group: rows per Parquet row group (the source's chunk).
 
     Returns:
@@ -275,24 +274,21 @@ def build(
     )
     root = Path(dest)
     (root / "data").mkdir(parents=True, exist_ok=True)
-    big = huge_images() if huge else None
-    rows = list(_rows(n_small, big))
-    bounds = np.linspace(0, len(rows), shards + 1).astype(int)
+    big = huge_images() if huge else {}
+    groups = -(-(n_small + len(huge)) // rows_per_group)
+    rows = list(_rows(n_small, big, huge, at=rows_per_group * (groups // 2)))
+    # Shards hold whole row groups, so that the huge images share one.
+    cuts = [rows_per_group * int(g) for g in np.linspace(0, groups, shards + 1).round()]
     paths = []
     datasets.disable_progress_bars()
     for s in range(shards):
-        part = rows[bounds[s] : bounds[s + 1]]
+        part = rows[cuts[s] : cuts[s + 1]]
         table = datasets.Dataset.from_list(part, features=features)
         path = root / "data" / f"train-{s:05d}-of-{shards:05d}.parquet"
         table.to_parquet(str(path), batch_size=rows_per_group)
         paths.append(path)
-    sizes = []
-    for row in rows:
-        with Image.open(io.BytesIO(row["image"]["bytes"])) as im:
-            sizes.append(im.size)
-    huge_ids = tuple(
-        r["id"] for r, size in zip(rows, sizes, strict=True) if size[0] * size[1] > 50_000_000
-    )
+    sizes = [_size(row["image"]["bytes"]) for row in rows]
+    huge_ids = tuple(r["id"] for r, (w, h) in zip(rows, sizes, strict=True) if w * h > 50_000_000)
     return Artefact(
         root=root,
         shards=tuple(paths),

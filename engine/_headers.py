@@ -264,7 +264,7 @@ def open_pillow(view: memoryview) -> ImageFile.ImageFile:
     raise Image.UnidentifiedImageError(describe_junk(view))
 
 
-def header_from_pillow(im: ImageFile.ImageFile) -> ImageHeader:
+def header_from_pillow(im: Image.Image) -> ImageHeader:
     """The header of an image Pillow has opened (but not loaded)."""
     orientation = 1
     # `getexif` would decode a PNG to look for a late eXIf; PNGs go through `sniff` instead.

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -200,7 +200,7 @@ class Stream:
         return dict(self._state.stats)
 
     # ---- iteration ------------------------------------------------------------------------
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Generator[Batch, None, None]:
         try:
             while True:
                 msg = self._receive()

@@ -99,8 +99,12 @@ def serve(
     if config_path is not None:
         config = ServerConfig.from_toml(config_path, host=host, port=port)
     else:
-        overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
-        config = dataclasses.replace(ServerConfig(), **overrides)
+        default = ServerConfig()
+        config = dataclasses.replace(
+            default,
+            host=default.host if host is None else host,
+            port=default.port if port is None else port,
+        )
     keys = load_keys(api_key=api_key, keys_file=keys_file)
     run_server(store, keys=keys, config=config)
 

@@ -14,7 +14,7 @@ import os
 import weakref
 from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -31,7 +31,8 @@ from pixcrawler.engine._stream import Batch, Stream
 if TYPE_CHECKING:
     import pandas as pd
     import tensorflow as tf
-    import torch.utils.data
+
+    from pixcrawler._torch import TorchDataset, TorchIterableDataset
 
 __all__ = ["DEFAULT_BASE_URL", "Dataset", "load_dataset"]
 
@@ -435,9 +436,27 @@ class Dataset:
             }
         )
 
+    @overload
+    def to_torch(
+        self,
+        transform: Callable[[np.ndarray], Any] | None = None,
+        *,
+        iterable: Literal[False] = False,
+    ) -> TorchDataset: ...
+
+    @overload
+    def to_torch(
+        self, transform: Callable[[np.ndarray], Any] | None = None, *, iterable: Literal[True]
+    ) -> TorchIterableDataset: ...
+
+    @overload
     def to_torch(
         self, transform: Callable[[np.ndarray], Any] | None = None, *, iterable: bool = False
-    ) -> torch.utils.data.Dataset[Any]:
+    ) -> TorchDataset | TorchIterableDataset: ...
+
+    def to_torch(
+        self, transform: Callable[[np.ndarray], Any] | None = None, *, iterable: bool = False
+    ) -> TorchDataset | TorchIterableDataset:
         """Convert to PyTorch Dataset.
 
         The map-style form (default) reads single images from a per-process chunk cache, so

@@ -21,16 +21,16 @@ from pixcrawler._chunks import LocalChunks
 
 if TYPE_CHECKING:
     import tensorflow as tf
-    import torch.utils.data
 
     from pixcrawler._dataset import Dataset
+    from pixcrawler._torch import TorchDataset, TorchIterableDataset
 
 __all__ = ["ImageSpec", "image_spec", "to_tensorflow", "to_torch"]
 
 
 def to_torch(
     dataset: Dataset, transform: Callable[[np.ndarray], Any] | None, *, iterable: bool = False
-) -> torch.utils.data.Dataset[Any]:
+) -> TorchDataset | TorchIterableDataset:
     """A torch dataset over `dataset`; see `Dataset.to_torch`."""
     try:
         from pixcrawler import _torch

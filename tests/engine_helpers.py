@@ -5,12 +5,52 @@ from __future__ import annotations
 import time
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
 import psutil
 
 from pixcrawler.engine import DecodePolicy, EngineConfig, JobSource, Stream
 from pixcrawler.engine._jobapi import JobClient
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+
+class ClientTimings(TypedDict, total=False):
+    """The timeout and retry settings of `JobClient`, as tests pass them around."""
+
+    timeout: float
+    retries: int
+    backoff: float
+    retry_after_cap: float
+
+
+class ClientOptions(ClientTimings, total=False):
+    """Every keyword setting of `JobClient`."""
+
+    verify_ssl: bool | str
+
+
+class EngineOptions(TypedDict, total=False):
+    """The fields of `EngineConfig`, for helpers that pass them on as keywords."""
+
+    num_workers: int | None
+    max_workers: int
+    prefetch_chunks: int
+    batch_rows: int
+    num_slots: int | None
+    slot_bytes: int | None
+    timeout: float
+    retries: int
+    backoff: float
+    retry_after_cap: float
+    worker_timeout: float
+    verify_ssl: bool | str
+    shuffle: bool
+    seed: int
+    cache_dir: str | None
+    cache_limit_bytes: int
 
 
 def job_source(store: Path, job_id: str = "demo") -> JobSource:
@@ -38,8 +78,8 @@ def run_keys(stream: Stream) -> list[str]:
     return keys
 
 
-def small_config(**kw: object) -> EngineConfig:
-    base: dict[str, object] = {"num_workers": 2, "batch_rows": 8, "max_workers": 2}
+def small_config(**kw: Unpack[EngineOptions]) -> EngineConfig:
+    base: EngineOptions = {"num_workers": 2, "batch_rows": 8, "max_workers": 2}
     base.update(kw)
     return EngineConfig(**base)
 

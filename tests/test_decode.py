@@ -27,7 +27,7 @@ from skimage import data as skdata
 from sklearn.datasets import load_sample_images
 
 from pixcrawler.engine import _decode, _headers
-from pixcrawler.engine._config import DecodePolicy
+from pixcrawler.engine._config import ColorMode, DecodePolicy, ResizeMode
 from pixcrawler.engine._decode import decode_image, decode_mask, output_shape, probe
 from pixcrawler.engine._errors import DecodeError
 
@@ -206,7 +206,9 @@ def test_probe_is_cheap_and_takes_memoryview(astronaut: Image.Image) -> None:
 @pytest.mark.parametrize("resize", ["stretch", "crop", "pad", "fit"])
 @pytest.mark.parametrize("size", [(224, 224), (120, 300), (300, 120), (700, 900)])
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
-def test_resize_modes(china: Image.Image, resize: str, size: tuple[int, int], fmt: str) -> None:
+def test_resize_modes(
+    china: Image.Image, resize: ResizeMode, size: tuple[int, int], fmt: str
+) -> None:
     data = encode(china, fmt, quality=92) if fmt == "JPEG" else encode(china, fmt)
     policy = DecodePolicy(image_size=size, resize=resize)
     # PNG is decoded at full size and resized as the reference does (reducing_gap aside).
@@ -340,8 +342,9 @@ def test_sixteen_bit_is_scaled_not_clipped(camera: Image.Image, astronaut: Image
         "I TIFF": encode(Image.fromarray(wide.astype(np.int32)), "TIFF"),
         "F TIFF": encode(Image.fromarray(grey.astype(np.float32)), "TIFF"),
     }
+    modes: tuple[tuple[ColorMode, int], ...] = (("L", 1), ("RGB", 3), ("keep", 1))
     for name, data in inputs.items():
-        for color, channels in (("L", 1), ("RGB", 3), ("keep", 1)):
+        for color, channels in modes:
             out = decode_image(data, DecodePolicy(color=color))
             assert out.shape == (512, 512, channels), name
             np.testing.assert_array_equal(out[:, :, 0], grey, err_msg=name)

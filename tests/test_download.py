@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from engine_helpers import ClientTimings
 from faults._proxy import proxied
 
 from pixcrawler.engine._download import RetryPolicy, parse_retry_after, redact_url
@@ -16,7 +17,7 @@ from pixcrawler.engine._jobapi import ChunkInfo, JobClient
 
 pytestmark = pytest.mark.timeout(10, func_only=True)
 
-FAST = {"timeout": 5.0, "retries": 3, "backoff": 0.01, "retry_after_cap": 1.0}
+FAST: ClientTimings = {"timeout": 5.0, "retries": 3, "backoff": 0.01, "retry_after_cap": 1.0}
 
 
 def store_bytes(server, index: int) -> bytes:

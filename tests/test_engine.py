@@ -173,6 +173,7 @@ def test_masks_follow_their_image_without_interpolation() -> None:
         assert masks is not None
         assert masks[0].shape == images[0].shape[:2]
         assert set(np.unique(masks[0])) <= set(np.unique(mask))  # no interpolated values
+    assert masks is not None  # checked in the loop; narrows the type after it
     np.testing.assert_array_equal(masks[0], mask)  # full size: identical
 
 

@@ -9,8 +9,10 @@ import shutil
 import socket
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+from engine_helpers import ClientOptions, ClientTimings
 
 from pixcrawler.engine._config import EngineConfig
 from pixcrawler.engine._errors import (
@@ -23,13 +25,17 @@ from pixcrawler.engine._errors import (
 )
 from pixcrawler.engine._jobapi import ChunkInfo, JobClient, JobManifest
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
 pytestmark = pytest.mark.timeout(10, func_only=True)
 
-FAST = {"timeout": 5.0, "retries": 3, "backoff": 0.01, "retry_after_cap": 1.0}
+FAST: ClientTimings = {"timeout": 5.0, "retries": 3, "backoff": 0.01, "retry_after_cap": 1.0}
 
 
-def client(url: str, key: str | None, **kw: object) -> JobClient:
-    return JobClient(url, key, **{**FAST, **kw})
+def client(url: str, key: str | None, **kw: Unpack[ClientOptions]) -> JobClient:
+    options: ClientOptions = {**FAST, **kw}
+    return JobClient(url, key, **options)
 
 
 def free_port() -> int:
@@ -146,7 +152,7 @@ def test_unsupported_scheme_is_value_error(url: str) -> None:
         ({"verify_ssl": "/no/such/ca.pem"}, "CA bundle"),
     ],
 )
-def test_bad_settings_are_value_errors(kw: dict[str, object], match: str) -> None:
+def test_bad_settings_are_value_errors(kw: ClientOptions, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         JobClient("http://127.0.0.1:1", "k", **kw)
 

@@ -89,7 +89,7 @@ def test_load_reads_the_manifest_only(server: Any, store: Path, no_chunk_fetch: 
     assert info.class_to_idx == {name: i for i, name in enumerate(job["labels"])}
     assert info.classes == job["labels"]
     with pytest.raises(dataclasses.FrozenInstanceError):
-        info.num_images = 3
+        info.num_images = 3  # type: ignore[misc]  # a deliberate write: it must raise
     assert "Images: 120" in info.summary() and "(15 classes)" in info.summary()
     assert "demo" in repr(dataset)
     dataset.to_torch()  # lazy too: nothing is fetched until an item is asked for

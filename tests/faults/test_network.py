@@ -14,8 +14,10 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+from engine_helpers import ClientOptions, ClientTimings
 
 from pixcrawler.engine._errors import (
     AuthenticationError,
@@ -27,10 +29,13 @@ from pixcrawler.engine._jobapi import ChunkInfo, JobClient
 
 from ._proxy import Fault, FaultProxy, proxied
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
 pytestmark = pytest.mark.timeout(10, func_only=True)
 
 CHUNK = "/chunks/0"
-FAST = {"timeout": 1.0, "retries": 3, "backoff": 0.01, "retry_after_cap": 3.0}
+FAST: ClientTimings = {"timeout": 1.0, "retries": 3, "backoff": 0.01, "retry_after_cap": 3.0}
 
 
 @pytest.fixture
@@ -53,8 +58,11 @@ def expected(server) -> bytes:
     return (server.store / "jobs/demo/chunks/0.zip").read_bytes()
 
 
-def fetch(server, proxy: FaultProxy, chunk: ChunkInfo, dest: Path, **kw: object) -> Path:
-    with JobClient(proxy.url, server.api_key, **{**FAST, **kw}) as c:
+def fetch(
+    server, proxy: FaultProxy, chunk: ChunkInfo, dest: Path, **kw: Unpack[ClientOptions]
+) -> Path:
+    options: ClientOptions = {**FAST, **kw}
+    with JobClient(proxy.url, server.api_key, **options) as c:
         return c.fetch_chunk(chunk, dest)
 
 
@@ -247,7 +255,8 @@ def test_chunk_url_on_another_origin_gets_no_key(server, proxy, chunk, tmp_path)
 
 def test_close_interrupts_a_retry_wait(server, proxy, chunk, tmp_path) -> None:
     proxy.add(Fault("status", status=429, headers={"Retry-After": "30"}))
-    client = JobClient(proxy.url, server.api_key, **{**FAST, "retry_after_cap": 30.0})
+    honour_retry_after: ClientTimings = {**FAST, "retry_after_cap": 30.0}
+    client = JobClient(proxy.url, server.api_key, **honour_retry_after)
     errors: list[BaseException] = []
 
     def run() -> None:

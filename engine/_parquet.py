@@ -90,7 +90,11 @@ class ParquetSource:
         self._client: Any = None
         self._cancel = threading.Event()
         self._remote: dict[int, tuple[int, str | None]] = {}  # file -> (size, etag)
-        self._meta = [self._read_footer(i) for i in range(len(self._files))]
+        try:
+            self._meta = [self._read_footer(i) for i in range(len(self._files))]
+        finally:
+            self.close()  # the footers are read; the supervisor opens its own connections
+            self._cancel = threading.Event()
         schema = self._meta[0].schema.to_arrow_schema()
         self.columns = infer_columns(
             schema, image_column=image_column, mask_column=mask_column, label_column=label_column

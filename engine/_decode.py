@@ -167,7 +167,7 @@ def decode_image(
         with _library_errors("image"):
             opened = open_pillow(view)
             header = header_from_pillow(opened)
-    _check_budget(header, policy.max_pixels)
+    check_budget(header, policy.max_pixels)
     plan = _plan(header, policy)
     target = _target(plan.shape, out)
     if (
@@ -207,11 +207,11 @@ def decode_mask(
     view = as_view(data)
     header = sniff(view)
     if header is not None:
-        _check_budget(header, max_pixels)
+        check_budget(header, max_pixels)
     with _library_errors("mask"):
         im: Image.Image = open_pillow(view)
         header = header or header_from_pillow(im)
-        _check_budget(header, max_pixels)
+        check_budget(header, max_pixels)
         im.load()
         if im.mode in ("L", "P"):
             ids = np.asarray(im)  # a "P" image gives its palette indices
@@ -237,7 +237,8 @@ def decode_mask(
         return np.array(im)
 
 
-def _check_budget(header: ImageHeader, max_pixels: int) -> None:
+def check_budget(header: ImageHeader, max_pixels: int) -> None:
+    """Refuses an image whose header claims more pixels than the budget (before decoding)."""
     if header.pixels > max_pixels:
         raise DecodeError(
             f"the {header.format} image is {header.width}x{header.height} = {header.pixels:,} "

@@ -13,6 +13,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+from zlib import error as zlib_error
 
 from pixcrawler.engine._errors import DecodeError, DecompressionError
 from pixcrawler.engine._protocol import Record
@@ -78,9 +79,22 @@ class _ZipReader:
             raise DecodeError(f"the manifest lists {ref!r} but the chunk has no such file") from exc
         _check_member(info)
         try:
-            return self._zip.read(info)
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+            with self._zip.open(info) as member:
+                # The header's size may lie (a zip bomb): never read past what it declares.
+                data = member.read(info.file_size + 1)
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib_error) as exc:
             raise DecodeError(f"{ref!r} cannot be extracted from the chunk: {exc}") from exc
+        except (RuntimeError, NotImplementedError) as exc:  # encrypted, unknown compression
+            raise DecodeError(
+                f"{ref!r} cannot be extracted from the chunk ({exc}); chunks must hold plain "
+                "stored or deflated files"
+            ) from exc
+        if len(data) != info.file_size:
+            raise DecodeError(
+                f"{ref!r} extracts to {'more' if len(data) > info.file_size else 'fewer'} bytes "
+                f"than its zip header says ({info.file_size}); the chunk is malformed or hostile"
+            )
+        return data
 
     def close(self) -> None:
         self._zip.close()
@@ -95,6 +109,13 @@ class ZipOpener:
 
 
 def _check_member(info: zipfile.ZipInfo) -> None:
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        # zipfile bounds only deflate's output per read; bzip2 and lzma members could expand
+        # without limit in one call, whatever their header claims.
+        raise DecodeError(
+            f"{info.filename!r} uses zip compression method {info.compress_type}; chunks must "
+            "hold stored or deflated files (`pixcrawler pack` stores them)"
+        )
     if info.file_size > MAX_MEMBER_BYTES:
         raise DecodeError(
             f"{info.filename!r} would extract to {info.file_size} bytes, over the cap of "
@@ -125,13 +146,33 @@ def read_zip_manifest(path: Path | zipfile.ZipFile, chunk: int, first_index: int
                     f"chunk {chunk}: manifest.jsonl is {info.file_size} bytes, over the cap",
                     chunk_id=chunk,
                 )
-            text = zf.read(info).decode("utf-8")
+            try:
+                _check_member(info)
+            except DecodeError as exc:
+                raise DecompressionError(f"chunk {chunk}: {exc}", chunk_id=chunk) from exc
+            with zf.open(info) as member:
+                raw = member.read(info.file_size + 1)
+            if len(raw) != info.file_size:
+                raise DecompressionError(
+                    f"chunk {chunk}: manifest.jsonl does not extract to the size its zip header "
+                    "says; the chunk is malformed or hostile",
+                    chunk_id=chunk,
+                )
+            text = raw.decode("utf-8")
     except KeyError as exc:
         raise DecompressionError(
             f"chunk {chunk} has no manifest.jsonl; re-pack it with `pixcrawler pack`",
             chunk_id=chunk,
         ) from exc
-    except (OSError, zipfile.BadZipFile, UnicodeDecodeError, EOFError) as exc:
+    except (
+        OSError,
+        zipfile.BadZipFile,
+        UnicodeDecodeError,
+        EOFError,
+        RuntimeError,
+        NotImplementedError,
+        zlib_error,
+    ) as exc:
         raise DecompressionError(
             f"chunk {chunk} ({name}) cannot be read as a zip: {exc}", chunk_id=chunk
         ) from exc

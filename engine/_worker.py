@@ -20,7 +20,14 @@ import pyarrow as pa
 
 from pixcrawler.engine._batch import BatchBuilder, ipc_size, write_batch
 from pixcrawler.engine._config import DecodePolicy
-from pixcrawler.engine._decode import ImageHeader, decode_image, decode_mask, output_shape, probe
+from pixcrawler.engine._decode import (
+    ImageHeader,
+    check_budget,
+    decode_image,
+    decode_mask,
+    output_shape,
+    probe,
+)
 from pixcrawler.engine._errors import DecodeError, DecompressionError
 from pixcrawler.engine._protocol import (
     ExceptionWrapper,
@@ -75,6 +82,7 @@ def decode_records(
         try:
             data = read(record.ref)
             header = probe(data)
+            check_budget(header, policy.max_pixels)  # a bomb is refused as a bomb, first
             shape = output_shape(header, policy)
             need = int(np.prod(shape)) + ROW_OVERHEAD + len(record.metadata)
             if byte_limit is not None and used + need > byte_limit:

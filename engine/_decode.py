@@ -176,6 +176,8 @@ def decode_image(
         and _decode_jpeg(view, header, plan, target)
     ):
         return target
+    if _decode_vips(view, header, plan, target):
+        return target
     what = f"{header.format} image ({header.width}x{header.height}, {header.mode})"
     with _library_errors(what):
         im = opened or open_pillow(view)
@@ -214,8 +216,14 @@ def decode_mask(
         check_budget(header, max_pixels)
         im.load()
         if im.mode in ("L", "P"):
-            ids = np.asarray(im)  # a "P" image gives its palette indices
-        elif im.mode == "1" or im.mode in _HIGH_DEPTH - {"F"}:
+            # NEAREST transposes and resizes of an L or P image copy values (P: its indices);
+            # working on the image itself avoids two full-size copies (a 133 MP mask: -260 MB).
+            if header.orientation != 1:
+                im = im.transpose(_TRANSPOSE[header.orientation])
+            if size is not None and im.size != (size[1], size[0]):
+                im = im.resize((size[1], size[0]), Image.Resampling.NEAREST)
+            return np.array(im)
+        if im.mode == "1" or im.mode in _HIGH_DEPTH - {"F"}:
             ids = np.asarray(im)
             if ids.size and (ids.min() < 0 or ids.max() > 255):
                 raise DecodeError(
@@ -227,13 +235,11 @@ def decode_mask(
                 f"a mask must be one channel of class ids (PNG mode L or P), this one is "
                 f"{im.mode}; convert colour-coded masks to class ids first"
             )
-        # As mode L, transposes and NEAREST resizing copy values, never mix them.
         im = Image.fromarray(ids.astype(np.uint8, copy=False))
         if header.orientation != 1:
             im = im.transpose(_TRANSPOSE[header.orientation])
         if size is not None and im.size != (size[1], size[0]):
             im = im.resize((size[1], size[0]), Image.Resampling.NEAREST)
-        # np.array, not np.asarray: a writable array the caller owns.
         return np.array(im)
 
 
@@ -342,6 +348,60 @@ def _decode_jpeg(view: memoryview, header: ImageHeader, plan: _Plan, target: np.
     with _library_errors("JPEG image"):
         im = Image.fromarray(pixels[:, :, 0] if colorspace == "GRAY" else pixels)
         _write(_finish(im, header.orientation, plan, n / 8), plan, target)
+    return True
+
+
+VIPS_MIN_PIXELS = 16_000_000
+
+
+def _decode_vips(view: memoryview, header: ImageHeader, plan: _Plan, target: np.ndarray) -> bool:
+    """A huge PNG/TIFF shrunk while libvips decodes it, rows at a time; False: not handled."""
+    if (
+        header.format not in ("PNG", "TIFF")
+        or header.pixels < VIPS_MIN_PIXELS
+        or header.orientation != 1
+        or plan.box is not None
+        or plan.size is None
+        or plan.mode not in ("RGB", "L")
+    ):
+        return False
+    try:
+        import pyvips
+    except (ImportError, OSError):
+        return False
+    try:
+        width, height = plan.size
+        # From memory without a copy (thumbnail_buffer would copy the whole file first).
+        source = pyvips.Source.new_from_memory(view)
+        # fail_on=warning: any damage makes vips give up, and Pillow decides what is corrupt.
+        im = pyvips.Image.thumbnail_source(
+            source,
+            width,
+            height=height,
+            size="force",
+            no_rotate=True,
+            option_string="fail_on=warning",
+        )
+        if im.format != "uchar":
+            return False
+        bands = im.bands
+        if plan.mode == "RGB":
+            if bands in (1, 2):
+                im = im[0].bandjoin([im[0], im[0]])
+            elif bands == 4:
+                im = im.extract_band(0, n=3)
+        elif bands >= 3:
+            im = im.extract_band(0, n=3).colourspace("b-w")
+        elif bands == 2:
+            im = im[0]
+        pixels = im.numpy()
+    except pyvips.Error:
+        return False  # Pillow decides what is corrupt
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    if pixels.shape[:2] != (height, width):
+        return False
+    _write(Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels), plan, target)
     return True
 
 

@@ -697,3 +697,19 @@ def test_huge_jpeg_decodes_in_bounded_memory(huge_jpeg: tuple[Path, Path], kind:
     assert (int(height), int(width)) == (939, 1024)  # 11000/12000 * 1024, rounded
     assert int(rss_increase_mb) < 150, f"peak RSS grew by {rss_increase_mb} MB"
     assert float(seconds) < 15
+
+
+def test_huge_png_shrinks_while_decoding_and_matches_pillow() -> None:
+    """Over 16 MP a PNG goes through libvips (shrink-on-load); pixels agree with Pillow's."""
+    pyvips = pytest.importorskip("pyvips", reason="the vips extra is not installed")
+    from skimage import data
+
+    big = Image.fromarray(data.astronaut()).resize((5000, 4000), Image.Resampling.BILINEAR)
+    out = io.BytesIO()
+    big.save(out, "PNG", compress_level=1)
+    policy = DecodePolicy(image_size=(200, 250))
+    got = decode_image(out.getvalue(), policy)
+    expected = np.asarray(big.resize((250, 200), Image.Resampling.BILINEAR, reducing_gap=None))
+    assert got.shape == (200, 250, 3)
+    assert np.abs(got.astype(int) - expected.astype(int)).mean() < 3.0
+    assert pyvips.version(0) >= 8

@@ -11,6 +11,7 @@ SUITES = {
     "engine": ["-m", "bench.engine_bench", "--out", "{out}"],
     "decode": ["-m", "bench.decode_compare", "--out", "{out}/decode.json"],
     "parquet": ["-m", "bench.parquet_export", "--out", "{out}/parquet.json"],
+    "artefact": ["-m", "bench.artefact_bench", "--out", "{out}/artefact.json"],
 }
 
 

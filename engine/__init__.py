@@ -10,7 +10,15 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pixcrawler.engine._batch import image_views, labels_of, read_batch, schema_for, write_batch
+    from pixcrawler.engine._batch import (
+        image_views,
+        labels_of,
+        mask_views,
+        read_batch,
+        schema_for,
+        write_batch,
+    )
+    from pixcrawler.engine._cache import CachedSource, ChunkCache
     from pixcrawler.engine._config import DecodePolicy, EngineConfig
     from pixcrawler.engine._errors import (
         AuthenticationError,
@@ -23,7 +31,9 @@ if TYPE_CHECKING:
         PixCrawlerError,
         WorkerError,
     )
+    from pixcrawler.engine._parquet import ParquetSource
     from pixcrawler.engine._protocol import Record
+    from pixcrawler.engine._sinks import EXPORT_FORMATS, ExportResult, export_job
     from pixcrawler.engine._sources import ChunkPlan, JobSource, Source, SubsetSource, ZipOpener
     from pixcrawler.engine._stream import Batch, SampleWarning, Stream
     from pixcrawler.engine._worker import decode_chunk, decode_records
@@ -31,6 +41,13 @@ if TYPE_CHECKING:
 # Names are imported on first use: the CLI and every worker import this package, and most
 # of them need only a part of it (pyarrow and multiprocess are slow to import).
 _LAZY = {
+    "CachedSource": "pixcrawler.engine._cache",
+    "ChunkCache": "pixcrawler.engine._cache",
+    "EXPORT_FORMATS": "pixcrawler.engine._sinks",
+    "ExportResult": "pixcrawler.engine._sinks",
+    "ParquetSource": "pixcrawler.engine._parquet",
+    "export_job": "pixcrawler.engine._sinks",
+    "mask_views": "pixcrawler.engine._batch",
     "AuthenticationError": "pixcrawler.engine._errors",
     "Batch": "pixcrawler.engine._stream",
     "ChunkPlan": "pixcrawler.engine._sources",
@@ -61,18 +78,23 @@ _LAZY = {
 }
 
 __all__ = [
+    "EXPORT_FORMATS",
     "AuthenticationError",
     "Batch",
+    "CachedSource",
+    "ChunkCache",
     "ChunkPlan",
     "DecodeError",
     "DecodePolicy",
     "DecompressionError",
     "DownloadError",
     "EngineConfig",
+    "ExportResult",
     "JobNotCompleteError",
     "JobSource",
     "NetworkError",
     "NotFoundError",
+    "ParquetSource",
     "PixCrawlerError",
     "Record",
     "SampleWarning",
@@ -83,8 +105,10 @@ __all__ = [
     "ZipOpener",
     "decode_chunk",
     "decode_records",
+    "export_job",
     "image_views",
     "labels_of",
+    "mask_views",
     "read_batch",
     "schema_for",
     "write_batch",

@@ -77,3 +77,50 @@ def test_import_stays_light() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert out.stdout.strip() == "[]"
+
+
+ENGINE_PUBLIC = [
+    "EXPORT_FORMATS",
+    "AuthenticationError",
+    "Batch",
+    "CachedSource",
+    "ChunkCache",
+    "ChunkPlan",
+    "DecodeError",
+    "DecodePolicy",
+    "DecompressionError",
+    "DownloadError",
+    "EngineConfig",
+    "ExportResult",
+    "JobNotCompleteError",
+    "JobSource",
+    "NetworkError",
+    "NotFoundError",
+    "ParquetSource",
+    "PixCrawlerError",
+    "Record",
+    "SampleWarning",
+    "Source",
+    "Stream",
+    "SubsetSource",
+    "WorkerError",
+    "ZipOpener",
+    "decode_chunk",
+    "decode_records",
+    "export_job",
+    "image_views",
+    "labels_of",
+    "mask_views",
+    "read_batch",
+    "schema_for",
+    "write_batch",
+]
+
+
+def test_engine_all_is_pinned_and_resolves() -> None:
+    import pixcrawler.engine as engine
+
+    assert engine.__all__ == ENGINE_PUBLIC
+    for name in engine.__all__:  # lazy names: each one imports
+        assert getattr(engine, name) is not None
+    assert sorted(dir(engine)) == sorted(ENGINE_PUBLIC)

@@ -77,8 +77,23 @@ def _binary(arrays: Sequence[np.ndarray]) -> pa.LargeBinaryArray:
     )
 
 
+# Arrays are built from buffers, not with `pa.array`: that one imports pandas on first use
+# (half a second in every worker) to check whether its input is a pandas object.
+def _numeric(values: np.ndarray, type_: pa.DataType) -> pa.Array:
+    values = np.ascontiguousarray(values)
+    return pa.Array.from_buffers(type_, len(values), [None, pa.py_buffer(values)])
+
+
+def _strings(values: Sequence[str]) -> pa.Array:
+    encoded = [v.encode() for v in values]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int32)
+    np.cumsum([len(b) for b in encoded], out=offsets[1:])
+    data = b"".join(encoded)
+    return pa.StringArray.from_buffers(len(encoded), pa.py_buffer(offsets), pa.py_buffer(data))
+
+
 def _tensor(type_: pa.DataType, array: np.ndarray, width: int) -> pa.ExtensionArray:
-    storage = pa.FixedSizeListArray.from_arrays(pa.array(array.reshape(-1), type=pa.uint8()), width)
+    storage = pa.FixedSizeListArray.from_arrays(_numeric(array.reshape(-1), pa.uint8()), width)
     return pa.ExtensionArray.from_storage(type_, storage)
 
 
@@ -160,18 +175,18 @@ class BatchBuilder:
             shapes = np.array([a.shape for a in self.images], dtype=np.int32).reshape(n, 3)
             columns = [
                 _binary(self.images),
-                pa.FixedSizeListArray.from_arrays(pa.array(shapes.reshape(-1)), 3),
+                pa.FixedSizeListArray.from_arrays(_numeric(shapes.reshape(-1), pa.int32()), 3),
             ]
             if self.masks:
                 columns.append(_binary(self.masks))
         columns += [
-            pa.array(self.labels, pa.string()),
-            pa.array(self.keys, pa.string()),
-            pa.array(self.chunks, pa.int32()),
-            pa.array(self.indices, pa.int64()),
-            pa.array(self.widths, pa.int32()),
-            pa.array(self.heights, pa.int32()),
-            pa.array(self.metadata, pa.string()),
+            _strings(self.labels),
+            _strings(self.keys),
+            _numeric(np.array(self.chunks, np.int32), pa.int32()),
+            _numeric(np.array(self.indices, np.int64), pa.int64()),
+            _numeric(np.array(self.widths, np.int32), pa.int32()),
+            _numeric(np.array(self.heights, np.int32), pa.int32()),
+            _strings(self.metadata),
         ]
         return pa.RecordBatch.from_arrays(columns, schema=schema)
 

@@ -26,7 +26,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from pixcrawler.engine._jobapi import ChunkInfo, JobClient, JobManifest
@@ -39,6 +39,9 @@ from pixcrawler.engine._sources import (
     ZipOpener,
     read_zip_manifest,
 )
+
+if TYPE_CHECKING:
+    from pixcrawler._parquet_ref import ParquetRef
 
 __all__ = ["Credential", "JobRef", "LocalChunks"]
 
@@ -132,13 +135,17 @@ class JobRef:
 class LocalChunks:
     """This process's chunk files of one job, and random access to their samples.
 
+    A `ParquetRef`'s chunks (row groups) are fetched by its source into this process's
+    private folder, as the engine fetches them, and read back through that source.
+
     Args:
-        ref: the job.
+        ref: the job (or the Parquet data).
     """
 
-    def __init__(self, ref: JobRef) -> None:
+    def __init__(self, ref: JobRef | ParquetRef) -> None:
         self.ref = ref
         self.pid = os.getpid()
+        self._source: Source | None = None  # a Parquet ref's, made on first use
         self._dir: Path | None = None
         self._paths: dict[int, Path] = {}
         self._open: OrderedDict[int, tuple[ChunkReader, list[Record]]] = OrderedDict()
@@ -167,7 +174,11 @@ class LocalChunks:
     def path(self, chunk: int) -> Path:
         """A local, verified file of `chunk`, downloaded at most once by this process."""
         path = self._paths.get(chunk)
+        if path is None and not isinstance(self.ref, JobRef):
+            path, _ = self._parquet().fetch(chunk, self._private_dir())
+            self._paths[chunk] = path
         if path is None:
+            assert isinstance(self.ref, JobRef)
             info = self._by_index[chunk]
             # A connection per chunk, closed at once: chunks are large and fetched once, and
             # no socket is left for garbage collection (or a forked child) to deal with.
@@ -189,6 +200,9 @@ class LocalChunks:
             self._open.move_to_end(chunk)
             return entry
         path = self.path(chunk)
+        if not isinstance(self.ref, JobRef):
+            source = self._parquet()
+            return self._keep(chunk, (source.opener().open(str(path)), source.records(chunk, path)))
         records = read_zip_manifest(path, chunk, self.first_index(chunk))
         if len(records) != self._by_index[chunk].num_images:
             from pixcrawler.engine._errors import DecompressionError
@@ -198,7 +212,11 @@ class LocalChunks:
                 f"{self._by_index[chunk].num_images}; reload the dataset (the job changed)",
                 chunk_id=chunk,
             )
-        entry = (ZipOpener().open(str(path)), records)
+        return self._keep(chunk, (ZipOpener().open(str(path)), records))
+
+    def _keep(
+        self, chunk: int, entry: tuple[ChunkReader, list[Record]]
+    ) -> tuple[ChunkReader, list[Record]]:
         self._open[chunk] = entry
         while len(self._open) > OPEN_CHUNKS:
             _, (reader, _) = self._open.popitem(last=False)
@@ -218,6 +236,15 @@ class LocalChunks:
             _, (reader, _) = self._open.popitem()
             with contextlib.suppress(Exception):
                 reader.close()
+        if self._source is not None:
+            self._source.close()
+            self._source = None
+
+    def __del__(self) -> None:
+        # Parquet rows files are plain open files: close them with the cache (this process's).
+        if os.getpid() == getattr(self, "pid", None):
+            with contextlib.suppress(Exception):
+                self.close()
 
     def discard(self) -> None:
         """Closes everything and removes this cache's private folder now."""
@@ -228,6 +255,11 @@ class LocalChunks:
         self._paths.clear()
 
     # ---- internals ----------------------------------------------------------------------
+    def _parquet(self) -> Source:
+        if self._source is None:
+            self._source = self.ref.source()
+        return self._source
+
     def _private_dir(self) -> Path:
         if self._dir is None:
             _sweep_dead_dirs()
@@ -243,6 +275,8 @@ class LocalChunks:
     def _fetch_shared(self, client: JobClient, info: ChunkInfo) -> Path:
         # The engine's disk cache: shared by processes and runs, one download per chunk.
         from pixcrawler.engine._cache import ChunkCache
+
+        assert isinstance(self.ref, JobRef)
 
         cache = ChunkCache(self.ref.cache_dir)
         return cache.fetch(

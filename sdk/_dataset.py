@@ -22,6 +22,7 @@ import numpy as np
 from pixcrawler._arrays import check_size, concat, label_array, memory_limit, stack_images
 from pixcrawler._chunks import Credential, JobRef
 from pixcrawler._info import DatasetInfo, format_bytes
+from pixcrawler._parquet_ref import ParquetRef, is_parquet_address
 from pixcrawler.engine._config import ColorMode, DecodePolicy, EngineConfig, OnError, ResizeMode
 from pixcrawler.engine._errors import AuthenticationError
 from pixcrawler.engine._jobapi import JobClient
@@ -43,7 +44,7 @@ _SCHEMES = ("http", "https", "file")
 
 
 def load_dataset(
-    job_id: str,
+    job_id: str | os.PathLike[str],
     api_key: str | None = None,
     base_url: str | None = None,
     max_workers: int = 4,
@@ -61,15 +62,19 @@ def load_dataset(
     cache_dir: str | os.PathLike[str] | None = None,
     batch_rows: int = 64,
 ) -> Dataset:
-    """Load a PixCrawler dataset with lazy loading.
+    """Load a PixCrawler dataset (or Hugging Face-style Parquet shards) with lazy loading.
 
-    Only the job manifest is read here; chunks are downloaded and decoded when the dataset is
-    iterated or converted.
+    Only the job manifest (the Parquet footers) is read here; chunks (row groups) are
+    downloaded and decoded when the dataset is iterated or converted.
 
     Args:
-        job_id: Job/dataset identifier.
+        job_id: Job/dataset identifier, or a Parquet address: a `.parquet` file, a folder of
+            them, a glob (`data/train-*.parquet`), a `file://` URL or an `http(s)://` URL of
+            a `.parquet` file. Its rows are the images, one chunk per row group; `base_url`
+            and `cache_dir` do not apply to it.
         api_key: PixCrawler API key; default: the `PIXCRAWLER_API_KEY` variable. A
-            `file://` store needs none.
+            `file://` store needs none. For a Parquet URL, a bearer token sent to its
+            origin (a private Hugging Face dataset); only one passed here is sent.
         base_url: API base URL, or `file:///path/to/store` for a local job store; default:
             the `PIXCRAWLER_BASE_URL` variable, else `https://api.pixcrawler.com`.
         max_workers: Number of parallel chunk downloads.
@@ -103,10 +108,11 @@ def load_dataset(
         >>> for image, label in dataset:
         ...     print(image.shape)
     """
+    parquet = is_parquet_address(job_id)
     key = api_key if api_key is not None else os.environ.get(ENV_API_KEY) or None
     url = base_url if base_url is not None else os.environ.get(ENV_BASE_URL) or DEFAULT_BASE_URL
     scheme = urlsplit(url).scheme.lower() if isinstance(url, str) else ""
-    if scheme not in _SCHEMES:
+    if scheme not in _SCHEMES and not parquet:
         raise ValueError(
             f"unsupported base_url {url!r}: use https://host (the PixCrawler API), http://host "
             "(a local `pixcrawler serve`) or file:///path/to/store (a local job store)"
@@ -124,6 +130,13 @@ def load_dataset(
         seed=seed,
         cache_dir=os.fspath(cache_dir) if cache_dir is not None else None,
     )
+    if parquet:
+        ref: JobRef | ParquetRef = ParquetRef.open(
+            job_id, token=api_key, timeout=config.timeout, verify_ssl=verify_ssl
+        )
+        return Dataset(ref, config=config, policy=policy, progress=progress)
+    if not isinstance(job_id, str):
+        raise ValueError(f"job_id must be a job id string or a Parquet address, got {job_id!r}")
     if key is None and scheme != "file":
         raise AuthenticationError(
             f"no API key for {url}: pass api_key='...' to load_dataset or set the "
@@ -164,7 +177,12 @@ class Dataset:
     """
 
     def __init__(
-        self, ref: JobRef, *, config: EngineConfig, policy: DecodePolicy, progress: bool = True
+        self,
+        ref: JobRef | ParquetRef,
+        *,
+        config: EngineConfig,
+        policy: DecodePolicy,
+        progress: bool = True,
     ) -> None:
         self._ref = ref
         self._config = config
@@ -503,7 +521,7 @@ class Dataset:
 
     # ---- for the adapters -------------------------------------------------------------
     @property
-    def ref(self) -> JobRef:
+    def ref(self) -> JobRef | ParquetRef:
         """The picklable address of the job (manifest, URL, key) for other processes."""
         return self._ref
 

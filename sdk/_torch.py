@@ -5,10 +5,10 @@ unpickling of these datasets in DataLoader workers import it, so `import pixcraw
 light. The classes live at module level because DataLoader workers started with `spawn` must
 find them by name.
 
-Both datasets hold a `JobRef` (the manifest and how to reach the job), never a live
-connection or open file, so they pickle cheaply into workers; each process opens its own
-`LocalChunks` on first use. The API key crosses to workers through process pipes only (see
-`Credential`).
+Both datasets hold a `JobRef` (the manifest and how to reach the job) or a `ParquetRef`,
+never a live connection or open file, so they pickle cheaply into workers; each process
+opens its own `LocalChunks` on first use. The API key crosses to workers through process
+pipes only (see `Credential`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch.utils.data
 
 from pixcrawler._chunks import JobRef, LocalChunks
 from pixcrawler._info import class_index
+from pixcrawler._parquet_ref import ParquetRef
 from pixcrawler.engine._batch import image_views, labels_of
 from pixcrawler.engine._config import DecodePolicy, EngineConfig
 from pixcrawler.engine._decode import decode_image
@@ -39,7 +40,7 @@ Transform = Callable[[np.ndarray], Any]
 class _Output:
     """Turns a decoded image and its label into what the dataset returns."""
 
-    def __init__(self, ref: JobRef, transform: Transform | None) -> None:
+    def __init__(self, ref: JobRef | ParquetRef, transform: Transform | None) -> None:
         self.transform = transform
         self.class_to_idx = class_index(tuple(ref.manifest.labels))
 
@@ -73,7 +74,9 @@ class TorchDataset(torch.utils.data.Dataset[tuple[Any, Any]]):
         classes: the class names, index order.
     """
 
-    def __init__(self, ref: JobRef, policy: DecodePolicy, transform: Transform | None) -> None:
+    def __init__(
+        self, ref: JobRef | ParquetRef, policy: DecodePolicy, transform: Transform | None
+    ) -> None:
         self.ref = ref
         self.policy = policy
         self.transform = transform
@@ -148,7 +151,7 @@ class TorchIterableDataset(torch.utils.data.IterableDataset[tuple[Any, Any]]):
 
     def __init__(
         self,
-        ref: JobRef,
+        ref: JobRef | ParquetRef,
         config: EngineConfig,
         policy: DecodePolicy,
         transform: Transform | None,

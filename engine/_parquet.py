@@ -23,7 +23,7 @@ import os
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -363,7 +363,8 @@ class ParquetSource:
     def _stream(self, f: int, start: int, length: int) -> BinaryIO:
         file = self._files[f]
         if file.remote:
-            return self._http(f).stream(start, length)
+            # A raw stream reading in order: all that its readers use of a binary file.
+            return cast(BinaryIO, self._http(f).stream(start, length))
         handle = open(file.location, "rb")  # noqa: SIM115 - the caller's `with` closes it
         handle.seek(start)
         return handle

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import click
 
@@ -65,6 +65,7 @@ def export_images(
 
     A private Hugging Face dataset's token is read from the HF_TOKEN variable.
     """
+    from pixcrawler.engine._config import OnError
     from pixcrawler.engine._export_images import export_images as run_export
     from pixcrawler.engine._parquet import ParquetSource
 
@@ -94,7 +95,7 @@ def export_images(
             max_side=max_side,
             max_samples=max_samples,
             num_workers=num_workers,
-            on_error=on_error,
+            on_error=cast(OnError, on_error),
             visualizations=visualizations,
             progress=not no_progress,
         )

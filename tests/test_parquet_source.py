@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import psutil
@@ -39,7 +39,17 @@ from pixcrawler.engine._parquet import ParquetSource, infer_columns, resolve
 from pixcrawler.engine._parquet_rows import read_index
 
 CONFIG = EngineConfig(num_workers=2, batch_rows=3, slot_bytes=16 << 20, num_slots=4)
-FAST = {"retries": 3, "backoff": 0.01, "timeout": 10.0}
+
+
+class Timings(TypedDict, total=False):
+    """ParquetSource's HTTP timeout and retry settings, as the tests pass them."""
+
+    timeout: float
+    retries: int
+    backoff: float
+
+
+FAST: Timings = {"retries": 3, "backoff": 0.01, "timeout": 10.0}
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +127,12 @@ def test_columns_are_inferred_from_the_hugging_face_schema(artefact: Artefact) -
 
 
 def test_addresses_path_folder_glob_and_file_url_name_the_same_files(artefact: Artefact) -> None:
-    forms = [artefact.glob, artefact.root, artefact.root / "data", artefact.root.as_uri() + "/data"]
+    forms: list[str | Path] = [
+        artefact.glob,
+        artefact.root,
+        artefact.root / "data",
+        artefact.root.as_uri() + "/data",
+    ]
     names = [[f.name for f in resolve(form)] for form in forms]
     assert all(n == names[0] for n in names) and len(names[0]) == 2
     assert [f.name for f in resolve(list(artefact.shards))] == names[0]

@@ -1,0 +1,195 @@
+"""Supervisor faults, and workers killed at the two moments that matter, on real processes.
+
+- The supervisor is SIGKILLed mid-run: the consumer raises a `WorkerError` naming its pid and
+  the signal within seconds, the batch it holds stays readable, every process of the run
+  exits (no orphan), and no segment of that run is left once the next run has started.
+- A worker is SIGKILLed right after it published a batch (it is idle, its result delivered),
+  and while it decodes (mid-task, its result not yet written): either way the run completes
+  with every key exactly once, in order.
+- A consumer that starts reading only after the supervisor has decoded the whole (small) job
+  still gets every batch: the slots outlive the run until the consumer closes it.
+
+Both worker moments are made deterministic with one worker: the first by leaving it no free
+slot (it can only wait once it has published), the second by giving it a first task of large
+PNGs that takes seconds of CPU, and killing it after a fraction of a second of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+from engine_helpers import (
+    POLICY,
+    expected_keys,
+    job_source,
+    reference_pixels,
+    shm_names,
+    small_config,
+    wait_gone,
+)
+
+from pixcrawler.engine import Stream, WorkerError
+from pixcrawler.engine._decode import decode_image
+
+from .bad_data import chunk_zip, digits, encode, png, tally, write_job
+
+GRACE = 5.0  # seconds the consumer may take to notice a dead supervisor
+SLOW_TASK = 2.5  # seconds of CPU the first task of job "slow" takes at least
+
+
+def _family(pid: int) -> list[psutil.Process]:
+    """Every descendant of `pid`: fork server, workers, resource trackers."""
+    return psutil.Process(pid).children(recursive=True)
+
+
+def test_sigkill_of_the_supervisor_raises_worker_error_and_leaves_nothing(store: Path) -> None:
+    expected = expected_keys(store)
+    with Stream(job_source(store), config=small_config(batch_rows=2), policy=POLICY) as stream:
+        it = iter(stream)
+        kept = next(it)  # a batch the caller still holds when the supervisor dies
+        keys = list(kept.keys)
+        family = _family(stream.pid)
+        commands = [" ".join(p.cmdline()) for p in family]
+        assert set(stream.worker_pids) <= {p.pid for p in family}
+        assert any("forkserver" in c for c in commands), commands
+        assert any(n.startswith(f"pxc_{stream.pid}_") for n in shm_names())
+        tally(faults=1)
+        os.kill(stream.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        with pytest.raises(WorkerError) as info:
+            for batch in it:  # batches already on their way may still arrive
+                keys.extend(batch.keys)
+        noticed = time.monotonic() - killed
+    assert noticed < GRACE, f"the consumer took {noticed:.1f} s to notice"
+    error = info.value
+    assert error.pid == stream.pid and error.exitcode == -signal.SIGKILL
+    assert str(stream.pid) in str(error) and re.search(r"-9\b|SIGKILL", str(error)), str(error)
+    assert keys == expected[: len(keys)]  # what arrived did so in order, once
+    # The held batch is still readable: its mapping outlives the segment's owner.
+    for key, image in zip(kept.keys, kept.images, strict=True):
+        np.testing.assert_array_equal(image, reference_pixels(store, key, POLICY))
+    del kept
+    orphans = wait_gone([p.pid for p in family], 10.0)
+    assert orphans == [], f"still running after the supervisor died: {orphans}"
+    with Stream(job_source(store), config=small_config(), policy=POLICY) as again:
+        next(iter(again))  # the next run has started
+        left = {n for n in shm_names() if n.startswith(f"pxc_{stream.pid}_")}
+    assert left == set(), f"segments of the killed run are left: {sorted(left)}"
+
+
+def test_sigkill_of_a_worker_right_after_it_published(store: Path) -> None:
+    config = small_config(num_workers=1, num_slots=2, batch_rows=4)
+    with Stream(job_source(store), config=config, policy=POLICY) as stream:
+        it = iter(stream)
+        first = next(it)  # held: its slot stays leased
+        keys = list(first.keys)
+        # The only worker decodes the next batch into the other slot and publishes it; with
+        # no free slot it can then only wait. That batch's BatchReady, waiting in our pipe,
+        # proves the worker published it and the supervisor took it.
+        assert stream._state.conn.poll(60), "the second batch never came"
+        victim = stream.worker_pids[0]
+        tally(faults=1, samples=len(expected_keys(store)))
+        os.kill(victim, signal.SIGKILL)
+        assert wait_gone([victim], 10.0) == []
+        del first
+        for batch in it:
+            keys.extend(batch.keys)
+        stats = stream.stats
+    assert keys == expected_keys(store)  # nothing lost, nothing twice
+    assert stats["worker_restarts"] == 1
+
+
+def test_a_consumer_that_starts_late_still_gets_every_batch(tmp_path: Path) -> None:
+    """A small job can be decoded whole before its consumer reads a single message.
+
+    The supervisor must then keep the slots it announced (they hold the batches) until the
+    consumer closes the stream, not unlink them as it finishes.
+    """
+    chunks = [
+        [(f"{c}-{i}.png", encode(digits()[3 * c + i], "PNG")) for i in range(3)] for c in (0, 1)
+    ]
+    write_job(tmp_path, "small", [chunk_zip(c) for c in chunks])
+    expected = [name for c in chunks for name, _ in c]
+    with Stream(job_source(tmp_path, "small"), config=small_config(), policy=POLICY) as stream:
+        tally(faults=1, samples=len(expected))
+        # Let the supervisor run ahead: every batch fits in the pool, so nothing waits for us.
+        with contextlib.suppress(psutil.TimeoutExpired):
+            psutil.Process(stream.pid).wait(6.0)
+        keys = [key for batch in stream for key in batch.keys]
+    assert keys == expected
+
+
+@pytest.fixture(scope="module")
+def slow_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """Job "slow": one chunk of copies of a 35-megapixel PNG, enough of them to take at least
+    `SLOW_TASK` seconds of CPU to decode (measured here: decoders get faster), then 4 digits."""
+    from skimage import data
+
+    big = data.chelsea().repeat(16, axis=0).repeat(16, axis=1)  # a real photo, 7216x4800
+    h, w, _ = big.shape
+    rows = np.concatenate([np.zeros((h, 1), np.uint8), big.reshape(h, -1)], axis=1)
+    big_png = png(w, h, 8, 2, rows.tobytes(), level=1)
+    del big, rows
+    began = time.process_time()
+    decode_image(big_png, POLICY)
+    copies = min(200, math.ceil(SLOW_TASK / max(time.process_time() - began, 1e-3)))
+    chunks = [
+        [(f"big{i}.png", big_png) for i in range(copies)],
+        [(f"digit{i}.png", encode(d, "PNG")) for i, d in enumerate(digits()[:4])],
+    ]
+    store = tmp_path_factory.mktemp("slow")
+    write_job(store, "slow", [chunk_zip(c) for c in chunks])
+    return store, [name for c in chunks for name, _ in c]
+
+
+def _cpu(proc: psutil.Process) -> float:
+    times = proc.cpu_times()
+    return float(times.user + times.system)
+
+
+def _first_worker(supervisor: int, deadline: float) -> psutil.Process:
+    """The first decode worker: a child of the fork server, itself a child of the supervisor."""
+    tick = threading.Event()
+    while time.monotonic() < deadline:
+        for proc in _family(supervisor):
+            try:
+                if proc.ppid() != supervisor and "forkserver" in " ".join(proc.cmdline()):
+                    return proc
+            except psutil.Error:
+                continue
+        tick.wait(0.01)
+    raise AssertionError("no worker started")
+
+
+def test_sigkill_of_a_worker_while_it_decodes(slow_store: tuple[Path, list[str]]) -> None:
+    store, expected = slow_store
+    copies = sum(k.startswith("big") for k in expected)
+    # Two slots: the run cannot finish (and take its slots along) before we read it.
+    config = small_config(num_workers=1, batch_rows=copies, num_slots=2)
+    with Stream(job_source(store, "slow"), config=config, policy=POLICY) as stream:
+        deadline = time.monotonic() + 60
+        # The only worker's first task is the big PNGs (seconds of CPU): kill it once it has
+        # spent 0.4 s of CPU (its start-up takes about 0.1 s), surely mid-decode.
+        worker = _first_worker(stream.pid, deadline)
+        tick = threading.Event()
+        while _cpu(worker) < 0.4:
+            assert time.monotonic() < deadline, "the worker never got busy"
+            tick.wait(0.01)
+        busy = _cpu(worker)
+        tally(faults=1, samples=len(expected))
+        worker.kill()
+        keys = [key for batch in stream for key in batch.keys]
+        stats = stream.stats
+    assert busy < SLOW_TASK / 2  # it was still decoding the big PNGs when it died
+    assert keys == expected
+    assert stats["worker_restarts"] == 1

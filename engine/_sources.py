@@ -12,7 +12,7 @@ import json
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 from zlib import error as zlib_error
 
 from pixcrawler.engine._errors import DecodeError, DecompressionError
@@ -66,7 +66,7 @@ class Source(Protocol):
 
 
 class _ZipReader:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str | IO[bytes]) -> None:
         try:
             self._zip = zipfile.ZipFile(path)
         except (OSError, zipfile.BadZipFile) as exc:
@@ -104,7 +104,7 @@ class _ZipReader:
 class ZipOpener:
     """Opens chunk zips in workers."""
 
-    def open(self, path: str) -> ChunkReader:
+    def open(self, path: str | IO[bytes]) -> ChunkReader:
         return _ZipReader(path)
 
 

@@ -220,6 +220,15 @@ class Supervisor:
             if os.getppid() != self.consumer:
                 return  # the consumer is gone and nobody will read what we make
         self.conn.send(Finished(dict(st.stats)))
+        # The consumer may not have attached the slots yet (it maps them when it reads
+        # Ready): keep them until it says it is done or goes away. The workers can go.
+        self._stop_workers()
+        while os.getppid() == self.consumer:
+            ready = wait([self.conn, self.release], timeout=1.0)
+            if self.release in ready:
+                self._on_releases()
+            if self.conn in ready and self._on_consumer():
+                return
 
     def _on_consumer(self) -> bool:
         """Handles consumer messages; True when the run must stop."""
@@ -452,6 +461,16 @@ class Supervisor:
     # ---- teardown -------------------------------------------------------------------------
     def close(self) -> None:
         """Stops workers, unlinks slots, removes the download folder. Idempotent."""
+        self._stop_workers()
+        if self.pool is not None:
+            self.pool.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        with contextlib.suppress(Exception):
+            self.source.close()
+
+    def _stop_workers(self) -> None:
+        """Asks, waits (bounded), then kills; idempotent."""
         for w in self.workers:
             with contextlib.suppress(Exception):
                 w.conn.send(None)
@@ -465,12 +484,6 @@ class Supervisor:
             with contextlib.suppress(Exception):
                 w.conn.close()
         self.workers.clear()
-        if self.pool is not None:
-            self.pool.close()
-        self.executor.shutdown(wait=False, cancel_futures=True)
-        shutil.rmtree(self.workdir, ignore_errors=True)
-        with contextlib.suppress(Exception):
-            self.source.close()
 
 
 class _Delivered(Exception):

@@ -38,7 +38,7 @@ from pixcrawler.engine._protocol import (
     WorkerReady,
 )
 from pixcrawler.engine._shm import attach
-from pixcrawler.engine._sources import ChunkOpener, ChunkReader, read_zip_manifest
+from pixcrawler.engine._sources import ChunkOpener, ChunkReader, ZipOpener, read_zip_manifest
 
 __all__ = ["decode_chunk", "decode_records", "worker_main"]
 
@@ -84,7 +84,8 @@ def decode_records(
             header = probe(data)
             check_budget(header, policy.max_pixels)  # a bomb is refused as a bomb, first
             shape = output_shape(header, policy)
-            need = int(np.prod(shape)) + ROW_OVERHEAD + len(record.metadata)
+            # ROW_OVERHEAD covers small labels and metadata; slots are sized with it.
+            need = int(np.prod(shape)) + ROW_OVERHEAD + max(0, len(record.metadata) - 1024)
             if byte_limit is not None and used + need > byte_limit:
                 if len(builder) or errors:
                     break  # the rest goes in the next batch
@@ -152,8 +153,11 @@ def decode_chunk(chunk_bytes: bytes, policy: DecodePolicy, *, chunk: int = 0) ->
     except zipfile.BadZipFile as exc:
         raise DecompressionError(f"chunk {chunk} is not a zip: {exc}", chunk_id=chunk) from exc
     records = read_zip_manifest(zf, chunk, 0)  # closes zf
-    with zipfile.ZipFile(io.BytesIO(chunk_bytes)) as zf:
-        batch, _, _ = decode_records(records, zf.read, policy, chunk=chunk)
+    reader = ZipOpener().open(io.BytesIO(chunk_bytes))  # the same caps as in the workers
+    try:
+        batch, _, _ = decode_records(records, reader.read, policy, chunk=chunk)
+    finally:
+        reader.close()
     return batch
 
 

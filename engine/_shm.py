@@ -28,7 +28,8 @@ _SHM_DIR = Path("/dev/shm")
 _NAME = re.compile(rf"^{PREFIX}(\d+)_")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (it may belong to another user)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -49,7 +50,7 @@ def sweep_stale(owner_pid: int | None = None) -> list[str]:
             continue
         pid = int(match.group(1))
         if (owner_pid is not None and pid == owner_pid) or (
-            owner_pid is None and not _pid_alive(pid)
+            owner_pid is None and not pid_alive(pid)
         ):
             try:
                 path.unlink()

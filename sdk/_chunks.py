@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 
 from pixcrawler.engine._jobapi import ChunkInfo, JobClient, JobManifest
 from pixcrawler.engine._protocol import Record
+from pixcrawler.engine._shm import pid_alive
 from pixcrawler.engine._sources import (
     ChunkReader,
     JobSource,
@@ -296,18 +297,8 @@ def _sweep_dead_dirs() -> None:
             if match is None or not entry.is_dir():
                 continue
             pid = int(match.group(1))
-            if pid != os.getpid() and not _alive(pid):
+            if pid != os.getpid() and not pid_alive(pid):
                 shutil.rmtree(entry, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def record_metadata(record: Record) -> dict[str, Any]:

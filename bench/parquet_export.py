@@ -25,48 +25,15 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench._util import TreeRss
+
 SIZE = (224, 224)
-
-
-class PeakRss:
-    """The peak RSS of this process and its descendants, sampled every 20 ms."""
-
-    def __init__(self) -> None:
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _sample(self) -> int:
-        import psutil
-
-        me = psutil.Process()
-        total = 0
-        for proc in [me, *me.children(recursive=True)]:
-            try:
-                total += proc.memory_info().rss
-            except psutil.Error:
-                pass  # it exited between listing and reading
-        return total
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, self._sample())
-
-    def __enter__(self) -> PeakRss:
-        self.peak = self._sample()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def build_store(root: Path, photos: int) -> tuple[Path, str]:
@@ -139,7 +106,7 @@ def _size(folder: Path) -> int:
 def measure(case: Callable[[Path], None], scratch: Path) -> dict[str, float]:
     out = scratch / "out"
     shutil.rmtree(out, ignore_errors=True)
-    with PeakRss() as rss:
+    with TreeRss() as rss:
         start = time.perf_counter()
         case(out)
         seconds = time.perf_counter() - start

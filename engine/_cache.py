@@ -31,8 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pixcrawler.engine._protocol import Record
-from pixcrawler.engine._sources import ChunkOpener, ChunkPlan
+from pixcrawler.engine._sources import SourceWrapper
 
 __all__ = ["CachedSource", "ChunkCache", "default_cache_dir"]
 
@@ -270,7 +269,7 @@ class ChunkCache:
             os.close(fd)
 
 
-class CachedSource:
+class CachedSource(SourceWrapper):
     """A `JobSource` whose chunk downloads go through a `ChunkCache`.
 
     Chunks that are already local (a `file://` store) are read in place and never copied into
@@ -282,13 +281,11 @@ class CachedSource:
     """
 
     def __init__(self, source: Any, cache: ChunkCache) -> None:
-        self.source = source
+        super().__init__(source)
+        self._job = source  # a JobSource: its client fetches into the cache
         self.cache = cache
         self.manifest = source.manifest
         self._by_index = {c.index: c for c in source.manifest.chunks}
-
-    def plan(self) -> list[ChunkPlan]:
-        return self.source.plan()
 
     def fetch(self, chunk: int, workdir: Path) -> tuple[Path, bool]:
         info = self._by_index[chunk]
@@ -298,15 +295,6 @@ class CachedSource:
             self.manifest.version,
             info.sha256,
             info.size_bytes,
-            lambda dest: Path(self.source._client.fetch_chunk(info, dest)),
+            lambda dest: Path(self._job._client.fetch_chunk(info, dest)),
         )
         return path, False
-
-    def records(self, chunk: int, path: Path) -> list[Record]:
-        return self.source.records(chunk, path)
-
-    def opener(self) -> ChunkOpener:
-        return self.source.opener()
-
-    def close(self) -> None:
-        self.source.close()

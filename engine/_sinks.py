@@ -40,8 +40,7 @@ from pixcrawler.engine._export_files import ImagesWriter, NumpyWriter, ZipWriter
 from pixcrawler.engine._export_parquet import ParquetWriter
 from pixcrawler.engine._export_state import Workspace
 from pixcrawler.engine._export_writers import FormatWriter, Piece
-from pixcrawler.engine._protocol import Record
-from pixcrawler.engine._sources import ChunkOpener, ChunkPlan, SubsetSource
+from pixcrawler.engine._sources import ChunkPlan, SourceWrapper, SubsetSource
 
 __all__ = ["EXPORT_FORMATS", "ExportResult", "export_job"]
 
@@ -193,7 +192,7 @@ class _Counter:
             self.callback(self.done, self.total)
 
 
-class _KeepDownloads:
+class _KeepDownloads(SourceWrapper):
     """A source whose chunk files go to the export's download folder, not the run's temp folder.
 
     The run never owns them (so it never deletes them); the export deletes each one after its
@@ -202,24 +201,12 @@ class _KeepDownloads:
     """
 
     def __init__(self, source: Any, folder: Path) -> None:
-        self.source = source
+        super().__init__(source)
         self.folder = folder
-
-    def plan(self) -> list[ChunkPlan]:
-        return self.source.plan()
 
     def fetch(self, chunk: int, workdir: Path) -> tuple[Path, bool]:
         path, _ = self.source.fetch(chunk, self.folder)
         return path, False
-
-    def records(self, chunk: int, path: Path) -> list[Record]:
-        return self.source.records(chunk, path)
-
-    def opener(self) -> ChunkOpener:
-        return self.source.opener()
-
-    def close(self) -> None:
-        self.source.close()
 
 
 def _fetching_source(source: Any, ws: Workspace, cache: ChunkCache | None) -> _KeepDownloads:

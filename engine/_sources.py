@@ -24,6 +24,7 @@ __all__ = [
     "ChunkReader",
     "JobSource",
     "Source",
+    "SourceWrapper",
     "SubsetSource",
     "ZipOpener",
 ]
@@ -252,20 +253,14 @@ class JobSource:
         self._client.close()
 
 
-class SubsetSource:
-    """Only some chunks of another source, in the given order (shards, resumed exports)."""
+class SourceWrapper:
+    """A source that passes every call to `self.source`; subclasses change what they need."""
 
-    def __init__(self, source: Source, chunks: list[int]) -> None:
+    def __init__(self, source: Source) -> None:
         self.source = source
-        wanted = set(chunks)
-        by_index = {p.index: p for p in source.plan()}
-        missing = wanted - by_index.keys()
-        if missing:
-            raise ValueError(f"no such chunks in the source: {sorted(missing)}")
-        self._plans = [by_index[i] for i in chunks]
 
     def plan(self) -> list[ChunkPlan]:
-        return list(self._plans)
+        return self.source.plan()
 
     def fetch(self, chunk: int, workdir: Path) -> tuple[Path, bool]:
         return self.source.fetch(chunk, workdir)
@@ -278,3 +273,19 @@ class SubsetSource:
 
     def close(self) -> None:
         self.source.close()
+
+
+class SubsetSource(SourceWrapper):
+    """Only some chunks of another source, in the given order (shards, resumed exports)."""
+
+    def __init__(self, source: Source, chunks: list[int]) -> None:
+        super().__init__(source)
+        wanted = set(chunks)
+        by_index = {p.index: p for p in source.plan()}
+        missing = wanted - by_index.keys()
+        if missing:
+            raise ValueError(f"no such chunks in the source: {sorted(missing)}")
+        self._plans = [by_index[i] for i in chunks]
+
+    def plan(self) -> list[ChunkPlan]:
+        return list(self._plans)

@@ -20,18 +20,12 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/python -m pixcrawler._demo --out demo-out
 
-# mypy cannot follow the editable install's package mapping (pixcrawler -> sdk/,
-# pixcrawler.engine -> engine/), so it reads the package through a tree of links.
-TYPING := .typing
-
+# mypy reads both packages where they lie (mypy_path in pyproject.toml names sdk/ and engine/).
 lint: setup
 	$(BIN)/ruff check engine sdk tests bench
 	$(BIN)/ruff format --check engine sdk tests bench
-	rm -rf $(TYPING) && mkdir -p $(TYPING)/pixcrawler
-	ln -s $(CURDIR)/sdk/*.py $(CURDIR)/sdk/py.typed $(TYPING)/pixcrawler/
-	ln -s $(CURDIR)/engine $(TYPING)/pixcrawler/engine
-	MYPYPATH=$(TYPING) $(BIN)/mypy -p pixcrawler
-	MYPYPATH=$(TYPING) $(BIN)/mypy tests bench
+	$(BIN)/mypy -p pixcrawler -p pixcrawler_engine
+	$(BIN)/mypy tests bench
 
 format: setup
 	$(BIN)/ruff check --fix engine sdk tests bench
@@ -47,4 +41,4 @@ bench: setup
 	$(BIN)/python -m bench --out bench/results
 
 clean:
-	rm -rf $(VENV) $(TYPING) demo-out build *.egg-info
+	rm -rf $(VENV) demo-out build dist

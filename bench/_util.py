@@ -63,7 +63,7 @@ def median_of(fn: Callable[[], float], repeats: int) -> tuple[float, list[float]
 def build_bench_store(root: Path, *, copies: int = 1, n_photos: int = 1000) -> tuple[Path, str]:
     """Packs a job of 640x480-class real-photo JPEGs (demo photos) `copies` times over."""
     from pixcrawler._demo_data import build_photos
-    from pixcrawler.engine._store import pack
+    from pixcrawler_engine.sources._pack import pack
 
     job = f"bench{copies}x"
     store = root / "store"

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 import datasets
-from pixcrawler.engine._export_images import PALETTE, visualization
+from pixcrawler_engine.export._images import PALETTE, visualization
 
 Image.MAX_IMAGE_PIXELS = None  # the tool raised Pillow's limit for ARTeFACT's scans
 data, out, max_side = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])

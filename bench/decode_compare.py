@@ -114,9 +114,9 @@ def simplejpeg_torch() -> Candidate | None:
 
 
 def pixcrawler_decode() -> Candidate:
-    """(5) `pixcrawler.engine._decode.decode_image`, the engine's path, all checks included."""
-    from pixcrawler.engine._config import DecodePolicy
-    from pixcrawler.engine._decode import decode_image
+    """(5) `pixcrawler_engine.decode._image.decode_image`: the engine's path, all checks."""
+    from pixcrawler_engine._config import DecodePolicy
+    from pixcrawler_engine.decode._image import decode_image
 
     policy = DecodePolicy(image_size=(SIZE[1], SIZE[0]))
 

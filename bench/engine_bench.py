@@ -58,8 +58,8 @@ class ZipImages:
         zf = self._zips.get(path) or self._zips.setdefault(path, zipfile.ZipFile(path))
         data = zf.read(name)
         if self.ours:
-            from pixcrawler.engine import DecodePolicy
-            from pixcrawler.engine._decode import decode_image
+            from pixcrawler_engine import DecodePolicy
+            from pixcrawler_engine.decode._image import decode_image
 
             arr = decode_image(data, DecodePolicy(image_size=SIZE))
         else:
@@ -69,8 +69,8 @@ class ZipImages:
 
 
 def run_loop(store: Path, job: str) -> dict[str, Any]:
-    from pixcrawler.engine import DecodePolicy
-    from pixcrawler.engine._decode import decode_image
+    from pixcrawler_engine import DecodePolicy
+    from pixcrawler_engine.decode._image import decode_image
 
     policy = DecodePolicy(image_size=SIZE)
     members = _members(store, job)
@@ -100,8 +100,8 @@ def _result(n: int, seconds: float, first: float, first_n: int, rss: int | None)
 
 
 def run_engine(store: Path, job: str, workers: int) -> dict[str, Any]:
-    from pixcrawler.engine import DecodePolicy, EngineConfig, JobSource, Stream
-    from pixcrawler.engine._jobapi import JobClient
+    from pixcrawler_engine import DecodePolicy, EngineConfig, JobSource, Stream
+    from pixcrawler_engine.sources._jobapi import JobClient
 
     client = JobClient(f"file://{store}", None)
     source = JobSource(client, client.get_job(job))
@@ -156,9 +156,9 @@ def receive_cost(repeats: int = 2000) -> dict[str, float]:
 
     import pyarrow as pa
 
-    from pixcrawler.engine._batch import BatchBuilder, image_views, read_batch, write_batch
-    from pixcrawler.engine._shm import SlotPool, attach
-    from pixcrawler.engine._stream import _Lease
+    from pixcrawler_engine.runtime._batch import BatchBuilder, image_views, read_batch, write_batch
+    from pixcrawler_engine.runtime._shm import SlotPool, attach
+    from pixcrawler_engine.runtime._stream import _Lease
 
     builder = BatchBuilder((224, 224, 3), capacity=64)
     for i in range(64):
@@ -206,8 +206,8 @@ HUGE = (
     _HWM
     + """
 import sys, time
-from pixcrawler.engine import DecodePolicy
-from pixcrawler.engine._decode import decode_image
+from pixcrawler_engine import DecodePolicy
+from pixcrawler_engine.decode._image import decode_image
 data = open(sys.argv[1], "rb").read()
 base = hwm()
 t = time.perf_counter()

@@ -38,7 +38,7 @@ SIZE = (224, 224)
 
 def build_store(root: Path, photos: int) -> tuple[Path, str]:
     from pixcrawler._demo_data import build_photos
-    from pixcrawler.engine._store import pack
+    from pixcrawler_engine.sources._pack import pack
 
     store = root / "store"
     if not (store / "jobs" / "bench" / "job.json").exists():
@@ -48,8 +48,8 @@ def build_store(root: Path, photos: int) -> tuple[Path, str]:
 
 
 def _source(store: Path, job: str) -> Any:
-    from pixcrawler.engine._jobapi import JobClient
-    from pixcrawler.engine._sources import JobSource
+    from pixcrawler_engine.sources._base import JobSource
+    from pixcrawler_engine.sources._jobapi import JobClient
 
     client = JobClient(store.as_uri(), None)
     return JobSource(client, client.get_job(job))
@@ -69,8 +69,8 @@ def _read_members(store: Path, job: str) -> tuple[list[dict[str, Any]], list[str
 
 
 def pixcrawler_case(store: Path, job: str, out: Path, decoded: bool) -> None:
-    from pixcrawler.engine._config import DecodePolicy, EngineConfig
-    from pixcrawler.engine._sinks import export_job
+    from pixcrawler_engine._config import DecodePolicy, EngineConfig
+    from pixcrawler_engine.export._driver import export_job
 
     policy = DecodePolicy(image_size=SIZE) if decoded else None
     source = _source(store, job)

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pixcrawler.engine._export_images import PALETTE
+from pixcrawler_engine.export._segmentation import PALETTE
 
 __all__ = ["CONTENTS", "MATERIALS", "Artefact", "build", "huge_images", "mask_for"]
 

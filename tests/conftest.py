@@ -27,7 +27,7 @@ import psutil
 import pytest
 
 from pixcrawler import _demo_data
-from pixcrawler.engine import _store
+from pixcrawler_engine.sources import _pack
 
 API_KEY = "pxc-test-key-all-5f1c2a"
 LIMITED_KEY = "pxc-test-key-limited-9d04e7"
@@ -152,14 +152,14 @@ def demo_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def store(tmp_path_factory: pytest.TempPathFactory, demo_source: Path) -> Path:
     """A packed store: "demo" (120 images, chunks of 16) and "pending" (processing, 42%)."""
     root = tmp_path_factory.mktemp("store_parent") / "store"
-    _store.pack(demo_source, root, "demo", chunk_size=16, created_at="2024-01-01T00:00:00Z")
+    _pack.pack(demo_source, root, "demo", chunk_size=16, created_at="2024-01-01T00:00:00Z")
     # "pending" is packed from a JSONL list of the digits: small, and the other input form.
     listing = root.parent / "pending.jsonl"
     with listing.open("w", encoding="utf-8") as f:
         for path in sorted(demo_source.glob("[0-9]/*.png")):
             line = {"file": os.path.relpath(path, listing.parent), "label": path.parent.name}
             f.write(json.dumps(line) + "\n")
-    _store.pack(listing, root, "pending", chunk_size=16, status="processing", progress=42)
+    _pack.pack(listing, root, "pending", chunk_size=16, status="processing", progress=42)
     return root
 
 

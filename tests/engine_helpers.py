@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, TypedDict
 import numpy as np
 import psutil
 
-from pixcrawler.engine import DecodePolicy, EngineConfig, JobSource, Stream
-from pixcrawler.engine._jobapi import JobClient
+from pixcrawler_engine import DecodePolicy, EngineConfig, JobSource, Stream
+from pixcrawler_engine.sources._jobapi import JobClient
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -115,7 +115,7 @@ def wait_no_shm(names: set[str], timeout: float) -> set[str]:
 def reference_pixels(
     store: Path, key: str, policy: DecodePolicy, job_id: str = "demo"
 ) -> np.ndarray:
-    from pixcrawler.engine._decode import decode_image
+    from pixcrawler_engine.decode._image import decode_image
 
     for path in (store / "jobs" / job_id / "chunks").glob("*.zip"):
         with zipfile.ZipFile(path) as zf:

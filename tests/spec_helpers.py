@@ -26,7 +26,7 @@ import pytest
 from conftest import ServerProcess, start_server
 
 from pixcrawler import _demo_data
-from pixcrawler.engine._store import pack
+from pixcrawler_engine.sources._pack import pack
 
 SMALL = "digits-small"
 # The accuracy each scikit-learn example printed, by classifier (reported by the tests).

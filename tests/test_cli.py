@@ -14,9 +14,9 @@ from click.testing import CliRunner, Result
 from conftest import ServerProcess
 from PIL import Image
 
-from pixcrawler._cli import main
 from pixcrawler._info import format_bytes
-from pixcrawler.engine._store import pack
+from pixcrawler.cli import main
+from pixcrawler_engine.sources._pack import pack
 
 
 def _cli(*args: str | Path, env: dict[str, str] | None = None) -> Result:

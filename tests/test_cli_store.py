@@ -16,8 +16,8 @@ from click.testing import CliRunner
 from conftest import ServerProcess
 from PIL import Image
 
-from pixcrawler._cli import main
-from pixcrawler.engine import _store
+from pixcrawler.cli import main
+from pixcrawler_engine.sources import _store
 
 
 def _source(root: Path) -> Path:

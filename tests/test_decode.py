@@ -26,10 +26,12 @@ from PIL import Image, ImageOps
 from skimage import data as skdata
 from sklearn.datasets import load_sample_images
 
-from pixcrawler.engine import _decode, _headers
-from pixcrawler.engine._config import ColorMode, DecodePolicy, ResizeMode
-from pixcrawler.engine._decode import decode_image, decode_mask, output_shape, probe
-from pixcrawler.engine._errors import DecodeError
+from pixcrawler_engine._config import ColorMode, DecodePolicy, ResizeMode
+from pixcrawler_engine._errors import DecodeError
+from pixcrawler_engine.decode import _headers, _image, _plan
+from pixcrawler_engine.decode._image import decode_image, probe
+from pixcrawler_engine.decode._mask import decode_mask
+from pixcrawler_engine.decode._plan import output_shape
 
 BILINEAR = Image.Resampling.BILINEAR
 
@@ -240,9 +242,9 @@ def test_reduced_jpeg_scale_matches_simplejpeg(
     data = encode(astronaut.resize((width, height)), "JPEG")
     for size in [(5, 5), (100, 100), (height // 3 + 1, width // 2 + 1), (height, width)]:
         header = probe(data)
-        plan = _decode._plan(header, DecodePolicy(image_size=size))
+        plan = _plan.make_plan(header, DecodePolicy(image_size=size))
         target = np.empty(plan.shape, np.uint8)
-        assert _decode._decode_jpeg(_headers.as_view(data), header, plan, target)
+        assert _image._decode_jpeg(_headers.as_view(data), header, plan, target)
 
 
 # --------------------------------------------------------------------------- orientation
@@ -453,7 +455,7 @@ def test_budget_refuses_before_decoding(
     def no_pillow(view: memoryview) -> None:
         raise AssertionError("Pillow was asked to open a refused image")
 
-    monkeypatch.setattr(_decode, "open_pillow", no_pillow)
+    monkeypatch.setattr(_image, "open_pillow", no_pillow)
     tracemalloc.start()
     start = time.perf_counter()
     with pytest.raises(DecodeError, match=r"60000x60000 = 3,600,000,000 pixels.*max_pixels"):
@@ -632,8 +634,8 @@ MEASURE = textwrap.dedent(
     """
     import sys, time
     import simplejpeg
-    from pixcrawler.engine._config import DecodePolicy
-    from pixcrawler.engine._decode import decode_image
+    from pixcrawler_engine._config import DecodePolicy
+    from pixcrawler_engine.decode._image import decode_image
 
     def peak_mb():
         with open("/proc/self/status") as status:

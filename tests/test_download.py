@@ -11,9 +11,10 @@ import pytest
 from engine_helpers import ClientTimings
 from faults._proxy import proxied
 
-from pixcrawler.engine._download import RetryPolicy, parse_retry_after, redact_url
-from pixcrawler.engine._errors import DownloadError
-from pixcrawler.engine._jobapi import ChunkInfo, JobClient
+from pixcrawler_engine._errors import DownloadError
+from pixcrawler_engine.sources._http import RetryPolicy, parse_retry_after, redact_url
+from pixcrawler_engine.sources._jobapi import JobClient
+from pixcrawler_engine.sources._manifest import ChunkInfo
 
 pytestmark = pytest.mark.timeout(10, func_only=True)
 

@@ -18,8 +18,8 @@ from engine_helpers import (
     wait_gone,
 )
 
-from pixcrawler.engine import DecodePolicy, SampleWarning, Stream, decode_chunk
-from pixcrawler.engine._store import pack
+from pixcrawler_engine import DecodePolicy, SampleWarning, Stream, decode_chunk
+from pixcrawler_engine.sources._pack import pack
 
 
 @pytest.fixture(scope="module")
@@ -159,8 +159,8 @@ def _mask_for(image: np.ndarray) -> np.ndarray:
 def test_masks_follow_their_image_without_interpolation() -> None:
     from skimage import data
 
-    from pixcrawler.engine import Record, decode_records
-    from pixcrawler.engine._batch import image_views, mask_views
+    from pixcrawler_engine import Record, decode_records
+    from pixcrawler_engine.runtime._batch import image_views, mask_views
 
     photo = data.astronaut()[:300, :200]
     mask = _mask_for(photo)
@@ -180,7 +180,7 @@ def test_masks_follow_their_image_without_interpolation() -> None:
 def test_a_mask_of_another_size_is_a_per_sample_error() -> None:
     from skimage import data
 
-    from pixcrawler.engine import Record, decode_records
+    from pixcrawler_engine import Record, decode_records
 
     photo = data.astronaut()[:300, :200]
     blobs = {"img": _png(photo), "mask": _png(_mask_for(photo)[:100])}

@@ -24,9 +24,10 @@ import pytest
 from artefact_data import Artefact, build
 from PIL import Image
 
-from pixcrawler.engine import DecodeError, SampleWarning
-from pixcrawler.engine._export_images import PALETTE, export_images, visualization
-from pixcrawler.engine._parquet import ParquetSource
+from pixcrawler_engine import DecodeError, SampleWarning
+from pixcrawler_engine.export._images import export_images
+from pixcrawler_engine.export._segmentation import PALETTE, visualization
+from pixcrawler_engine.sources.parquet._source import ParquetSource
 
 MEMORY_LIMIT = 1 << 30  # 1 GiB, summed over every process of the export
 CLI = [sys.executable, "-m", "pixcrawler", "export-images"]

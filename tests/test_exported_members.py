@@ -92,6 +92,8 @@ ENGINE_PUBLIC = [
     "DownloadError",
     "EngineConfig",
     "ExportResult",
+    "JobClient",
+    "JobManifest",
     "JobNotCompleteError",
     "JobSource",
     "NetworkError",
@@ -106,11 +108,16 @@ ENGINE_PUBLIC = [
     "WorkerError",
     "ZipOpener",
     "decode_chunk",
+    "decode_image",
+    "decode_mask",
     "decode_records",
     "export_job",
     "image_views",
     "labels_of",
     "mask_views",
+    "output_shape",
+    "pack",
+    "probe",
     "read_batch",
     "schema_for",
     "write_batch",
@@ -118,7 +125,7 @@ ENGINE_PUBLIC = [
 
 
 def test_engine_all_is_pinned_and_resolves() -> None:
-    import pixcrawler.engine as engine
+    import pixcrawler_engine as engine
 
     assert engine.__all__ == ENGINE_PUBLIC
     for name in engine.__all__:  # lazy names: each one imports

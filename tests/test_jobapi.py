@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 import pytest
 from engine_helpers import ClientOptions, ClientTimings
 
-from pixcrawler.engine._config import EngineConfig
-from pixcrawler.engine._errors import (
+from pixcrawler_engine._config import EngineConfig
+from pixcrawler_engine._errors import (
     AuthenticationError,
     DownloadError,
     JobNotCompleteError,
@@ -23,7 +23,8 @@ from pixcrawler.engine._errors import (
     NotFoundError,
     PixCrawlerError,
 )
-from pixcrawler.engine._jobapi import ChunkInfo, JobClient, JobManifest
+from pixcrawler_engine.sources._jobapi import JobClient
+from pixcrawler_engine.sources._manifest import ChunkInfo, JobManifest
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack

@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 from engine_helpers import expected_keys, reference_pixels
 
-from pixcrawler import DecodeError, load_dataset
-from pixcrawler.engine import DecodePolicy
-from pixcrawler.engine._jobapi import JobClient
-from pixcrawler.engine._store import pack
+from pixcrawler import load_dataset
+from pixcrawler_engine import DecodePolicy
+from pixcrawler_engine._errors import DecodeError
+from pixcrawler_engine.sources._jobapi import JobClient
+from pixcrawler_engine.sources._pack import pack
 
 torch = pytest.importorskip("torch")
 from torch.utils.data import DataLoader, IterableDataset, random_split  # noqa: E402

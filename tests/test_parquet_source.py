@@ -27,7 +27,7 @@ from artefact_data import Artefact, build, mask_for
 from faults._proxy import Fault, proxied
 from PIL import Image
 
-from pixcrawler.engine import (
+from pixcrawler_engine import (
     DecodeError,
     DecodePolicy,
     DecompressionError,
@@ -35,8 +35,9 @@ from pixcrawler.engine import (
     EngineConfig,
     Stream,
 )
-from pixcrawler.engine._parquet import ParquetSource, infer_columns, resolve
-from pixcrawler.engine._parquet_rows import read_index
+from pixcrawler_engine.sources.parquet._rows import read_index
+from pixcrawler_engine.sources.parquet._schema import infer_columns, resolve
+from pixcrawler_engine.sources.parquet._source import ParquetSource
 
 CONFIG = EngineConfig(num_workers=2, batch_rows=3, slot_bytes=16 << 20, num_slots=4)
 

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 from conftest import ServerProcess
 from faults._proxy import Fault, FaultProxy, proxied
 
-from pixcrawler._cli import main
+from pixcrawler.cli import main
 
 STALL = 200_000  # bytes of the stalled chunk that reach the client before the stall
 STALLED = 3  # the chunk the proxy stalls (chunks 0-2 are written by then)

@@ -23,17 +23,16 @@ import pytest
 from engine_helpers import corrupt_one_sample, expected_keys, reference_pixels, wait_gone
 
 import pixcrawler
-from pixcrawler import (
+from pixcrawler import DatasetInfo, load_dataset
+from pixcrawler_engine import DecodePolicy, SampleWarning
+from pixcrawler_engine._errors import (
     AuthenticationError,
-    DatasetInfo,
     DecodeError,
     JobNotCompleteError,
     NetworkError,
     NotFoundError,
-    load_dataset,
 )
-from pixcrawler.engine import DecodePolicy, SampleWarning
-from pixcrawler.engine._jobapi import JobClient
+from pixcrawler_engine.sources._jobapi import JobClient
 
 FAST: dict[str, Any] = {"num_workers": 2, "progress": False}
 

@@ -14,7 +14,7 @@ import pytest
 from conftest import ServerProcess
 
 from pixcrawler._server import ServerConfig, load_keys, parse_range
-from pixcrawler.engine import _store
+from pixcrawler_engine.sources import _store
 
 
 @pytest.fixture(scope="module")

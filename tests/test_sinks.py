@@ -17,15 +17,15 @@ import pytest
 from engine_helpers import expected_keys, job_source
 from PIL import Image
 
-from pixcrawler.engine import DecodePolicy, EngineConfig, PixCrawlerError, decode_chunk
-from pixcrawler.engine._batch import image_views, labels_of
-from pixcrawler.engine._cache import CachedSource, ChunkCache
-from pixcrawler.engine._export_state import safe_name
-from pixcrawler.engine._export_writers import encode_png
-from pixcrawler.engine._jobapi import JobClient
-from pixcrawler.engine._sinks import export_job
-from pixcrawler.engine._sources import JobSource
-from pixcrawler.engine._store import pack
+from pixcrawler_engine import DecodePolicy, EngineConfig, PixCrawlerError, decode_chunk
+from pixcrawler_engine.export._driver import export_job
+from pixcrawler_engine.export._state import safe_name
+from pixcrawler_engine.export._writers import encode_png
+from pixcrawler_engine.runtime._batch import image_views, labels_of
+from pixcrawler_engine.sources._base import JobSource
+from pixcrawler_engine.sources._cache import CachedSource, ChunkCache
+from pixcrawler_engine.sources._jobapi import JobClient
+from pixcrawler_engine.sources._pack import pack
 
 POLICY = DecodePolicy(image_size=(32, 32))
 CONFIG = EngineConfig(num_workers=2, batch_rows=8, max_workers=2)
@@ -289,7 +289,7 @@ def test_complete_export_is_not_redone_and_conflicts_are_refused(
 
 
 def test_a_second_writer_is_refused(store: Path, tmp_path: Path) -> None:
-    from pixcrawler.engine._export_state import Workspace
+    from pixcrawler_engine.export._state import Workspace
 
     held = Workspace(tmp_path / "demo")
     held.open({"job_id": "demo", "job_version": "x", "format": "zip", "decode": None})

@@ -253,7 +253,7 @@ def test_error_handling_download_error(
     env: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A chunk that disappears from the server between load and iteration.
-    from pixcrawler.engine._store import chunk_path
+    from pixcrawler_engine.sources._store import chunk_path
 
     path = chunk_path(env.store, SMALL, 2)
     moved = path.with_suffix(".gone")
@@ -355,7 +355,7 @@ def test_best_practice_3_parallel_downloads(env: Any) -> None:
 def test_best_practice_4_error_handling(
     env: Any, capsys: pytest.CaptureFixture[str], job: str, printed: str
 ) -> None:
-    from pixcrawler.exceptions import AuthenticationError, JobNotCompleteError
+    from pixcrawler_engine._errors import AuthenticationError, JobNotCompleteError
 
     run(
         """

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pixcrawler.engine import _store
-from pixcrawler.engine._errors import NotFoundError
+from pixcrawler_engine._errors import NotFoundError
+from pixcrawler_engine.sources import _pack, _store
 
 
 def _image(path: Path, fmt: str = "PNG", size: tuple[int, int] = (12, 8), shade: int = 0) -> Path:
@@ -94,8 +94,8 @@ def test_chunks_hold_the_original_bytes_in_dataset_order(store: Path, demo_sourc
 
 
 def test_packing_is_deterministic(tmp_path: Path, demo_source: Path) -> None:
-    a = _store.pack(demo_source, tmp_path / "a", "x", chunk_size=50, created_at="2024-01-01")
-    b = _store.pack(demo_source, tmp_path / "b", "x", chunk_size=50)
+    a = _pack.pack(demo_source, tmp_path / "a", "x", chunk_size=50, created_at="2024-01-01")
+    b = _pack.pack(demo_source, tmp_path / "b", "x", chunk_size=50)
     ja, jb = _store.read_job(tmp_path / "a", "x"), _store.read_job(tmp_path / "b", "x")
     assert ja["version"] == jb["version"] and ja["chunks"] == jb["chunks"]
     for chunk in ja["chunks"]:
@@ -105,9 +105,9 @@ def test_packing_is_deterministic(tmp_path: Path, demo_source: Path) -> None:
 def test_repack_replaces_the_job(tmp_path: Path) -> None:
     src = _small_source(tmp_path / "src")
     root = tmp_path / "store"
-    _store.pack(src, root, "job", chunk_size=1)
+    _pack.pack(src, root, "job", chunk_size=1)
     assert len(_store.read_job(root, "job")["chunks"]) == 6
-    _store.pack(src, root, "job", chunk_size=4, status="processing", progress=10)
+    _pack.pack(src, root, "job", chunk_size=4, status="processing", progress=10)
     job = _store.read_job(root, "job")
     assert len(job["chunks"]) == 2 and job["status"] == "processing" and job["progress"] == 10
     assert sorted(p.name for p in (root / "jobs").iterdir()) == ["job"]  # no temp leftovers
@@ -122,7 +122,7 @@ def test_every_supported_format(tmp_path: Path) -> None:
     for fmt in _store.IMAGE_FORMATS:
         # The file's own extension is misleading on purpose: the header decides.
         _image(src / "mixed" / f"{fmt.lower()}.img", fmt=fmt)
-    _store.pack(src, tmp_path / "store", "formats")
+    _pack.pack(src, tmp_path / "store", "formats")
     _, manifest = _members(_store.chunk_path(tmp_path / "store", "formats", 0))
     exts = [Path(m["file"]).suffix for m in manifest]
     order = sorted(f"{fmt.lower()}.img" for fmt in _store.IMAGE_FORMATS)
@@ -144,7 +144,7 @@ def test_huge_header_is_packed_without_a_bomb_warning(tmp_path: Path) -> None:
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + png)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _store.pack(tmp_path / "src", tmp_path / "store", "bomb")
+        _pack.pack(tmp_path / "src", tmp_path / "store", "bomb")
     assert _store.read_job(tmp_path / "store", "bomb")["num_images"] == 1
 
 
@@ -154,7 +154,7 @@ def test_dotfiles_are_ignored(tmp_path: Path) -> None:
     (src / "cat" / ".hidden.png").write_bytes(b"junk")
     (src / ".cache").mkdir()
     (src / ".cache" / "x.txt").write_text("junk")
-    _store.pack(src, tmp_path / "store", "job")
+    _pack.pack(src, tmp_path / "store", "job")
     assert _store.read_job(tmp_path / "store", "job")["num_images"] == 6
 
 
@@ -171,7 +171,7 @@ def test_pack_jsonl(tmp_path: Path) -> None:
     ]
     listing = data / "list.jsonl"
     listing.write_text("\n".join(json.dumps(x) if x else "" for x in lines) + "\n")
-    _store.pack(listing, tmp_path / "store", "j", chunk_size=2)
+    _pack.pack(listing, tmp_path / "store", "j", chunk_size=2)
     job = _store.read_job(tmp_path / "store", "j")
     assert job["num_images"] == 3 and job["labels"] == ["cat"]
     manifest = []
@@ -228,7 +228,7 @@ def test_bad_folder_is_refused_and_nothing_is_written(tmp_path: Path, kind: str)
     src, name = _bad_folder(tmp_path, kind)
     root = tmp_path / "store"
     with pytest.raises(ValueError, match=name.replace(".", r"\.")) as info:
-        _store.pack(src, root, "job")
+        _pack.pack(src, root, "job")
     assert _store_is_empty(root), list((root / "jobs").iterdir())
     assert len(str(info.value)) < 400
 
@@ -238,7 +238,7 @@ def test_unreadable_file_is_refused(tmp_path: Path) -> None:
     src = _small_source(tmp_path / "src")
     (src / "cat" / "1.png").chmod(0)
     with pytest.raises(ValueError, match=r"cat/1\.png.*permission"):
-        _store.pack(src, tmp_path / "store", "job")
+        _pack.pack(src, tmp_path / "store", "job")
     assert _store_is_empty(tmp_path / "store")
 
 
@@ -248,7 +248,7 @@ def test_unreadable_file_is_refused_even_as_root(tmp_path: Path) -> None:
     (data / "pic.png").mkdir(parents=True)
     (data / "list.jsonl").write_text(json.dumps({"file": "pic.png", "label": "x"}) + "\n")
     with pytest.raises(ValueError, match=r"pic\.png \(line 1 .*cannot read"):
-        _store.pack(data / "list.jsonl", tmp_path / "store", "job")
+        _pack.pack(data / "list.jsonl", tmp_path / "store", "job")
     assert _store_is_empty(tmp_path / "store")
 
 
@@ -272,27 +272,27 @@ def test_bad_jsonl_is_refused(tmp_path: Path, line: object, message: str) -> Non
     (data / "list.jsonl").write_text(json.dumps({"file": "a.png", "label": "x"}) + "\n" + text)
     root = tmp_path / "store"
     with pytest.raises(ValueError, match=message):
-        _store.pack(data / "list.jsonl", root, "job")
+        _pack.pack(data / "list.jsonl", root, "job")
     assert _store_is_empty(root)
 
 
 def test_empty_jsonl_and_missing_source(tmp_path: Path) -> None:
     (tmp_path / "list.jsonl").write_text("\n\n")
     with pytest.raises(ValueError, match="lists no images"):
-        _store.pack(tmp_path / "list.jsonl", tmp_path / "store", "job")
+        _pack.pack(tmp_path / "list.jsonl", tmp_path / "store", "job")
     with pytest.raises(ValueError, match="does not exist"):
-        _store.pack(tmp_path / "nope", tmp_path / "store", "job")
+        _pack.pack(tmp_path / "nope", tmp_path / "store", "job")
     assert _store_is_empty(tmp_path / "store")
 
 
 def test_failed_repack_keeps_the_old_job(tmp_path: Path) -> None:
     src = _small_source(tmp_path / "src")
     root = tmp_path / "store"
-    _store.pack(src, root, "job")
+    _pack.pack(src, root, "job")
     before = _store.read_job(root, "job")
     (src / "cat" / "bad.png").write_bytes(b"\x89PNG but not really")
     with pytest.raises(ValueError, match=r"cat/bad\.png"):
-        _store.pack(src, root, "job")
+        _pack.pack(src, root, "job")
     assert _store.read_job(root, "job") == before
     assert [p.name for p in (root / "jobs").iterdir()] == ["job"]
 
@@ -316,7 +316,7 @@ def test_bad_arguments(tmp_path: Path, kwargs: dict, message: str) -> None:
     src = _small_source(tmp_path / "src")
     args = {"job_id": "job", **kwargs}
     with pytest.raises(ValueError, match=message):
-        _store.pack(src, tmp_path / "store", args.pop("job_id"), **args)
+        _pack.pack(src, tmp_path / "store", args.pop("job_id"), **args)
     assert _store_is_empty(tmp_path / "store")
 
 
@@ -345,7 +345,7 @@ def test_read_helpers(store: Path) -> None:
 def test_list_jobs_skips_work_in_progress(tmp_path: Path) -> None:
     assert _store.list_jobs(tmp_path / "nothing") == []
     src = _small_source(tmp_path / "src")
-    _store.pack(src, tmp_path / "store", "job")
+    _pack.pack(src, tmp_path / "store", "job")
     (tmp_path / "store" / "jobs" / ".tmp-job-abc").mkdir()  # left by a killed pack
     (tmp_path / "store" / "jobs" / "notes.txt").write_text("x")
     assert [j["job_id"] for j in _store.list_jobs(tmp_path / "store")] == ["job"]

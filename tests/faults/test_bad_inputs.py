@@ -48,7 +48,7 @@ from engine_helpers import job_source
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pixcrawler.engine import (
+from pixcrawler_engine import (
     DecodeError,
     DecodePolicy,
     DecompressionError,
@@ -58,8 +58,8 @@ from pixcrawler.engine import (
     SampleWarning,
     Stream,
 )
-from pixcrawler.engine._config import OnError
-from pixcrawler.engine._decode import decode_image
+from pixcrawler_engine._config import OnError
+from pixcrawler_engine.decode._image import decode_image
 
 from .bad_data import (
     BZIP2,
@@ -447,7 +447,7 @@ def test_hostile_zip_members_are_per_sample_errors(tmp_path: Path, case: str) ->
 
 DECODE_CHUNK = """
 import json, sys
-from pixcrawler.engine import DecodePolicy, decode_chunk
+from pixcrawler_engine import DecodePolicy, decode_chunk
 
 def status(field):
     with open("/proc/self/status") as f:

@@ -35,7 +35,7 @@ import psutil
 import pytest
 from engine_helpers import job_source
 
-from pixcrawler.engine import DecodePolicy, EngineConfig, Stream
+from pixcrawler_engine import DecodePolicy, EngineConfig, Stream
 
 from .bad_data import Sample, TreeMonitor, chunk_zip, digits, encode, tally, write_job
 

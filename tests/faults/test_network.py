@@ -19,13 +19,14 @@ from typing import TYPE_CHECKING
 import pytest
 from engine_helpers import ClientOptions, ClientTimings
 
-from pixcrawler.engine._errors import (
+from pixcrawler_engine._errors import (
     AuthenticationError,
     DownloadError,
     NetworkError,
     PixCrawlerError,
 )
-from pixcrawler.engine._jobapi import ChunkInfo, JobClient
+from pixcrawler_engine.sources._jobapi import JobClient
+from pixcrawler_engine.sources._manifest import ChunkInfo
 
 from ._proxy import Fault, FaultProxy, proxied
 

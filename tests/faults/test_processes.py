@@ -26,15 +26,15 @@ from engine_helpers import (
     wait_no_shm,
 )
 
-from pixcrawler.engine import Stream
-from pixcrawler.engine._shm import sweep_stale
+from pixcrawler_engine import Stream
+from pixcrawler_engine.runtime._shm import sweep_stale
 
 CONSUMER = textwrap.dedent(
     """
     import json, sys, time
     sys.path.insert(0, {tests!r})
     from engine_helpers import job_source, small_config, POLICY
-    from pixcrawler.engine import Stream
+    from pixcrawler_engine import Stream
     from pathlib import Path
 
     stream = Stream(job_source(Path({store!r})), config=small_config(batch_rows=2), policy=POLICY)

@@ -37,7 +37,7 @@ import psutil
 import pytest
 
 import pixcrawler
-from pixcrawler.exceptions import AuthenticationError, DownloadError, NotFoundError
+from pixcrawler_engine._errors import AuthenticationError, DownloadError, NotFoundError
 
 from .bad_data import tally
 

@@ -38,8 +38,8 @@ from engine_helpers import (
     wait_gone,
 )
 
-from pixcrawler.engine import Stream, WorkerError
-from pixcrawler.engine._decode import decode_image
+from pixcrawler_engine import Stream, WorkerError
+from pixcrawler_engine.decode._image import decode_image
 
 from .bad_data import chunk_zip, digits, encode, png, tally, write_job
 

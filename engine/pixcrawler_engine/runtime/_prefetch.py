@@ -1,0 +1,106 @@
+"""Chunk downloads ahead of decoding: a thread pool fetches, the supervisor's loop collects.
+
+The pool runs `Source.fetch` and `Source.records` (blocking I/O) for up to `max_workers`
+chunks at a time, `prefetch_chunks` ahead of delivery. A finished download writes one byte to
+a pipe (`wake_fd`) so that the supervisor's `wait` wakes; only the supervisor's thread reads
+the results and changes the `State`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from pixcrawler_engine._config import EngineConfig
+from pixcrawler_engine.runtime._protocol import ExceptionWrapper, Failed
+from pixcrawler_engine.runtime._schedule import Chunk, Done, State
+from pixcrawler_engine.sources._base import ChunkPlan, Source
+from pixcrawler_engine.sources._record import Record
+
+__all__ = ["Prefetcher"]
+
+
+class Prefetcher:
+    """Downloads the chunks of a run in delivery order, a bounded number ahead."""
+
+    def __init__(
+        self,
+        source: Source,
+        config: EngineConfig,
+        plans: list[ChunkPlan],
+        order: list[int],
+        workdir: Path,
+    ) -> None:
+        self.source = source
+        self.config = config
+        self.plans = plans
+        self.order = order
+        self.workdir = workdir
+        self.executor = ThreadPoolExecutor(config.max_workers, thread_name_prefix="pxc-fetch")
+        self.fetched: list[tuple[int, Future[tuple[Path, bool, list[Record]]]]] = []
+        self.wake_fd, self._wake_w = os.pipe()
+        os.set_blocking(self.wake_fd, False)
+
+    def start(self, st: State) -> None:
+        """Starts the downloads that the window and the pool allow."""
+        limit = min(len(self.order), st.deliver_pos + self.config.prefetch_chunks)
+        while st.next_download < limit and st.downloads < self.config.max_workers:
+            pos = st.next_download
+            plan_index = self.order[pos]
+            st.chunks[pos] = Chunk(plan_index)
+            future = self.executor.submit(self._fetch, self.plans[plan_index].index)
+            future.add_done_callback(lambda _f: os.write(self._wake_w, b"x"))
+            self.fetched.append((pos, future))
+            st.next_download += 1
+            st.downloads += 1
+
+    def _fetch(self, chunk: int) -> tuple[Path, bool, list[Record]]:
+        path, owned = self.source.fetch(chunk, self.workdir)
+        records = self.source.records(chunk, path)
+        if self.config.shuffle:
+            perm = np.random.default_rng([self.config.seed, chunk]).permutation(len(records))
+            records = [records[i] for i in perm]
+        return path, owned, records
+
+    def collect(self, st: State) -> None:
+        """Turns finished downloads into pending tasks (or a failure to deliver in order)."""
+        with contextlib.suppress(BlockingIOError):
+            os.read(self.wake_fd, 4096)
+        still = []
+        for pos, future in self.fetched:
+            if not future.done():
+                still.append((pos, future))
+                continue
+            st.downloads -= 1
+            chunk = st.chunks[pos]
+            plan = self.plans[chunk.plan_index]
+            try:
+                chunk.path, chunk.owned, chunk.records = future.result()
+            except Exception as exc:
+                chunk.error = ExceptionWrapper.wrap(exc, f"downloading chunk {plan.index}")
+                st.done[(pos, 0)] = Done(None, plan.num_records, Failed(chunk.error))
+                continue
+            st.stats["chunks"] += 1
+            if chunk.path is not None and chunk.owned:
+                st.stats["bytes_downloaded"] += chunk.path.stat().st_size
+            n = len(chunk.records)
+            rows = self.config.batch_rows
+            for start in range(0, n, rows):
+                heapq.heappush(st.pending, (pos, start, min(start + rows, n), -1))
+            if n == 0:
+                st.done[(pos, 0)] = Done(None, 0)
+        self.fetched = still
+
+    def close(self) -> None:
+        """Cancels downloads not started; idempotent.
+
+        The wake pipe stays open: a download still running calls back into it, and a closed
+        (or reused) descriptor there would be worse than two descriptors kept until the
+        supervisor exits.
+        """
+        self.executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,149 @@
+"""Messages between the consumer, the supervisor and the workers, and errors that cross them.
+
+Every message is a frozen dataclass; none carries pixels (those stay in shared memory).
+
+    consumer -> supervisor:  Release(slot) | Grow() | Stop()
+    supervisor -> consumer:  Ready(slots, slot_bytes) | BatchReady(...) | SlotsAdded(names)
+                             | Failed(error) | Finished(stats)
+    supervisor -> worker:    Task(...) | None (exit)
+    worker -> supervisor:    WorkerReady(pid) | TaskDone(...) | TaskFailed(...)
+"""
+
+from __future__ import annotations
+
+import pickle
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+from pixcrawler_engine._errors import PixCrawlerError
+from pixcrawler_engine.sources._record import Record
+
+__all__ = [
+    "BatchReady",
+    "ExceptionWrapper",
+    "Failed",
+    "Finished",
+    "Grow",
+    "Ready",
+    "Release",
+    "SlotsAdded",
+    "Stop",
+    "Task",
+    "TaskDone",
+    "TaskFailed",
+    "WorkerReady",
+]
+
+
+@dataclass(frozen=True)
+class ExceptionWrapper:
+    """An exception caught in another process, with its type and formatted traceback."""
+
+    exc_bytes: bytes | None
+    type_name: str
+    message: str
+    where: str
+    tb: str
+
+    @classmethod
+    def wrap(cls, exc: BaseException, where: str) -> ExceptionWrapper:
+        exc_bytes: bytes | None
+        try:
+            exc_bytes = pickle.dumps(exc)
+            pickle.loads(exc_bytes)
+        except Exception:  # an exception that cannot be rebuilt travels as text
+            exc_bytes = None
+        tb = "".join(traceback.format_exception(exc))
+        return cls(exc_bytes, type(exc).__qualname__, str(exc), where, tb)
+
+    def reraise(self) -> None:
+        exc: BaseException
+        if self.exc_bytes is not None:
+            exc = pickle.loads(self.exc_bytes)
+        else:
+            exc = PixCrawlerError(f"{self.type_name}: {self.message}")
+        exc.add_note(f"raised {self.where}; its traceback there:\n{self.tb}")
+        raise exc
+
+
+# consumer -> supervisor
+@dataclass(frozen=True)
+class Release:
+    slot: int
+
+
+@dataclass(frozen=True)
+class Grow:
+    """The consumer holds every slot and waits: the supervisor adds one."""
+
+
+@dataclass(frozen=True)
+class Stop:
+    pass
+
+
+# supervisor -> consumer
+@dataclass(frozen=True)
+class Ready:
+    slots: tuple[str, ...]
+    slot_bytes: int
+    pid: int
+    worker_pids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SlotsAdded:
+    names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class BatchReady:
+    slot: int
+    nbytes: int
+    rows: int
+    chunk: int
+    errors: tuple[tuple[str, str], ...] = ()  # (key, message) of samples skipped by on_error
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: ExceptionWrapper
+
+
+@dataclass(frozen=True)
+class Finished:
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+# supervisor -> worker
+@dataclass(frozen=True)
+class Task:
+    task_id: int
+    chunk: int
+    chunk_path: str
+    records: tuple[Record, ...]
+    slot: int
+
+
+# worker -> supervisor
+@dataclass(frozen=True)
+class WorkerReady:
+    """Sent once a worker has imported what it needs: its task clock starts after this."""
+
+    pid: int
+
+
+@dataclass(frozen=True)
+class TaskDone:
+    task_id: int
+    nbytes: int
+    rows: int
+    covered: int  # records consumed: rows + skipped; fewer than given when the slot filled up
+    errors: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class TaskFailed:
+    task_id: int
+    error: ExceptionWrapper

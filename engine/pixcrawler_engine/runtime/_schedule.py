@@ -1,0 +1,84 @@
+"""The supervisor's bookkeeping: chunks in flight, worker handles, finished tasks, slot size.
+
+Plain data, owned and mutated by the supervisor's one thread (see NOTE [scheduling] in
+`_supervisor`); the prefetcher's threads never touch it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pixcrawler_engine._config import DecodePolicy, EngineConfig
+from pixcrawler_engine.runtime._batch import ROW_OVERHEAD, SLOT_OVERHEAD
+from pixcrawler_engine.runtime._protocol import BatchReady, ExceptionWrapper, Failed
+from pixcrawler_engine.sources._record import Record
+
+__all__ = ["Chunk", "Done", "State", "WorkerSlot", "slot_bytes_for"]
+
+
+def slot_bytes_for(config: EngineConfig, policy: DecodePolicy) -> int:
+    """The size of one slot: a whole batch of fixed-size images, or `slot_bytes`."""
+    if config.slot_bytes is not None:
+        return config.slot_bytes
+    shape = policy.fixed_shape
+    if shape is None:
+        return 64 << 20
+    size = config.batch_rows * (int(np.prod(shape)) + ROW_OVERHEAD) + SLOT_OVERHEAD
+    return -(-size // 4096) * 4096
+
+
+@dataclass
+class Chunk:
+    plan_index: int
+    records: list[Record] | None = None
+    path: Path | None = None
+    owned: bool = False
+    error: ExceptionWrapper | None = None
+
+
+@dataclass
+class WorkerSlot:
+    proc: Any
+    conn: Connection
+    task: tuple[int, int, int, int] | None = None  # (pos, start, end, slot)
+    task_id: int = 0
+    started: float = 0.0
+    ready: bool = False  # imports done (WorkerReady); only then it gets tasks
+    born: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Done:
+    slot: int | None
+    end: int
+    message: BatchReady | Failed | None = None
+    covered: int = 0
+
+
+@dataclass
+class State:
+    chunks: dict[int, Chunk] = field(default_factory=dict)
+    pending: list[tuple[int, int, int, int]] = field(default_factory=list)  # heap
+    done: dict[tuple[int, int], Done] = field(default_factory=dict)
+    free_slots: list[int] = field(default_factory=list)
+    deliver_pos: int = 0
+    deliver_row: int = 0
+    next_download: int = 0
+    downloads: int = 0
+    held_by_consumer: int = 0
+    stats: dict[str, int] = field(
+        default_factory=lambda: {
+            "samples": 0,
+            "skipped": 0,
+            "chunks": 0,
+            "worker_restarts": 0,
+            "bytes_downloaded": 0,
+            "slots_added": 0,
+        }
+    )

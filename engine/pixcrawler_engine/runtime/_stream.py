@@ -1,0 +1,269 @@
+"""The consumer side of a run: starts the supervisor, maps its slots, yields batches in place.
+
+`Stream` owns the supervisor process (it starts and stops it) but none of the shared memory:
+it only attaches the slots the supervisor created. A batch's arrays are views of its slot; the
+slot goes back to the pool when the last view is gone (a `weakref.finalize` on the lease that
+every view keeps alive), never earlier.
+
+Teardown (`_shutdown`) is one ordered, idempotent function run by `close()`, `__exit__`, the end
+of iteration and a `weakref.finalize`, so a forgotten stream cleans up too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import warnings
+import weakref
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pixcrawler_engine._config import DecodePolicy, EngineConfig
+from pixcrawler_engine._errors import WorkerError
+from pixcrawler_engine.runtime._batch import (
+    image_views,
+    labels_of,
+    mask_views,
+    metadata_of,
+    read_batch,
+)
+from pixcrawler_engine.runtime._launch import BOOTSTRAP, WORKER_ENV
+from pixcrawler_engine.runtime._protocol import (
+    BatchReady,
+    Failed,
+    Finished,
+    Grow,
+    Ready,
+    SlotsAdded,
+    Stop,
+)
+from pixcrawler_engine.runtime._shm import attach, sweep_stale
+from pixcrawler_engine.runtime._supervisor import RELEASE
+from pixcrawler_engine.sources._base import Source
+
+__all__ = ["Batch", "SampleWarning", "Stream"]
+
+# Variables a child process must not inherit: the API key never reaches another process's
+# environment (it travels to the supervisor inside the source, over a pipe).
+_SECRET_ENV = ("PIXCRAWLER_API_KEY",)
+
+
+class SampleWarning(UserWarning):
+    """A bad sample was dropped because `on_error="warn"`."""
+
+
+class _Lease:
+    """Keeps a slot out of the pool, and mapped, while any view of it lives."""
+
+    __slots__ = ("__weakref__", "array")
+
+    def __init__(self, mapping: Any) -> None:
+        # An export of the mapping's buffer: while it lives the mapping cannot be closed.
+        self.array = np.frombuffer(mapping.buf, dtype=np.uint8)
+
+
+class Batch:
+    """One decoded batch, read in place from shared memory.
+
+    Attributes:
+        record_batch: the Arrow RecordBatch (columns: see `pixcrawler_engine.runtime._batch`).
+    """
+
+    def __init__(self, record_batch: pa.RecordBatch) -> None:
+        self.record_batch = record_batch
+
+    def __len__(self) -> int:
+        return self.record_batch.num_rows
+
+    @property
+    def images(self) -> np.ndarray | list[np.ndarray]:
+        """(B, H, W, C) view for fixed-size output, else a list of (H, W, C) views."""
+        return image_views(self.record_batch)
+
+    @property
+    def masks(self) -> np.ndarray | list[np.ndarray] | None:
+        """Segmentation masks at the images' geometry ((B, H, W) or a list), or None."""
+        return mask_views(self.record_batch)
+
+    @property
+    def labels(self) -> list[Any]:
+        return labels_of(self.record_batch)
+
+    @property
+    def keys(self) -> list[str]:
+        return self.record_batch.column("key").to_pylist()
+
+    @property
+    def metadata(self) -> list[dict[str, Any]]:
+        return metadata_of(self.record_batch)
+
+
+@dataclass
+class _RunState:
+    """Everything teardown needs, kept apart from `Stream` so the finalizer holds no cycle."""
+
+    proc: Any = None
+    conn: Any = None
+    release_fd: int = -1
+    release_conn: Any = None
+    slots: list[Any] = field(default_factory=list)
+    live_leases: int = 0
+    closed: bool = False
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def release(self, slot: int) -> None:
+        # Runs from garbage collection, in any thread: one atomic pipe write, no lock.
+        self.live_leases -= 1
+        if not self.closed:
+            with contextlib.suppress(OSError):
+                os.write(self.release_fd, RELEASE.pack(slot))
+
+
+def _shutdown(state: _RunState) -> None:
+    """Stops the run: ask, wait, terminate, kill, reclaim. Safe to call any number of times."""
+    if state.closed:
+        return
+    state.closed = True
+    proc = state.proc
+    if proc is not None:
+        with contextlib.suppress(Exception):
+            state.conn.send(Stop())
+        for stop, grace in ((None, 5.0), (proc.terminate, 2.0), (proc.kill, 2.0)):
+            if stop is not None:
+                stop()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(grace)
+                break
+        # A supervisor that was killed could not unlink its slots; its pid names them.
+        sweep_stale(owner_pid=proc.pid)
+    for conn in (state.conn, state.release_conn):
+        with contextlib.suppress(Exception):
+            conn.close()
+    while state.slots:
+        state.slots.pop().close()  # unmaps now, or when the last view is gone
+
+
+class Stream:
+    """One engine run over a source, iterated as `Batch` objects in dataset order.
+
+    Example:
+        >>> with Stream(source, config=EngineConfig(), policy=DecodePolicy()) as stream:
+        ...     for batch in stream:
+        ...         use(batch.images, batch.labels)
+    """
+
+    def __init__(self, source: Source, *, config: EngineConfig, policy: DecodePolicy) -> None:
+        from multiprocess.connection import Pipe
+
+        self.config = config
+        self.policy = policy
+        self._state = _RunState()
+        self._finalizer = weakref.finalize(self, _shutdown, self._state)
+        sweep_stale()  # reclaim what a killed run left behind
+        conn, child_conn = Pipe()
+        release_r, release_w = Pipe(duplex=False)
+        # See NOTE [bootstrap] in `_launch`. The supervisor's environment lacks the API key
+        # and carries the workers' malloc settings.
+        env = {k: v for k, v in os.environ.items() if k not in _SECRET_ENV}
+        env.update(WORKER_ENV)
+        fds = (child_conn.fileno(), release_r.fileno())
+        proc = subprocess.Popen(
+            [sys.executable, "-c", BOOTSTRAP, *map(str, fds)], pass_fds=fds, env=env
+        )
+        child_conn.close()
+        release_r.close()
+        self._state.proc, self._state.conn = proc, conn
+        self._state.release_conn, self._state.release_fd = release_w, release_w.fileno()
+        try:
+            conn.send(list(sys.path))
+            conn.send((source, config, policy))
+        except OSError:
+            pass  # it died at once; the first receive says how
+        self.pid = proc.pid
+        self.worker_pids: tuple[int, ...] = ()
+        self._ready: Ready | None = None
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stops the supervisor and its workers; views already handed out stay valid."""
+        self._finalizer()
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Counts of the run: samples, skipped, chunks, worker_restarts, bytes_downloaded."""
+        return dict(self._state.stats)
+
+    # ---- iteration ------------------------------------------------------------------------
+    def __iter__(self) -> Generator[Batch, None, None]:
+        try:
+            while True:
+                msg = self._receive()
+                if isinstance(msg, BatchReady):
+                    batch = self._map(msg)
+                    if self.policy.on_error == "warn":
+                        for _key, message in msg.errors:
+                            warnings.warn(message, SampleWarning, stacklevel=2)
+                    if len(batch):
+                        yield batch
+                    del batch
+                elif isinstance(msg, Finished):
+                    self._state.stats = msg.stats
+                    return
+                elif isinstance(msg, Failed):
+                    msg.error.reraise()
+        finally:
+            self.close()
+
+    def _receive(self) -> Any:
+        state = self._state
+        while True:
+            if state.closed:
+                raise RuntimeError("this stream is closed; start a new one to iterate again")
+            # Wake up now and then to check that the supervisor is alive (no blind waits).
+            if state.conn.poll(0.5):
+                try:
+                    msg = state.conn.recv()
+                except (EOFError, OSError):
+                    msg = None
+                if isinstance(msg, Ready):
+                    self._ready = msg
+                    self.worker_pids = msg.worker_pids
+                    state.slots.extend(attach(name) for name in msg.slots)
+                    continue
+                if isinstance(msg, SlotsAdded):
+                    state.slots.extend(attach(name) for name in msg.names)
+                    continue
+                if msg is not None:
+                    return msg
+            proc = state.proc
+            if proc.poll() is not None:
+                raise WorkerError(
+                    f"the supervisor process (pid {proc.pid}) exited with code {proc.returncode} "
+                    "before the run finished; see its error output above, or rerun",
+                    pid=proc.pid,
+                    exitcode=proc.returncode,
+                )
+            if self._ready is not None and state.slots and state.live_leases >= len(state.slots):
+                # Every slot is pinned by views the caller keeps: ask for one more.
+                state.conn.send(Grow())
+
+    def _map(self, msg: BatchReady) -> Batch:
+        state = self._state
+        shm = state.slots[msg.slot]
+        lease = _Lease(shm)
+        state.live_leases += 1
+        weakref.finalize(lease, state.release, msg.slot)
+        buf = pa.foreign_buffer(lease.array.ctypes.data, msg.nbytes, base=lease)
+        return Batch(read_batch(buf))

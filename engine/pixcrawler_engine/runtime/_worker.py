@@ -1,0 +1,138 @@
+"""The worker loop: tasks of a chunk in, one Arrow RecordBatch in a shared-memory slot out.
+
+`worker_main` is the body of a worker process, started by the supervisor; the decoding itself
+is the plain function `_chunk.decode_records`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+from collections.abc import Sequence
+from multiprocessing.connection import Connection
+from typing import Any
+
+from pixcrawler_engine._config import DecodePolicy
+from pixcrawler_engine.runtime._batch import ipc_size, write_batch
+from pixcrawler_engine.runtime._chunk import decode_records
+from pixcrawler_engine.runtime._protocol import (
+    ExceptionWrapper,
+    Task,
+    TaskDone,
+    TaskFailed,
+    WorkerReady,
+)
+from pixcrawler_engine.runtime._shm import attach
+from pixcrawler_engine.sources._base import ChunkOpener, ChunkReader
+from pixcrawler_engine.sources._record import Record
+
+__all__ = ["worker_main"]
+
+
+class _Worker:
+    """State of one worker process: attached slots and the chunk it last opened."""
+
+    def __init__(
+        self, opener: ChunkOpener, policy: DecodePolicy, slot_prefix: str, slot_bytes: int
+    ) -> None:
+        self.opener = opener
+        self.policy = policy
+        self.slot_prefix = slot_prefix
+        self.slot_bytes = slot_bytes
+        self.slots: dict[int, Any] = {}
+        self.reader: tuple[str, ChunkReader] | None = None
+
+    def _reader(self, path: str) -> ChunkReader:
+        if self.reader is None or self.reader[0] != path:
+            if self.reader is not None:
+                self.reader[1].close()
+            self.reader = (path, self.opener.open(path))
+        return self.reader[1]
+
+    def run(self, task: Task) -> TaskDone:
+        if task.slot not in self.slots:
+            self.slots[task.slot] = attach(f"{self.slot_prefix}{task.slot}")
+        buf = self.slots[task.slot].buf
+        reader = self._reader(task.chunk_path)
+        batch, covered, errors = decode_records(
+            task.records,
+            reader.read,
+            self.policy,
+            chunk=task.chunk,
+            byte_limit=self.slot_bytes,
+        )
+        # The estimate above is generous; if labels or metadata are huge, hand back rows.
+        while batch.num_rows > 1 and ipc_size(batch) > self.slot_bytes:
+            keep = batch.num_rows // 2
+            last_key = batch.column("key")[keep].as_py()
+            covered = next(i for i, r in enumerate(task.records) if r.key == last_key)
+            errors = [e for e in errors if _position(task.records, e[0]) < covered]
+            batch = batch.slice(0, keep)
+        nbytes = write_batch(batch, buf)
+        return TaskDone(task.task_id, nbytes, batch.num_rows, covered, tuple(errors))
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader[1].close()
+        for shm in self.slots.values():
+            shm.close()
+
+
+def warm_up() -> None:
+    """Runs the decode and batch paths once on tiny images, so that lazy imports happen now."""
+    from PIL import Image
+
+    for fmt, policy in (
+        ("JPEG", DecodePolicy(image_size=(8, 8))),
+        ("PNG", DecodePolicy(image_size=None)),
+    ):
+        out = io.BytesIO()
+        Image.new("RGB", (16, 16), (200, 100, 50)).save(out, fmt)
+        data = out.getvalue()
+        record = Record(key="warm", ref="warm", label="warm", index=0)
+        batch, _, _ = decode_records([record], {"warm": data}.__getitem__, policy, chunk=0)
+        write_batch(batch, memoryview(bytearray(ipc_size(batch))))
+
+
+def _position(records: Sequence[Record], key: str) -> int:
+    return next(i for i, r in enumerate(records) if r.key == key)
+
+
+def worker_main(
+    conn: Connection,
+    opener: ChunkOpener,
+    policy: DecodePolicy,
+    slot_prefix: str,
+    slot_bytes: int,
+) -> None:
+    """Runs tasks from `conn` until it sends None or closes, or the supervisor is gone."""
+    # Ctrl-C reaches the whole process group; the consumer decides what stops, not us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    supervisor = os.getppid()
+    worker = _Worker(opener, policy, slot_prefix, slot_bytes)
+    try:
+        conn.send(WorkerReady(os.getpid()))
+        while True:
+            # Wake up now and then to notice a supervisor that died without closing the pipe.
+            if not conn.poll(1.0):
+                if os.getppid() != supervisor:
+                    return
+                continue
+            try:
+                task = conn.recv()
+            except (EOFError, OSError):
+                return
+            if task is None:
+                return
+            try:
+                result: TaskDone | TaskFailed = worker.run(task)
+            except Exception as exc:  # a bad sample or chunk must never kill the worker
+                where = f"in worker {os.getpid()}, chunk {task.chunk}"
+                result = TaskFailed(task.task_id, ExceptionWrapper.wrap(exc, where))
+            try:
+                conn.send(result)
+            except (BrokenPipeError, OSError):
+                return
+    finally:
+        worker.close()

@@ -1,0 +1,300 @@
+"""The disk cache of verified chunks, shared by runs and processes: `ChunkCache`, `CachedSource`.
+
+Layout under the cache root (default `$XDG_CACHE_HOME/pixcrawler`, else `~/.cache/pixcrawler`):
+
+    chunks/<version>/<sha256>.zip      a verified chunk of job version <version>
+    partial/<version>/<sha256>/        a download in progress (`<index>.zip.part`, resumable)
+    locks/<version>-<sha256>.lock      one process downloads a chunk at a time
+
+The file system is the index, so any number of processes can share one cache without a
+database: an entry appears only by `os.replace` of a complete, sha256-verified file (a reader
+never sees half a chunk), a hit bumps the entry's mtime (the LRU clock), and eviction unlinks
+the oldest entries until the total is under the limit. Unlinking an entry another process has
+open is safe on POSIX (its reader keeps the inode). Entries used in the last `grace_s` seconds
+are never evicted, because a run may have fetched a chunk that its decode workers have not
+opened yet: the limit is therefore soft by at most the chunks in flight.
+
+`ChunkCache` owns everything under its root; nothing else writes there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pixcrawler_engine.sources._base import SourceWrapper
+
+__all__ = ["CachedSource", "ChunkCache", "default_cache_dir"]
+
+_SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+DEFAULT_LIMIT = 10 * 2**30
+
+
+def default_cache_dir() -> Path:
+    """`$PIXCRAWLER_CACHE_DIR`, else `$XDG_CACHE_HOME/pixcrawler`, else `~/.cache/pixcrawler`."""
+    explicit = os.environ.get("PIXCRAWLER_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
+    return base / "pixcrawler"
+
+
+def _safe_version(version: str) -> str:
+    """A file-name-safe form of a job version (a server-supplied, untrusted string)."""
+    if _SAFE.fullmatch(version) and version not in (".", ".."):
+        return version
+    import hashlib
+
+    return "h-" + hashlib.sha256(version.encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    path: Path
+    size: int
+    mtime: float
+
+
+class ChunkCache:
+    """Verified chunk files keyed by (job version, sha256), with a size limit and LRU eviction.
+
+    Args:
+        root: the cache folder; None means `default_cache_dir()`.
+        limit_bytes: total size of cached chunks (and partial downloads) above which the least
+            recently used go.
+        grace_s: entries used this recently are never evicted (see the module docstring).
+
+    Raises:
+        ValueError: a negative limit or grace.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str] | None = None,
+        *,
+        limit_bytes: int = DEFAULT_LIMIT,
+        grace_s: float = 120.0,
+    ) -> None:
+        if isinstance(limit_bytes, bool) or not isinstance(limit_bytes, int) or limit_bytes < 0:
+            raise ValueError(f"limit_bytes must be an int >= 0, got {limit_bytes!r}")
+        if isinstance(grace_s, bool) or not isinstance(grace_s, (int, float)) or grace_s < 0:
+            raise ValueError(f"grace_s must be a number of seconds >= 0, got {grace_s!r}")
+        self.root = Path(root) if root is not None else default_cache_dir()
+        self.limit_bytes = limit_bytes
+        self.grace_s = float(grace_s)
+
+    def __repr__(self) -> str:
+        return f"ChunkCache({os.fspath(self.root)!r}, limit_bytes={self.limit_bytes})"
+
+    # ------------------------------------------------------------------------------ lookups
+
+    def path_for(self, version: str, sha256: str) -> Path:
+        """Where the entry of one chunk lives (whether or not it is cached)."""
+        if _SHA256.fullmatch(sha256) is None:
+            raise ValueError(f"sha256 must be 64 lowercase hex digits, got {sha256!r}")
+        return self.root / "chunks" / _safe_version(version) / f"{sha256}.zip"
+
+    def get(self, version: str, sha256: str, size: int) -> Path | None:
+        """The cached file of a chunk, or None. A hit becomes the most recently used entry.
+
+        The entry was verified (sha256) when it was added; here only its size is checked, so
+        that a hit costs a `stat`, not a hash of the whole chunk.
+        """
+        path = self.path_for(version, sha256)
+        try:
+            if path.stat().st_size != size:
+                path.unlink(missing_ok=True)  # truncated by something outside the cache
+                return None
+            os.utime(path)
+        except FileNotFoundError:
+            return None
+        return path
+
+    def fetch(
+        self,
+        version: str,
+        sha256: str,
+        size: int,
+        download: Callable[[Path], Path],
+    ) -> Path:
+        """The cached file of a chunk, downloaded first if needed.
+
+        Args:
+            version: the job version.
+            sha256: the chunk's sha256 (64 hex digits).
+            size: the chunk's size in bytes.
+            download: `download(dest_dir) -> path` fetches and verifies the chunk into
+                `dest_dir` (`JobClient.fetch_chunk`); `dest_dir` is kept across runs, so a
+                download that resumes a `.part` file there continues where a killed run stopped.
+
+        Returns:
+            The path of the entry; it stays valid while open even if it is evicted later.
+        """
+        hit = self.get(version, sha256, size)
+        if hit is not None:
+            return hit
+        final = self.path_for(version, sha256)
+        with self._lock(version, sha256):
+            hit = self.get(version, sha256, size)  # another process may have won the race
+            if hit is not None:
+                return hit
+            partial = self.root / "partial" / _safe_version(version) / sha256
+            partial.mkdir(parents=True, exist_ok=True)
+            got = Path(download(partial))
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if got.resolve().is_relative_to(partial.resolve()):
+                os.replace(got, final)
+            else:  # the chunk was local already (a store): copy it in, atomically
+                tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
+                try:
+                    shutil.copyfile(got, tmp)
+                    os.replace(tmp, final)
+                finally:
+                    tmp.unlink(missing_ok=True)
+            shutil.rmtree(partial, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                partial.parent.rmdir()  # only if no other download of this version is open
+        self.evict(protect=final)
+        return final
+
+    # ----------------------------------------------------------------------------- eviction
+
+    def entries(self) -> list[_Entry]:
+        """Every cached chunk and partial download, least recently used first."""
+        found: list[_Entry] = []
+        for path in self._walk(self.root / "chunks", files=True):
+            with contextlib.suppress(FileNotFoundError):
+                st = path.stat()
+                found.append(_Entry(path, st.st_size, st.st_mtime))
+        for path in self._walk(self.root / "partial", files=False):
+            size, mtime = 0, 0.0
+            with contextlib.suppress(FileNotFoundError):
+                for part in path.iterdir():
+                    st = part.stat()
+                    size, mtime = size + st.st_size, max(mtime, st.st_mtime)
+            found.append(_Entry(path, size, mtime))
+        found.sort(key=lambda e: e.mtime)
+        return found
+
+    def size_bytes(self) -> int:
+        """The bytes the cache holds now."""
+        return sum(e.size for e in self.entries())
+
+    def evict(self, *, protect: Path | None = None) -> int:
+        """Removes least recently used entries until the cache fits its limit.
+
+        Args:
+            protect: an entry that must stay (the one just added).
+
+        Returns:
+            The bytes freed.
+        """
+        entries = self.entries()
+        total = sum(e.size for e in entries)
+        freed = 0
+        recent = time.time() - self.grace_s
+        for entry in entries:
+            if total - freed <= self.limit_bytes:
+                break
+            if entry.path == protect or entry.mtime > recent:
+                continue
+            if entry.path.is_dir():
+                if not self._try_remove_partial(entry.path):
+                    continue
+            else:
+                entry.path.unlink(missing_ok=True)
+            freed += entry.size
+        return freed
+
+    def clear(self) -> None:
+        """Removes every entry (downloads in progress elsewhere keep their open files)."""
+        for sub in ("chunks", "partial"):
+            shutil.rmtree(self.root / sub, ignore_errors=True)
+
+    # ---------------------------------------------------------------------------- internals
+
+    @staticmethod
+    def _walk(top: Path, *, files: bool) -> Iterator[Path]:
+        """`top/<version>/<name>` entries: files (cached chunks) or folders (partials)."""
+        try:
+            versions = list(top.iterdir())
+        except FileNotFoundError:
+            return
+        for version in versions:
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                for path in version.iterdir():
+                    if path.name.startswith("."):
+                        continue  # a copy in progress
+                    if (files and path.suffix == ".zip") or (not files and path.is_dir()):
+                        yield path
+
+    @contextlib.contextmanager
+    def _lock(self, version: str, sha256: str) -> Iterator[None]:
+        """An exclusive `flock` for one chunk; the kernel drops it if the holder dies."""
+        locks = self.root / "locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        fd = os.open(locks / f"{_safe_version(version)}-{sha256}.lock", os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _try_remove_partial(self, path: Path) -> bool:
+        """Removes an abandoned partial download; False while a process is downloading it."""
+        lock = self.root / "locks" / f"{path.parent.name}-{path.name}.lock"
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+        except OSError:
+            return False
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            shutil.rmtree(path, ignore_errors=True)
+            return True
+        finally:
+            os.close(fd)
+
+
+class CachedSource(SourceWrapper):
+    """A `JobSource` whose chunk downloads go through a `ChunkCache`.
+
+    Chunks that are already local (a `file://` store) are read in place and never copied into
+    the cache. A cached chunk is returned as not owned by the run, so the run never deletes it.
+
+    Args:
+        source: a `JobSource` (anything with `.manifest` and `._client.fetch_chunk`).
+        cache: the cache.
+    """
+
+    def __init__(self, source: Any, cache: ChunkCache) -> None:
+        super().__init__(source)
+        self._job = source  # a JobSource: its client fetches into the cache
+        self.cache = cache
+        self.manifest = source.manifest
+        self._by_index = {c.index: c for c in source.manifest.chunks}
+
+    def fetch(self, chunk: int, workdir: Path) -> tuple[Path, bool]:
+        info = self._by_index[chunk]
+        if info.url.lower().startswith("file:"):
+            return self.source.fetch(chunk, workdir)
+        path = self.cache.fetch(
+            self.manifest.version,
+            info.sha256,
+            info.size_bytes,
+            lambda dest: Path(self._job._client.fetch_chunk(info, dest)),
+        )
+        return path, False

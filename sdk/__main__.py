@@ -1,8 +1,0 @@
-"""`python -m pixcrawler`: the `pixcrawler` command line."""
-
-from __future__ import annotations
-
-from pixcrawler._cli import main
-
-if __name__ == "__main__":
-    main(prog_name="pixcrawler")

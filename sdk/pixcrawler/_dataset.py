@@ -1,0 +1,360 @@
+"""The user facade: the lazy `Dataset` that iterates and converts a job (see `_load`).
+
+Every pass over the data (`__iter__`,
+`iter_batches`, `to_arrays`, `to_dataframe`, a TensorFlow epoch) starts its own engine
+`Stream` (a supervisor process with decode workers, see `pixcrawler_engine.runtime`) and
+closes it when the pass ends or is abandoned; the `Dataset` tracks the passes still running and
+`close()` stops them. Images handed out by `__iter__` and `iter_batches` are read-only views
+of the engine's shared memory where possible: copy what you keep for long.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterator
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Literal, overload
+
+import numpy as np
+
+from pixcrawler._arrays import collect_arrays, collect_dataframe, concat, stack_images
+from pixcrawler._chunks import JobRef
+from pixcrawler._info import DatasetInfo, format_bytes
+from pixcrawler._parquet_ref import ParquetRef
+from pixcrawler_engine._config import DecodePolicy, EngineConfig
+from pixcrawler_engine.runtime._stream import Batch, Stream
+from pixcrawler_engine.sources._base import Source
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import tensorflow as tf
+
+    from pixcrawler._torch import TorchDataset, TorchIterableDataset
+
+__all__ = ["Dataset"]
+
+
+class Dataset:
+    """A PixCrawler dataset, loaded lazily: iterate it, batch it, or convert it.
+
+    Created by `load_dataset`. Usable as a context manager; `close()` stops passes still
+    running. Each pass over the data decodes it afresh, in dataset order (or the seeded
+    shuffle order).
+    """
+
+    def __init__(
+        self,
+        ref: JobRef | ParquetRef,
+        *,
+        config: EngineConfig,
+        policy: DecodePolicy,
+        progress: bool = True,
+    ) -> None:
+        self._ref = ref
+        self._config = config
+        self._policy = policy
+        self._progress = progress
+        self._info = DatasetInfo.from_manifest(ref.manifest)
+        self._streams: weakref.WeakSet[Stream] = weakref.WeakSet()
+        self._closed = False
+
+    # ---- metadata ---------------------------------------------------------------------
+    @property
+    def info(self) -> DatasetInfo:
+        """Get dataset metadata and statistics."""
+        return self._info
+
+    @property
+    def num_images(self) -> int:
+        """Total number of images in dataset."""
+        return self._info.num_images
+
+    @property
+    def num_chunks(self) -> int:
+        """Total number of chunks."""
+        return self._info.num_chunks
+
+    @property
+    def chunk_size(self) -> int:
+        """Images per chunk (typically 500)."""
+        return self._info.chunk_size
+
+    @property
+    def policy(self) -> DecodePolicy:
+        """How images are decoded (size, resize mode, color, error handling)."""
+        return self._policy
+
+    @property
+    def config(self) -> EngineConfig:
+        """The engine settings every pass uses."""
+        return self._config
+
+    def __len__(self) -> int:
+        return self._info.num_images
+
+    def __repr__(self) -> str:
+        return (
+            f"Dataset(job_id={self._info.job_id!r}, num_images={self.num_images}, "
+            f"num_chunks={self.num_chunks}, size={format_bytes(self._info.size_bytes)!r})"
+        )
+
+    # ---- lifecycle --------------------------------------------------------------------
+    def close(self) -> None:
+        """Stops every pass still running and releases their processes and memory."""
+        self._closed = True
+        for stream in list(self._streams):
+            stream.close()
+
+    def __enter__(self) -> Dataset:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # ---- iteration --------------------------------------------------------------------
+    def __iter__(self) -> Iterator[tuple[np.ndarray, Any]]:
+        """Iterate through dataset one image at a time.
+
+        Yields:
+            Tuple of (image, label) where:
+            - image: numpy array (H, W, C), uint8, read-only (copy it to modify or keep it)
+            - label: label data (str, int, dict, etc.)
+
+        Example:
+            >>> for image, label in dataset:
+            ...     process(image, label)
+        """
+        for batch in self.iter_engine_batches(desc="images"):
+            images = batch.images
+            for i, label in enumerate(batch.labels):
+                yield images[i], label
+
+    def iter_batches(
+        self, batch_size: int = 32, drop_last: bool = False
+    ) -> Iterator[tuple[np.ndarray, list[Any]]]:
+        """Iterate through dataset in batches.
+
+        Batches are views of the engine's memory when they lie inside one engine batch
+        (`batch_rows`), else copies.
+
+        Args:
+            batch_size: Number of images per batch.
+            drop_last: Drop last incomplete batch.
+
+        Yields:
+            Tuple of (images, labels) where:
+            - images: numpy array (B, H, W, C)
+            - labels: list of labels
+
+        Raises:
+            ValueError: The images differ in size (pass `image_size=` to `load_dataset`).
+
+        Example:
+            >>> for images, labels in dataset.iter_batches(batch_size=64):
+            ...     train_model(images, labels)
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        parts: list[np.ndarray] = []
+        labels: list[Any] = []
+        for batch in self.iter_engine_batches(desc="images"):
+            images = stack_images(batch.images, parts[0].shape[1:] if parts else None)
+            batch_labels = batch.labels
+            start, n = 0, len(batch_labels)
+            while start < n:
+                take = min(batch_size - len(labels), n - start)
+                if not parts and take == batch_size:
+                    # A whole batch inside one engine batch: hand out the view, no copy.
+                    yield images[start : start + take], batch_labels[start : start + take]
+                else:
+                    # A copy: the piece may outlive its engine batch (and the pass, for the
+                    # last one), and it is copied into the joined batch anyway.
+                    parts.append(images[start : start + take].copy())
+                    labels.extend(batch_labels[start : start + take])
+                    if len(labels) == batch_size:
+                        yield concat(parts), labels
+                        parts, labels = [], []
+                start += take
+        if labels and not drop_last:
+            yield concat(parts), labels
+
+    def iter_engine_batches(self, *, desc: str | None = None) -> Iterator[Batch]:
+        """The engine's batches of one pass, as they arrive (see `pixcrawler_engine.Batch`).
+
+        Args:
+            desc: the progress bar's label; None shows no bar.
+        """
+        yield from self._run(self._ref.source(), self._config, desc=desc)
+
+    def _run(self, source: Source, config: EngineConfig, *, desc: str | None) -> Iterator[Batch]:
+        if self._closed:
+            raise ValueError("this dataset is closed; load it again with load_dataset()")
+        total = sum(p.num_records for p in source.plan())
+        if total == 0:
+            source.close()
+            return
+        bar = self.progress_bar(total, desc)
+        try:
+            stream = Stream(source, config=config, policy=self._policy)
+        finally:
+            # The supervisor got its own copy of the source; this one's connection can go.
+            source.close()
+        self._streams.add(stream)
+        try:
+            for batch in stream:
+                yield batch
+                if bar is not None:
+                    bar.update(len(batch))
+        finally:
+            stream.close()
+            self._streams.discard(stream)
+            if bar is not None:
+                bar.close()
+
+    def progress_bar(self, total: int, desc: str | None) -> Any:
+        """A tqdm bar for `total` images, or None when progress is off or `desc` is None."""
+        if not self._progress or desc is None:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=f"{self._info.job_id}: {desc}", unit="img", leave=False)
+
+    # ---- conversions ------------------------------------------------------------------
+    def to_arrays(self, max_bytes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Load entire dataset into numpy arrays.
+
+        Warning: Loads all data into memory. Use only for small datasets. The size is
+        checked before anything is allocated.
+
+        Args:
+            max_bytes: The most bytes `X` may take; default half the memory available now.
+
+        Returns:
+            Tuple of (X, y) where:
+            - X: images array (N, H, W, C), uint8
+            - y: labels array (N,): str or int labels as such, others as objects
+
+        Raises:
+            MemoryError: `X` would exceed `max_bytes` (nothing was allocated).
+            ValueError: The images differ in size (pass `image_size=` to `load_dataset`).
+
+        Example:
+            >>> X, y = dataset.to_arrays()
+            >>> X_train, X_test, y_train, y_test = train_test_split(X, y)
+        """
+        batches = self.iter_engine_batches(desc="to_arrays")
+        return collect_arrays(batches, self.num_images, self._policy.fixed_shape, max_bytes)
+
+    def to_dataframe(self, max_bytes: int | None = None) -> pd.DataFrame:
+        """Convert dataset to pandas DataFrame.
+
+        Args:
+            max_bytes: The most bytes the images may take; default half the memory
+                available now.
+
+        Returns:
+            DataFrame with columns:
+            - image: numpy array (H, W, C), a copy
+            - label: label data
+            - metadata: dict of additional info (the job manifest's fields)
+            - key, height, width: the sample's name in its chunk and the image's size
+
+        Raises:
+            MemoryError: The images would exceed `max_bytes`.
+
+        Example:
+            >>> df = dataset.to_dataframe()
+            >>> df.head()
+        """
+        batches = self.iter_engine_batches(desc="to_dataframe")
+        return collect_dataframe(batches, self.num_images, self._policy.fixed_shape, max_bytes)
+
+    @overload
+    def to_torch(
+        self,
+        transform: Callable[[np.ndarray], Any] | None = None,
+        *,
+        iterable: Literal[False] = False,
+    ) -> TorchDataset: ...
+
+    @overload
+    def to_torch(
+        self, transform: Callable[[np.ndarray], Any] | None = None, *, iterable: Literal[True]
+    ) -> TorchIterableDataset: ...
+
+    @overload
+    def to_torch(
+        self, transform: Callable[[np.ndarray], Any] | None = None, *, iterable: bool = False
+    ) -> TorchDataset | TorchIterableDataset: ...
+
+    def to_torch(
+        self, transform: Callable[[np.ndarray], Any] | None = None, *, iterable: bool = False
+    ) -> TorchDataset | TorchIterableDataset:
+        """Convert to PyTorch Dataset.
+
+        The map-style form (default) reads single images from a per-process chunk cache, so
+        `len()`, indexing, `random_split` and `DataLoader(shuffle=True, num_workers=...)`
+        work. The iterable form streams through the engine and shards chunks across
+        DataLoader workers and `torch.distributed` ranks. Both give `(image, label)`.
+
+        Args:
+            transform: Optional transform function, called with the (H, W, C) uint8 array;
+                without one, images become float tensors (C, H, W) in [0, 1].
+            iterable: Return a `torch.utils.data.IterableDataset` instead.
+
+        Returns:
+            PyTorch Dataset object; labels are class indices for the job's string labels.
+
+        Example:
+            >>> from torchvision import transforms
+            >>> transform = transforms.Compose([
+            ...     transforms.ToTensor(),
+            ...     transforms.Normalize(mean=[0.5], std=[0.5])
+            ... ])
+            >>> torch_dataset = dataset.to_torch(transform=transform)
+            >>> dataloader = DataLoader(torch_dataset, batch_size=32)
+        """
+        try:
+            from pixcrawler import _torch
+        except ImportError as exc:
+            raise ImportError(
+                "to_torch() needs PyTorch: pip install 'pixcrawler-sdk[torch]' (or torch)"
+            ) from exc
+        if transform is not None and not callable(transform):
+            raise TypeError(f"transform must be callable, got {type(transform).__name__}")
+        if iterable:
+            return _torch.TorchIterableDataset(self.ref, self.config, self.policy, transform)
+        return _torch.TorchDataset(self.ref, self.policy, transform)
+
+    def to_tensorflow(self) -> tf.data.Dataset:
+        """Convert to TensorFlow Dataset.
+
+        Returns:
+            TensorFlow Dataset object of `(image, label)`: uint8 (H, W, C) images (a
+            dimension is None when it varies) and int64 class indices for string labels.
+
+        Example:
+            >>> tf_dataset = dataset.to_tensorflow()
+            >>> tf_dataset = tf_dataset.batch(32).prefetch(1)
+            >>> model.fit(tf_dataset, epochs=10)
+        """
+        from pixcrawler._tensorflow import to_tensorflow
+
+        return to_tensorflow(self)
+
+    # ---- for the adapters -------------------------------------------------------------
+    @property
+    def ref(self) -> JobRef | ParquetRef:
+        """The picklable address of the job (manifest, URL, key) for other processes."""
+        return self._ref
+
+    def run(
+        self, chunks: list[int] | None, config: EngineConfig, *, desc: str | None = None
+    ) -> Iterator[Batch]:
+        """One engine pass over some chunks (all when None) with the given settings."""
+        yield from self._run(self._ref.source(chunks), config, desc=desc)

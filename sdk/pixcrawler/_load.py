@@ -1,0 +1,160 @@
+"""`load_dataset`: a job id or a Parquet address, credentials and decode options become a `Dataset`.
+
+It reads the job manifest (or the Parquet footers) and nothing else; the data moves only when
+the `Dataset` is iterated or converted.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from pixcrawler._chunks import Credential, JobRef
+from pixcrawler._dataset import Dataset
+from pixcrawler._parquet_ref import ParquetRef, is_parquet_address
+from pixcrawler_engine._config import ColorMode, DecodePolicy, EngineConfig, OnError, ResizeMode
+from pixcrawler_engine._errors import AuthenticationError
+from pixcrawler_engine.sources._jobapi import JobClient
+
+__all__ = ["DEFAULT_BASE_URL", "ENV_API_KEY", "ENV_BASE_URL", "load_dataset"]
+
+if TYPE_CHECKING:
+    pass
+
+
+DEFAULT_BASE_URL = "https://api.pixcrawler.com"
+
+
+ENV_API_KEY = "PIXCRAWLER_API_KEY"
+
+
+ENV_BASE_URL = "PIXCRAWLER_BASE_URL"
+
+
+_SCHEMES = ("http", "https", "file")
+
+
+def load_dataset(
+    job_id: str | os.PathLike[str],
+    api_key: str | None = None,
+    base_url: str | None = None,
+    max_workers: int = 4,
+    timeout: float = 300,
+    verify_ssl: bool | str = True,
+    *,
+    num_workers: int | None = None,
+    image_size: int | tuple[int, int] | None = None,
+    resize: ResizeMode = "stretch",
+    color: ColorMode = "RGB",
+    shuffle: bool = False,
+    seed: int = 0,
+    on_error: OnError = "raise",
+    progress: bool = True,
+    cache_dir: str | os.PathLike[str] | None = None,
+    batch_rows: int = 64,
+) -> Dataset:
+    """Load a PixCrawler dataset (or Hugging Face-style Parquet shards) with lazy loading.
+
+    Only the job manifest (the Parquet footers) is read here; chunks (row groups) are
+    downloaded and decoded when the dataset is iterated or converted.
+
+    Args:
+        job_id: Job/dataset identifier, or a Parquet address: a `.parquet` file, a folder of
+            them, a glob (`data/train-*.parquet`), a `file://` URL or an `http(s)://` URL of
+            a `.parquet` file. Its rows are the images, one chunk per row group; `base_url`
+            and `cache_dir` do not apply to it.
+        api_key: PixCrawler API key; default: the `PIXCRAWLER_API_KEY` variable. A
+            `file://` store needs none. For a Parquet URL, a bearer token sent to its
+            origin (a private Hugging Face dataset); only one passed here is sent.
+        base_url: API base URL, or `file:///path/to/store` for a local job store; default:
+            the `PIXCRAWLER_BASE_URL` variable, else `https://api.pixcrawler.com`.
+        max_workers: Number of parallel chunk downloads.
+        timeout: Seconds a request may go without progress.
+        verify_ssl: Verify SSL certificates (or the path of a CA bundle to trust).
+        num_workers: Decode processes; default one per CPU core.
+        image_size: Output size, `(height, width)` or an int for a square; default: each
+            image keeps its own size.
+        resize: How images reach `image_size`: `stretch`, `crop` (cover and centre-crop),
+            `pad` (fit inside, zero padding) or `fit` (fit inside, keep the aspect ratio).
+        color: `RGB` (3 channels), `L` (grayscale, 1 channel) or `keep` (as stored).
+        shuffle: Shuffle chunk order and samples within chunks, on every pass.
+        seed: Seed of the shuffle.
+        on_error: A corrupt image `raise`s (default), is `skip`ped, or skipped with a `warn`ing.
+        progress: Show a progress bar for whole passes over the data.
+        cache_dir: Keep downloaded chunks here between runs; default: a temporary folder.
+        batch_rows: Images per engine batch (the unit of transfer from the decoders).
+
+    Returns:
+        Dataset object for iteration and conversion.
+
+    Raises:
+        AuthenticationError: Invalid API key (or none given for an HTTP API).
+        NotFoundError: Job not found.
+        JobNotCompleteError: Job still processing; `.progress` says how far it is.
+        NetworkError: The API could not be reached.
+        ValueError: An unsupported URL scheme or a bad option; the message says what works.
+
+    Example:
+        >>> dataset = load_dataset("job_123", api_key="key")
+        >>> for image, label in dataset:
+        ...     print(image.shape)
+    """
+    parquet = is_parquet_address(job_id)
+    key = api_key if api_key is not None else os.environ.get(ENV_API_KEY) or None
+    url = base_url if base_url is not None else os.environ.get(ENV_BASE_URL) or DEFAULT_BASE_URL
+    scheme = urlsplit(url).scheme.lower() if isinstance(url, str) else ""
+    if scheme not in _SCHEMES and not parquet:
+        raise ValueError(
+            f"unsupported base_url {url!r}: use https://host (the PixCrawler API), http://host "
+            "(a local `pixcrawler serve`) or file:///path/to/store (a local job store)"
+        )
+    policy = DecodePolicy(
+        image_size=_image_size(image_size), resize=resize, color=color, on_error=on_error
+    )
+    config = EngineConfig(
+        num_workers=num_workers,
+        max_workers=max_workers,
+        batch_rows=batch_rows,
+        timeout=timeout,
+        verify_ssl=verify_ssl,
+        shuffle=shuffle,
+        seed=seed,
+        cache_dir=os.fspath(cache_dir) if cache_dir is not None else None,
+    )
+    if parquet:
+        ref: JobRef | ParquetRef = ParquetRef.open(
+            job_id, token=api_key, timeout=config.timeout, verify_ssl=verify_ssl
+        )
+        return Dataset(ref, config=config, policy=policy, progress=progress)
+    if not isinstance(job_id, str):
+        raise ValueError(f"job_id must be a job id string or a Parquet address, got {job_id!r}")
+    if key is None and scheme != "file":
+        raise AuthenticationError(
+            f"no API key for {url}: pass api_key='...' to load_dataset or set the "
+            f"{ENV_API_KEY} environment variable"
+        )
+    with JobClient.from_config(url, key, config) as client:
+        manifest = client.get_job(job_id)
+    ref = JobRef(
+        base_url=url,
+        credential=Credential(key),
+        timeout=config.timeout,
+        verify_ssl=verify_ssl,
+        manifest=manifest,
+        cache_dir=config.cache_dir,
+    )
+    return Dataset(ref, config=config, policy=policy, progress=progress)
+
+
+def _image_size(value: int | tuple[int, int] | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value)
+    if isinstance(value, (tuple, list)):
+        return tuple(value)  # type: ignore[return-value]  # DecodePolicy checks the rest
+    raise ValueError(
+        f"image_size must be (height, width) or an int for a square, got {value!r}; "
+        "for example image_size=224 or image_size=(224, 224)"
+    )

@@ -1,0 +1,16 @@
+"""The `pixcrawler` command line: the click group and its commands, one module per family.
+
+_main.py           the group, its error handling, the configuration folder
+_store.py          pack, serve
+_download.py       download, list, info
+_export_images.py  export-images
+"""
+
+from __future__ import annotations
+
+from pixcrawler.cli import _download, _export_images, _store
+from pixcrawler.cli._main import main
+
+__all__ = ["main"]
+
+del _download, _export_images, _store  # imported for the commands they register on `main`

@@ -1,0 +1,84 @@
+"""The `pack` and `serve` commands: a folder of images becomes a job store, served over HTTP."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import click
+
+from pixcrawler.cli._main import CONFIGS, main
+
+__all__ = ["pack", "serve"]
+
+_STATUSES = ("completed", "processing", "failed")
+
+
+@main.command()
+@click.argument("src", type=click.Path(exists=True, path_type=Path))
+@click.option("--store", required=True, type=click.Path(path_type=Path), help="Job store root.")
+@click.option("--job-id", required=True, help="Job id (letters, digits, '_', '.', '-').")
+@click.option("--chunk-size", default=500, show_default=True, type=click.IntRange(min=1))
+@click.option("--status", default="completed", show_default=True, type=click.Choice(_STATUSES))
+@click.option("--progress", default=None, type=click.FloatRange(0, 100), help="Percent done.")
+def pack(
+    src: Path, store: Path, job_id: str, chunk_size: int, status: str, progress: float | None
+) -> None:
+    """Pack SRC (a folder of class subfolders, or a JSONL list) into a job of the store."""
+    from pixcrawler_engine.sources._pack import pack as pack_job
+
+    if progress is None:
+        progress = 100 if status == "completed" else 0
+    elif progress.is_integer():
+        progress = int(progress)
+    path = pack_job(src, store, job_id, chunk_size=chunk_size, status=status, progress=progress)
+    click.echo(f"Packed {src} into {path}")
+
+
+@main.command()
+@click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--host", default=None, help="Interface to listen on [configs/server.toml].")
+@click.option("--port", default=None, type=click.IntRange(0, 65535), help="0: a free port.")
+@click.option(
+    "--api-key",
+    envvar="PIXCRAWLER_API_KEY",
+    default=None,
+    help="A key with access to every job (or set PIXCRAWLER_API_KEY).",
+)
+@click.option(
+    "--keys-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help='JSON {"<key>": ["job_a", ...] or "*"}.',
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="TOML with a [server] table (default: configs/server.toml).",
+)
+def serve(
+    store: Path,
+    host: str | None,
+    port: int | None,
+    api_key: str | None,
+    keys_file: Path | None,
+    config_path: Path | None,
+) -> None:
+    """Serve the job STORE over the PixCrawler job API (v1) until SIGTERM or Ctrl-C."""
+    from pixcrawler._server import ServerConfig, load_keys
+    from pixcrawler._server import serve as run_server
+
+    if config_path is None and (CONFIGS / "server.toml").is_file():
+        config_path = CONFIGS / "server.toml"
+    if config_path is not None:
+        config = ServerConfig.from_toml(config_path, host=host, port=port)
+    else:
+        default = ServerConfig()
+        config = dataclasses.replace(
+            default,
+            host=default.host if host is None else host,
+            port=default.port if port is None else port,
+        )
+    keys = load_keys(api_key=api_key, keys_file=keys_file)
+    run_server(store, keys=keys, config=config)

@@ -165,9 +165,13 @@ def test_serve_errors_exit_1(tmp_path: Path, store: Path) -> None:
     result = runner.invoke(main, ["serve", str(tmp_path), "--api-key", "k", "--port", "0"])
     assert result.exit_code == 1 and "not a job store" in result.stderr
     result = runner.invoke(
-        main, ["serve", str(store), "--port", "0"], env={"PIXCRAWLER_API_KEY": ""}
+        main,
+        ["serve", str(store), "--port", "0", "--host", "0.0.0.0"],
+        env={"PIXCRAWLER_API_KEY": ""},
     )
-    assert result.exit_code == 1 and "no API key" in result.stderr
+    assert result.exit_code == 1 and "needs an API key" in result.stderr
+    for flag in ("--api-key", "--keys-file", "--generate-key"):
+        assert flag in result.stderr
     bad_keys = tmp_path / "keys.json"
     bad_keys.write_text('{"k": 5}')
     result = runner.invoke(main, ["serve", str(store), "--keys-file", str(bad_keys)])
@@ -183,3 +187,47 @@ def test_serve_port_in_use_exits_1(store: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.startswith("Error: ") and "Traceback" not in result.stderr
     assert "in use" in result.stderr
+
+
+# ------------------------------------------------------------------- serve without a key
+
+
+def test_serve_on_loopback_needs_no_key_and_says_so(server_factory, tmp_path: Path) -> None:
+    server: ServerProcess = server_factory(keys_file=None)
+    first = server.lines[0]
+    assert first.startswith("Serving ") and "with no API key" in first and "loopback" in first
+    jobs = httpx.get(server.url + "/api/v1/jobs")
+    assert jobs.status_code == 200 and {j["job_id"] for j in jobs.json()["jobs"]} >= {"demo"}
+    # The CLI and the SDK talk to it without a key.
+    env = {"PIXCRAWLER_API_KEY": None, "PIXCRAWLER_BASE_URL": None}
+    listed = CliRunner().invoke(main, ["list", "--base-url", server.url], env=env)
+    assert listed.exit_code == 0 and "demo" in listed.stdout, listed.output
+    from pixcrawler import load_dataset
+
+    with load_dataset("demo", base_url=server.url, api_key=None, progress=False) as ds:
+        assert ds.num_images == 120
+    assert server.stop() == 0
+
+
+def test_serve_beyond_loopback_with_a_generated_key(server_factory, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    (store / "jobs").mkdir(parents=True)
+    server: ServerProcess = server_factory(
+        "--host", "0.0.0.0", "--generate-key", store=store, keys_file=None
+    )
+    key_file = store / ".pixcrawler-api-key"
+    key = key_file.read_text().strip()
+    assert key and key_file.stat().st_mode & 0o077 == 0  # readable by its owner only
+    url = server.url.replace("0.0.0.0", "127.0.0.1")
+    assert httpx.get(url + "/api/v1/jobs").status_code == 401
+    ok = httpx.get(url + "/api/v1/jobs", headers={"Authorization": f"Bearer {key}"})
+    assert ok.status_code == 200 and ok.json() == {"jobs": []}
+    assert server.stop() == 0
+    out = server.output()
+    assert str(key_file) in out and key not in out  # where to read it, never the key
+    # A restart keeps the key, so that clients keep working.
+    again: ServerProcess = server_factory(
+        "--host", "0.0.0.0", "--generate-key", store=store, keys_file=None
+    )
+    assert key_file.read_text().strip() == key
+    assert again.stop() == 0

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 from pixcrawler._chunks import Credential, JobRef
 from pixcrawler._dataset import Dataset
 from pixcrawler._parquet_ref import ParquetRef, is_parquet_address
+from pixcrawler._server_keys import is_loopback
 from pixcrawler_engine._config import ColorMode, DecodePolicy, EngineConfig, OnError, ResizeMode
 from pixcrawler_engine._errors import AuthenticationError
 from pixcrawler_engine.sources._jobapi import JobClient
@@ -129,7 +130,8 @@ def load_dataset(
         return Dataset(ref, config=config, policy=policy, progress=progress)
     if not isinstance(job_id, str):
         raise ValueError(f"job_id must be a job id string or a Parquet address, got {job_id!r}")
-    if key is None and scheme != "file":
+    if key is None and scheme != "file" and not is_loopback(urlsplit(url).hostname or ""):
+        # A server on this machine may run without keys (`pixcrawler serve` on loopback).
         raise AuthenticationError(
             f"no API key for {url}: pass api_key='...' to load_dataset or set the "
             f"{ENV_API_KEY} environment variable"

@@ -6,8 +6,10 @@
 
 Auth is `Authorization: Bearer <key>`: 401 for a missing or unknown key, 403 for a key without
 access to the job (whether it exists or not, so a key cannot probe for other jobs), 404 for an
-unknown job or chunk. Every error body is `{"error": "..."}`. Paths come from the store's own
-validated job ids, never from the request path, so nothing outside the store is ever served.
+unknown job or chunk. A server on a loopback interface may run without keys (`keys=None`):
+then every request may read every job (see `_server_keys`). Every error body is
+`{"error": "..."}`. Paths come from the store's own validated job ids, never from the request
+path, so nothing outside the store is ever served.
 
 `serve` owns the listening socket: it binds it (port 0 picks a free port), prints
 `Serving <store> on http://HOST:PORT` and hands it to uvicorn. SIGTERM and SIGINT shut down
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
-import json
 import os
 import re
 import signal
@@ -29,7 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any, Literal
+from typing import Any
 
 import anyio
 import uvicorn
@@ -40,6 +41,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from pixcrawler._server_keys import Access, is_loopback, load_keys
 from pixcrawler_engine._errors import NotFoundError
 from pixcrawler_engine.sources import _store
 
@@ -49,9 +51,6 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 __all__ = ["Access", "ServerConfig", "create_app", "load_keys", "parse_range", "serve"]
-
-Access = Literal["*"] | frozenset[str]
-"""What one key may read: every job (`"*"`) or the named jobs."""
 
 _BLOCK = 256 * 1024
 _INDEX = re.compile(r"[0-9]{1,9}")
@@ -103,44 +102,6 @@ class ServerConfig:
         if unknown:
             raise ValueError(f"unknown keys in [server] of {os.fspath(path)}: {sorted(unknown)}")
         return cls(**{**table, **{k: v for k, v in overrides.items() if v is not None}})
-
-
-def load_keys(
-    *, api_key: str | None = None, keys_file: str | os.PathLike[str] | None = None
-) -> dict[str, Access]:
-    """Builds the key table: `api_key` reads every job; a keys file grants what it says.
-
-    The keys file is JSON: `{"<key>": ["job_a", "job_b"] or "*"}`.
-
-    Raises:
-        ValueError: the keys file is unreadable or malformed, or no key at all was given.
-    """
-    keys: dict[str, Access] = {}
-    if keys_file is not None:
-        try:
-            table = json.loads(Path(keys_file).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"cannot read keys file {os.fspath(keys_file)}: {exc}") from exc
-        if not isinstance(table, dict):
-            raise ValueError(f'keys file {os.fspath(keys_file)} must be {{"<key>": [...] or "*"}}')
-        for key, grant in table.items():
-            if not key:
-                raise ValueError(f"keys file {os.fspath(keys_file)} holds an empty key")
-            if grant == "*":
-                keys[key] = "*"
-            elif isinstance(grant, list) and all(isinstance(j, str) for j in grant):
-                keys[key] = frozenset(grant)
-            else:
-                # Name the position, not the key: keys never reach a message.
-                raise ValueError(
-                    f"keys file {os.fspath(keys_file)}: each value must be a list of job ids "
-                    f'or "*", got {grant!r}'
-                )
-    if api_key:
-        keys[api_key] = "*"
-    if not keys:
-        raise ValueError("no API key: pass --api-key, set PIXCRAWLER_API_KEY, or pass --keys-file")
-    return keys
 
 
 def parse_range(header: str, size: int) -> tuple[int, int] | None:
@@ -228,12 +189,14 @@ class _ChunkResponse(Response):
             await send({"type": "http.response.body", "body": block, "more_body": pos < self._end})
 
 
-def create_app(store: str | os.PathLike[str], keys: Mapping[str, Access]) -> Starlette:
-    """The job API over `store` for the given keys (see `load_keys`)."""
+def create_app(store: str | os.PathLike[str], keys: Mapping[str, Access] | None) -> Starlette:
+    """The job API over `store` for the given keys (see `load_keys`); None: no auth at all."""
     store = Path(store)
-    key_table = dict(keys)
+    key_table = None if keys is None else dict(keys)
 
     def access_of(request: Request) -> Access:
+        if key_table is None:
+            return "*"
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         given = given.strip()
         if scheme.lower() != "bearer" or not given:
@@ -325,13 +288,23 @@ def _split_etags(header: str) -> list[str]:
 def serve(
     store: str | os.PathLike[str],
     *,
-    keys: Mapping[str, Access],
+    keys: Mapping[str, Access] | None,
     config: ServerConfig | None = None,
 ) -> None:
     """Serves `store` until SIGTERM or SIGINT, then returns (the CLI exits 0).
 
     Prints `Serving <store> on http://HOST:PORT` (flushed) once the socket listens, so a
-    caller that passed port 0 can read the port from the first line of stdout.
+    caller that passed port 0 can read the port from the first line of stdout; without keys
+    the line says so (`Serving <store> with no API key (...) on http://HOST:PORT`).
+
+    Args:
+        store: the job store.
+        keys: the key table (`load_keys`); None serves without auth, on loopback only.
+        config: host, port and the rest.
+
+    Raises:
+        ValueError: not a job store, or no keys for a host other than loopback.
+        OSError: the address cannot be bound (in use, not ours).
     """
     config = config or ServerConfig()
     if not (Path(store) / "jobs").is_dir():
@@ -342,6 +315,14 @@ def serve(
     family, _, _, _, address = socket.getaddrinfo(
         config.host, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
+    if keys is None and not is_loopback(str(address[0])):
+        raise ValueError(
+            f"serving on {config.host} (not a loopback interface) needs an API key: pass "
+            "--api-key, set PIXCRAWLER_API_KEY, pass --keys-file, or --generate-key to make one"
+        )
+    how = ""
+    if keys is None:
+        how = " with no API key (loopback only: anyone on this machine may read it)"
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -359,7 +340,7 @@ def serve(
             )
         )
         with _exit_quietly(uv):
-            print(f"Serving {os.fspath(store)} on http://{shown}:{port}", flush=True)
+            print(f"Serving {os.fspath(store)}{how} on http://{shown}:{port}", flush=True)
             uv.run(sockets=[sock])
     finally:
         sock.close()

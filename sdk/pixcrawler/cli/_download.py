@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import click
 
+from pixcrawler._server_keys import is_loopback
 from pixcrawler.cli._main import CONFIGS, main
 
 __all__ = ["download", "info", "list_jobs"]
@@ -83,7 +84,8 @@ def _client(api_key: str | None, base_url: str, config: Any) -> Any:
             f"{base_url!r}: use https://host, http://host or file:///path/to/store",
             param_hint="'--base-url'",
         )
-    if not api_key and scheme != "file":
+    if not api_key and scheme != "file" and not is_loopback(urlsplit(base_url).hostname or ""):
+        # A server on this machine may run without keys (`pixcrawler serve` on loopback).
         raise click.UsageError(f"no API key: pass --api-key or set {ENV_API_KEY}")
     return JobClient.from_config(base_url, api_key or None, config)
 

@@ -51,6 +51,12 @@ def pack(
     help='JSON {"<key>": ["job_a", ...] or "*"}.',
 )
 @click.option(
+    "--generate-key",
+    is_flag=True,
+    help="Make a key (kept in STORE/.pixcrawler-api-key, mode 600) when none is given; "
+    "needed to serve beyond loopback without --api-key or --keys-file.",
+)
+@click.option(
     "--config",
     "config_path",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -63,11 +69,18 @@ def serve(
     port: int | None,
     api_key: str | None,
     keys_file: Path | None,
+    generate_key: bool,
     config_path: Path | None,
 ) -> None:
-    """Serve the job STORE over the PixCrawler job API (v1) until SIGTERM or Ctrl-C."""
-    from pixcrawler._server import ServerConfig, load_keys
+    """Serve the job STORE over the PixCrawler job API (v1) until SIGTERM or Ctrl-C.
+
+    On a loopback interface (the default, 127.0.0.1) no key is needed: without one, every
+    job is served to anyone on this machine. Any other --host needs --api-key, --keys-file
+    or --generate-key.
+    """
+    from pixcrawler._server import ServerConfig
     from pixcrawler._server import serve as run_server
+    from pixcrawler._server_keys import Access, generated_key, load_keys
 
     if config_path is None and (CONFIGS / "server.toml").is_file():
         config_path = CONFIGS / "server.toml"
@@ -80,5 +93,15 @@ def serve(
             host=default.host if host is None else host,
             port=default.port if port is None else port,
         )
-    keys = load_keys(api_key=api_key, keys_file=keys_file)
+    keys: dict[str, Access] | None = None
+    if api_key or keys_file is not None:
+        keys = load_keys(api_key=api_key, keys_file=keys_file)
+    elif generate_key:
+        key, where = generated_key(store)
+        keys = load_keys(api_key=key)
+        click.echo(
+            f"API key: in {where} (readable by you only); clients read it with "
+            f'PIXCRAWLER_API_KEY="$(cat {where})"',
+            err=True,
+        )
     run_server(store, keys=keys, config=config)

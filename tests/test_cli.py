@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -118,18 +119,25 @@ def test_key_and_url_from_the_environment_are_never_printed(server: ServerProces
 
 
 def test_download_as_in_the_specification(
-    server: ServerProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    server_factory: Callable[..., ServerProcess],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tiny_store: Path,
 ) -> None:
-    """`pixcrawler download job_123 --api-key mykey`: numpy at 224x224 under ./datasets."""
+    """`pixcrawler download job_123 --api-key mykey`: numpy under ./datasets, at the images'
+    own size when they share one (job "a": 12x10 each)."""
+    server = server_factory(store=tiny_store)
     monkeypatch.chdir(tmp_path)
-    args = ("download", "demo", "--api-key", server.api_key, "--no-progress")
+    args = ("download", "a", "--api-key", server.api_key, "--no-progress")
     result = _cli(*args, env={"PIXCRAWLER_BASE_URL": server.url})
     assert result.exit_code == 0, result.output
-    assert "Saved 120 images of demo to datasets/demo (numpy, 224x224)." in result.stdout
+    assert "Saved 6 images of a to datasets/a (numpy, 10x12 (the images' own size))." in (
+        result.stdout
+    )
     assert result.stderr == ""
-    images = np.load("datasets/demo/images.npy", mmap_mode="r")
-    assert images.shape == (120, 224, 224, 3)
-    assert np.load("datasets/demo/labels.npy").shape == (120,)
+    images = np.load("datasets/a/images.npy", mmap_mode="r")
+    assert images.shape == (6, 10, 12, 3)
+    assert np.load("datasets/a/labels.npy").shape == (6,)
     again = _cli(*args, env={"PIXCRAWLER_BASE_URL": server.url})
     assert again.exit_code == 0 and "nothing to do" in again.stdout
 
@@ -172,7 +180,8 @@ def test_usage_errors_exit_2(tmp_path: Path, args: list[str], message: str) -> N
 
 
 def test_missing_api_key_is_a_usage_error(tmp_path: Path) -> None:
-    result = _cli("download", "demo", "--base-url", "http://127.0.0.1:9", "--output-dir", tmp_path)
+    # Only a server on this machine (loopback) may run without keys; 192.0.2.1 is TEST-NET.
+    result = _cli("download", "demo", "--base-url", "http://192.0.2.1", "--output-dir", tmp_path)
     assert result.exit_code == 2 and "PIXCRAWLER_API_KEY" in result.stderr
 
 
@@ -221,10 +230,27 @@ def test_an_export_of_another_job_or_version_is_refused(tiny_store: Path, tmp_pa
     (tmp_path / "b").rename(tmp_path / "a")
     result = _cli("download", "a", *common[:-3], "--format", "parquet", "--no-progress")
     assert result.exit_code == 1
-    _one_error_line(result, 'format="zip", not format="parquet"')
+    _one_error_line(result, "with --format zip, not --format parquet")
     src = tiny_store.parent / "src"
     Image.new("RGB", (5, 5)).save(src / "x" / "new.png")  # the job changes
     pack(src, tiny_store, "a", chunk_size=2)
     result = _cli("download", "a", *common)
     assert result.exit_code == 1
     _one_error_line(result, "re-packed")
+
+
+def test_list_and_info_as_json(server: ServerProcess) -> None:
+    env = {"PIXCRAWLER_API_KEY": server.api_key, "PIXCRAWLER_BASE_URL": server.url}
+    listed = _cli("list", "--json", env=env)
+    assert listed.exit_code == 0, listed.output
+    jobs = json.loads(listed.stdout)
+    assert [j["job_id"] for j in jobs] == ["demo", "pending"]
+    assert jobs[0]["num_images"] == 120 and jobs[1]["status"] == "processing"
+    shown = _cli("info", "pending", "--json", env=env)
+    assert shown.exit_code == 0, shown.output
+    info = json.loads(shown.stdout)
+    job = json.loads((server.store / "jobs" / "pending" / "job.json").read_text())
+    assert info["job_id"] == "pending" and info["status"] == "processing"
+    assert info["progress"] == 42 and info["num_images"] == job["num_images"]
+    assert info["num_chunks"] == len(job["chunks"]) and info["labels"] == job["labels"]
+    assert info["class_to_idx"] == {name: i for i, name in enumerate(job["labels"])}

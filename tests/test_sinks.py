@@ -169,8 +169,12 @@ def test_numpy_export_layout(store: Path, tmp_path: Path) -> None:
 
 
 def test_numpy_refuses_variable_sizes(store: Path, tmp_path: Path) -> None:
-    for policy in (None, DecodePolicy(image_size=(32, 32), resize="fit")):
-        with pytest.raises(ValueError, match="fixed image size"):
+    for policy in (
+        None,
+        DecodePolicy(image_size=(32, 32), resize="fit"),
+        DecodePolicy(color="keep"),
+    ):
+        with pytest.raises(ValueError, match="one shape for every image"):
             export_job(job_source(store), tmp_path / "x", format="numpy", policy=policy)
     assert not (tmp_path / "x" / "images.npy").exists()
 
@@ -275,7 +279,7 @@ def test_complete_export_is_not_redone_and_conflicts_are_refused(
     stamp = (target / "chunks" / "0.zip").stat().st_mtime_ns
     again = export_job(job_source(store), target, format="zip", config=CONFIG)
     assert again.already_complete and (target / "chunks" / "0.zip").stat().st_mtime_ns == stamp
-    with pytest.raises(PixCrawlerError, match='format="zip", not format="parquet"'):
+    with pytest.raises(PixCrawlerError, match="format='zip', not format='parquet'"):
         export_job(job_source(store), target, format="parquet", config=CONFIG)
     with pytest.raises(PixCrawlerError, match="holds an export of job 'demo', not 'pending'"):
         client = JobClient(f"file://{store}", None)

@@ -26,20 +26,20 @@ result is byte-for-byte what an uninterrupted run writes.
 from __future__ import annotations
 
 import dataclasses
-import queue
-import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pixcrawler_engine._config import DecodePolicy, EngineConfig
+from pixcrawler_engine.export._fetch import KeepDownloads, fetch_in_order, release
 from pixcrawler_engine.export._files import ImagesWriter, NumpyWriter, ZipWriter
+from pixcrawler_engine.export._order import SelectedSource, Selection
 from pixcrawler_engine.export._parquet import ParquetWriter
+from pixcrawler_engine.export._size import common_size
 from pixcrawler_engine.export._state import Workspace
 from pixcrawler_engine.export._writers import FormatWriter, Piece
-from pixcrawler_engine.sources._base import ChunkPlan, SourceWrapper, SubsetSource
+from pixcrawler_engine.sources._base import ChunkPlan, SubsetSource
 from pixcrawler_engine.sources._cache import CachedSource, ChunkCache
 
 __all__ = ["EXPORT_FORMATS", "ExportResult", "export_job"]
@@ -61,10 +61,13 @@ class ExportResult:
     Attributes:
         path: the export's folder.
         format: the format written.
-        num_images: images in the job.
+        num_images: images selected for the export (all of the job's by default).
         chunks_written: chunks written by this run.
         chunks_resumed: chunks an earlier run had written already.
         already_complete: the folder held this complete export; nothing was done.
+        skipped: samples this run left out because they could not be decoded
+            (`on_error` skip or warn).
+        image_size: the (height, width) images were decoded to, if they were.
     """
 
     path: Path
@@ -73,6 +76,8 @@ class ExportResult:
     chunks_written: int
     chunks_resumed: int
     already_complete: bool
+    skipped: int = 0
+    image_size: tuple[int, int] | None = None
 
 
 def export_job(
@@ -84,6 +89,8 @@ def export_job(
     config: EngineConfig | None = None,
     cache: ChunkCache | None = None,
     progress: Progress | None = None,
+    selection: Selection | None = None,
+    force: bool = False,
 ) -> ExportResult:
     """Exports a job to `target`, resuming an interrupted export of the same job and options.
 
@@ -93,41 +100,55 @@ def export_job(
         format: `numpy`, `images`, `zip` or `parquet` (the module docstrings of `_export_files`
             and `_export_parquet` describe the layouts).
         policy: how to decode; None exports the stored bytes without decoding (`zip`, and
-            `images`/`parquet` in their original encoding). `numpy` needs a fixed size.
+            `images`/`parquet` in their original encoding). `numpy` needs one image size:
+            without `policy.image_size`, the one every image's header says (see `_size`).
         config: engine settings (`max_workers` downloads, `num_workers` decoders, ...).
         cache: a chunk cache shared with other runs; None keeps downloads in the export's
             work folder only.
         progress: called with (images done, images in all) as the export advances.
+        selection: the seeded shuffle and the first-N cut (see `_order`); all samples in
+            dataset order by default.
+        force: start over when `target` holds an export of other options, another job
+            version or another job, instead of refusing.
 
     Returns:
         What was done.
 
     Raises:
-        ValueError: a format/policy combination that cannot work (said how to fix).
+        ValueError: a format/policy combination that cannot work (said how to fix), or a
+            numpy export without an image size of images that differ in size.
         PixCrawlerError: the target holds another export, or fetching or decoding failed;
             what is committed stays, and the same call resumes.
         OSError: the target cannot be written.
     """
     if format not in _WRITERS:
         raise ValueError(f"unknown export format {format!r}; use one of {EXPORT_FORMATS}")
+    selection = selection or Selection()
     if format == "zip" and policy is not None:
         raise ValueError("the zip format keeps the chunk files as they are; it takes no policy")
+    if format == "zip" and selection != Selection():
+        raise ValueError(
+            "the zip format keeps whole chunk files: it takes no shuffle or max_samples"
+        )
     _WRITERS[format].check(policy)  # before anything is written
     config = (config or EngineConfig()).replace(shuffle=False)
     manifest = source.manifest
-    plans = source.plan()
-    total = sum(p.num_records for p in plans)
-    options: dict[str, Any] = {"format": format, "decode": None}
+    ws = Workspace(Path(target))
+    inner = CachedSource(source, cache) if cache is not None else source
+    selected = SelectedSource(inner, selection)
+    fetcher = KeepDownloads(selected, ws.downloads)
+    plans = selected.plan()
+    total = selected.total
+    options: dict[str, Any] = {"format": format, "decode": None, **selection.identity()}
     if policy is not None:
         decode = dataclasses.asdict(policy)
         decode["image_size"] = list(policy.image_size) if policy.image_size else None
         options["decode"] = decode
     identity = {"job_id": manifest.job_id, "job_version": manifest.version, **options}
 
-    ws = Workspace(Path(target))
     writer: FormatWriter | None = None
     try:
-        state = ws.open(identity)
+        state = ws.open(identity, force=force)
         if state["phase"] == "complete":
             if progress is not None:
                 progress(total, total)
@@ -138,23 +159,27 @@ def export_job(
                 chunks_written=0,
                 chunks_resumed=len(plans),
                 already_complete=True,
+                image_size=_size_of(policy, state),
             )
+        if format == "numpy" and policy is not None and policy.image_size is None:
+            policy = _with_common_size(policy, ws, fetcher, plans, config)
         threads = config.workers  # PNG encoding: numpy and zlib release the GIL
         writer = _WRITERS[format](ws, manifest, policy=policy, threads=threads)
+        writer.order = selected
         ws.sweep_temps()
         done = ws.done_chunks()
         todo = [p for p in plans if p.index not in done]
+        written = 0
         if state["phase"] == "writing":
             writer.begin()
             if todo:
-                fetcher = _fetching_source(source, ws, cache)
                 counter = _Counter(total - sum(p.num_records for p in todo), total, progress)
                 counter.report()
                 if writer.decoded:
                     assert policy is not None
-                    _write_decoded(writer, fetcher, todo, config, policy, counter)
+                    written = _write_decoded(writer, fetcher, todo, config, policy, counter)
                 else:
-                    _write_encoded(writer, fetcher, todo, config, counter)
+                    written = _write_encoded(writer, fetcher, todo, config, counter)
             state["phase"] = "finalizing"
             ws.save()
         writer.finalize()
@@ -170,11 +195,50 @@ def export_job(
             chunks_written=len(todo),
             chunks_resumed=len(plans) - len(todo),
             already_complete=False,
+            skipped=sum(p.num_records for p in todo) - written if todo else 0,
+            image_size=_size_of(policy, state),
         )
     finally:
         if writer is not None:
             writer.close()
         ws.close()
+
+
+def _size_of(policy: DecodePolicy | None, state: dict[str, Any]) -> tuple[int, int] | None:
+    if policy is None:
+        return None
+    if policy.image_size is not None:
+        return policy.image_size
+    size = state.get("common_size")
+    return (int(size[0]), int(size[1])) if size else None
+
+
+def _with_common_size(
+    policy: DecodePolicy,
+    ws: Workspace,
+    fetcher: KeepDownloads,
+    plans: Sequence[ChunkPlan],
+    config: EngineConfig,
+) -> DecodePolicy:
+    """The policy at the size every image has (found once, then kept in the state)."""
+    size = ws.state.get("common_size")
+    if size is None:
+        depth = max(config.prefetch_chunks, config.max_workers)
+
+        def fetch(chunks: list[int]) -> Iterator[tuple[int, Path]]:
+            return fetch_in_order(fetcher, chunks, config.max_workers, depth)
+
+        try:
+            size = list(common_size(fetcher, [p.index for p in plans], fetch))
+        except ValueError:
+            # Refused before anything is written: the next run may choose an image size
+            # without --force, and finds the chunks fetched so far in the download folder.
+            if not ws.done_chunks():
+                ws.forget()
+            raise
+        ws.state["common_size"] = size
+        ws.save()
+    return dataclasses.replace(policy, image_size=(int(size[0]), int(size[1])))
 
 
 @dataclass
@@ -192,120 +256,46 @@ class _Counter:
             self.callback(self.done, self.total)
 
 
-class _KeepDownloads(SourceWrapper):
-    """A source whose chunk files go to the export's download folder, not the run's temp folder.
-
-    The run never owns them (so it never deletes them); the export deletes each one after its
-    chunk's part is committed. An interrupted download stays as `<index>.zip.part`, which the
-    next run resumes.
-    """
-
-    def __init__(self, source: Any, folder: Path) -> None:
-        super().__init__(source)
-        self.folder = folder
-
-    def fetch(self, chunk: int, workdir: Path) -> tuple[Path, bool]:
-        path, _ = self.source.fetch(chunk, self.folder)
-        return path, False
-
-
-def _fetching_source(source: Any, ws: Workspace, cache: ChunkCache | None) -> _KeepDownloads:
-    inner = CachedSource(source, cache) if cache is not None else source
-    return _KeepDownloads(inner, ws.downloads)
-
-
-def _release(ws: Workspace, path: Path) -> None:
-    """Deletes a chunk file once its part is committed, if it is the export's own download."""
-    if path.parent == ws.downloads:
-        path.unlink(missing_ok=True)
-
-
 def _write_encoded(
     writer: FormatWriter,
-    source: _KeepDownloads,
+    source: KeepDownloads,
     todo: Sequence[ChunkPlan],
     config: EngineConfig,
     counter: _Counter,
-) -> None:
-    """Writes the parts of formats that keep the stored bytes: no decoding, no processes."""
+) -> int:
+    """Writes the parts of formats that keep the stored bytes: no decoding, no processes.
+
+    Returns the number of samples written.
+    """
     depth = max(config.prefetch_chunks, config.max_workers)
     sizes = {p.index: p.num_records for p in todo}
-    for chunk, path in _fetch_in_order(source, list(sizes), config.max_workers, depth):
+    written = 0
+    for chunk, path in fetch_in_order(source, list(sizes), config.max_workers, depth):
         records = source.records(chunk, path) if writer.needs_records else None
         owned = path.parent == writer.ws.downloads
-        writer.chunk_file(chunk, path, records, owned=owned, rows=config.batch_rows)
-        _release(writer.ws, path)
+        written += writer.chunk_file(chunk, path, records, owned=owned, rows=config.batch_rows)
+        release(writer.ws, path)
         counter.add(sizes[chunk])
-
-
-def _fetch_in_order(
-    source: _KeepDownloads, chunks: list[int], workers: int, depth: int
-) -> Iterator[tuple[int, Path]]:
-    """Fetches chunks on `workers` threads, at most `depth` ahead; yields them in order.
-
-    The threads are daemons: a download stuck in a socket read must not keep the process
-    alive after Ctrl-C (a `ThreadPoolExecutor` would join them at exit).
-    """
-    jobs: queue.Queue[tuple[int, Future[Path]] | None] = queue.Queue()
-    stop = threading.Event()
-
-    def work() -> None:
-        while not stop.is_set():
-            item = jobs.get()
-            if item is None:
-                return
-            chunk, future = item
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(source.fetch(chunk, source.folder)[0])
-            except BaseException as exc:
-                future.set_exception(exc)
-
-    threads = [
-        threading.Thread(target=work, name="pxc-export-fetch", daemon=True)
-        for _ in range(max(1, min(workers, len(chunks))))
-    ]
-    for t in threads:
-        t.start()
-    futures: list[tuple[int, Future[Path]]] = []
-    try:
-        nxt = 0
-        for i, chunk in enumerate(chunks):
-            while nxt < len(chunks) and nxt < i + depth:
-                future: Future[Path] = Future()
-                futures.append((chunks[nxt], future))
-                jobs.put((chunks[nxt], future))
-                nxt += 1
-            _, future = futures[i]
-            while True:
-                try:
-                    path = future.result(timeout=0.5)  # wakes up for Ctrl-C
-                    break
-                except TimeoutError:
-                    continue
-            yield chunk, path
-    finally:
-        stop.set()
-        for _, future in futures:
-            future.cancel()
-        for _ in threads:
-            jobs.put(None)
+    return written
 
 
 def _write_decoded(
     writer: FormatWriter,
-    source: _KeepDownloads,
+    source: KeepDownloads,
     todo: Sequence[ChunkPlan],
     config: EngineConfig,
     policy: DecodePolicy,
     counter: _Counter,
-) -> None:
-    """Writes the parts of formats that decode, from one engine run over the missing chunks."""
+) -> int:
+    """Writes the parts of formats that decode, from one engine run over the missing chunks.
+
+    Returns the number of samples written.
+    """
     from pixcrawler_engine.runtime._stream import Stream
 
-    pending = list(todo)  # in dataset order, as the stream delivers
+    pending = list(todo)  # in output order, as the stream delivers
     rows = 0  # samples of pending[0] written so far
+    written = 0
 
     def commit_first() -> None:
         nonlocal rows
@@ -315,7 +305,7 @@ def _write_decoded(
         writer.commit_chunk()
         counter.add(plan.num_records - rows)  # the skipped samples count as done too
         rows = 0
-        _release(writer.ws, writer.ws.downloads / f"{plan.index}.zip")
+        release(writer.ws, writer.ws.downloads / f"{plan.index}.zip")
 
     subset = SubsetSource(source, [p.index for p in todo])
     try:
@@ -329,6 +319,7 @@ def _write_decoded(
                 # batch.images are views into shared memory: written out now, never kept.
                 writer.write(Piece(chunk, batch.record_batch, pixels=batch.images))
                 rows += len(batch)
+                written += len(batch)
                 counter.add(len(batch))
                 del batch
                 if rows == pending[0].num_records:
@@ -338,3 +329,4 @@ def _write_decoded(
     except BaseException:
         writer.abort_chunk()
         raise
+    return written

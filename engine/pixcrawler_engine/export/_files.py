@@ -55,19 +55,30 @@ class NumpyWriter(FormatWriter):
     def __init__(self, ws: Workspace, manifest: Any, **kw: Any) -> None:
         super().__init__(ws, manifest, **kw)
         self.check(self.policy)
-        assert self.policy is not None and self.policy.fixed_shape is not None
-        shape = self.policy.fixed_shape
-        self.shape = shape
-        self.total = sum(c.num_images for c in manifest.chunks)
+        assert self.policy is not None and self.policy.fixed_shape is not None, (
+            "the driver gives numpy an image size (see export._size)"
+        )
+        self.shape = self.policy.fixed_shape
         self.images: np.memmap | None = None
         self.lines: list[str] = []
 
+    @property
+    def total(self) -> int:
+        """Rows of images.npy: every selected sample (fewer once bad ones are dropped)."""
+        if self.order is not None:
+            return int(self.order.total)
+        return sum(c.num_images for c in self.manifest.chunks)
+
     @classmethod
     def check(cls, policy: DecodePolicy | None) -> None:
-        if policy is None or policy.fixed_shape is None or policy.on_error != "raise":
+        if (
+            policy is None
+            or policy.color == "keep"
+            or (policy.image_size is not None and policy.fixed_shape is None)
+        ):
             raise ValueError(
-                "the numpy format needs one fixed image size and every sample: pass an image "
-                "size (resize stretch, crop or pad, not fit) and on_error='raise'"
+                "the numpy format needs one shape for every image: decode to color='RGB' or "
+                "'L', and resize with stretch, crop or pad, not fit"
             )
 
     def begin(self) -> None:
@@ -93,13 +104,17 @@ class NumpyWriter(FormatWriter):
 
     def write(self, piece: Piece) -> None:
         assert self.images is not None and isinstance(piece.pixels, np.ndarray)
-        index = piece.columns.column("index").to_numpy()
-        first = int(index[0])
-        if np.array_equal(index, np.arange(first, first + len(index))):
-            self.images[first : first + len(index)] = piece.pixels
+        rows = self._rows(piece.chunk, piece.columns.column("index").to_numpy())
+        first = int(rows[0])
+        if np.array_equal(rows, np.arange(first, first + len(rows))):
+            self.images[first : first + len(rows)] = piece.pixels
         else:
-            self.images[index] = piece.pixels
+            self.images[rows] = piece.pixels
         self.lines.extend(json.dumps(row) + "\n" for row in piece.rows())
+
+    def _rows(self, chunk: int, indices: np.ndarray) -> np.ndarray:
+        """The rows of images.npy that samples of `chunk` (by dataset index) go to."""
+        return indices if self.order is None else self.order.rows(chunk, indices)
 
     def commit_chunk(self) -> None:
         assert self.tmp is not None
@@ -112,11 +127,15 @@ class NumpyWriter(FormatWriter):
         target = self.ws.target
         classes = [label for label in self.manifest.labels if isinstance(label, str)]
         labels: list[Any] = []
+        rows: list[int] = []  # the row of images.npy each line's image is in
         with open(_tmp_name(target / "metadata.jsonl"), "w", encoding="utf-8") as out:
             for part in self._committed():
                 with open(part, encoding="utf-8") as f:
                     for line in f:
-                        labels.append(json.loads(line)["label"])
+                        sample = json.loads(line)
+                        labels.append(sample["label"])
+                        index = np.array([sample["index"]])
+                        rows.append(int(self._rows(sample["chunk"], index)[0]))
                         out.write(line)
         os.replace(out.name, target / "metadata.jsonl")
         extra = sorted({lb for lb in labels if isinstance(lb, str)} - set(classes))
@@ -143,7 +162,12 @@ class NumpyWriter(FormatWriter):
             self.images.flush()
             self.images = None
         src = self.ws.meta / "images.npy"
-        if src.exists():  # already moved if an earlier run was cut short here
+        if not src.exists():  # already moved if an earlier run was cut short here
+            return
+        if len(rows) < self.total:  # samples were left out (on_error skip/warn): close ranks
+            _compact(src, rows, target / "images.npy")
+            src.unlink()
+        else:
             os.replace(src, target / "images.npy")
 
 
@@ -215,7 +239,7 @@ class ZipWriter(FormatWriter):
 
     def chunk_file(
         self, chunk: int, path: Path, records: Sequence[Record] | None, *, owned: bool, rows: int
-    ) -> None:
+    ) -> int:
         self.begin_chunk(chunk)
         assert self.tmp is not None
         try:
@@ -227,6 +251,7 @@ class ZipWriter(FormatWriter):
         except BaseException:
             self.abort_chunk()
             raise
+        return next(c.num_images for c in self.manifest.chunks if c.index == chunk)
 
     def finalize(self) -> None:
         target = self.ws.target
@@ -260,6 +285,23 @@ class ZipWriter(FormatWriter):
             "chunks": chunks,
         }
         Workspace.write_text(target / "job.json", json.dumps(job, indent=1) + "\n")
+
+
+def _compact(src: Path, rows: list[int], dest: Path) -> None:
+    """Writes `dest` holding the rows of `src` listed in `rows`, in that order.
+
+    `src` is only read, so this step is idempotent: a run killed here does it again.
+    """
+    images = np.lib.format.open_memmap(src, mode="r")
+    tmp = _tmp_name(dest)
+    shape = (len(rows), *images.shape[1:])
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+    block = max(1, (64 << 20) // max(1, int(np.prod(images.shape[1:]))))
+    for start in range(0, len(rows), block):
+        out[start : start + block] = images[rows[start : start + block]]
+    out.flush()
+    del out, images
+    os.replace(tmp, dest)
 
 
 def _suffix(key: str) -> str:

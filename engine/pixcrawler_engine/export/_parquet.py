@@ -140,9 +140,10 @@ class ParquetWriter(FormatWriter):
     def finalize(self) -> None:
         data = self.ws.target / "data"
         data.mkdir(exist_ok=True)
-        total = len(self.manifest.chunks)
-        for position, info in enumerate(self.manifest.chunks):
-            src = self.ws.part(info.index, self.kind)
+        order = self.chunk_order()
+        total = len(order)
+        for position, chunk in enumerate(order):
+            src = self.ws.part(chunk, self.kind)
             if src.exists():  # a shard already moved, or an empty chunk, has no part here
                 os.replace(src, data / f"train-{position:05d}-of-{total:05d}.parquet")
 

@@ -91,12 +91,14 @@ class Workspace:
 
     # ------------------------------------------------------------------------ life cycle
 
-    def open(self, identity: dict[str, Any]) -> dict[str, Any]:
+    def open(self, identity: dict[str, Any], *, force: bool = False) -> dict[str, Any]:
         """Creates or reopens the work folder for an export with this identity.
 
         Args:
             identity: JSON-able fields that must match for an export to be resumed (job id,
                 job version, format, options).
+            force: when the folder holds an export of another identity, delete it and start
+                over (the chunk downloads stay: they are verified before any reuse).
 
         Returns:
             The state (`phase` is `writing`, `finalizing` or `complete`).
@@ -127,8 +129,14 @@ class Workspace:
             ) from exc
         self._take_lock()
         if self.state_path.is_file():
-            state = self._read_state()
-            self._check_identity(state, identity)
+            try:
+                state = self._read_state()
+                self._check_identity(state, identity)
+            except PixCrawlerError:
+                if not force:
+                    raise
+                self._start_over()
+                state = {"state_version": STATE_VERSION, **identity, "phase": "writing"}
         else:
             state = {"state_version": STATE_VERSION, **identity, "phase": "writing"}
         self.state = state
@@ -146,6 +154,31 @@ class Workspace:
     def save(self) -> None:
         """Writes the state atomically (temporary file, then rename)."""
         self.write_text(self.state_path, json.dumps(self.state, indent=1, sort_keys=True) + "\n")
+
+    def forget(self) -> None:
+        """Drops the state of an export that wrote nothing yet: the next run starts afresh.
+
+        The downloads stay, for that run to reuse.
+        """
+        self.state_path.unlink(missing_ok=True)
+        shutil.rmtree(self.parts, ignore_errors=True)
+
+    def _start_over(self) -> None:
+        """Deletes everything of an earlier export in the target except its downloads."""
+        for entry in self.target.iterdir():
+            if entry.name == META:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        for entry in self.meta.iterdir():
+            if entry.name in ("lock", self.downloads.name):
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
 
     def cleanup(self) -> None:
         """Removes the parts and downloads of a complete export; the state file stays."""
@@ -222,29 +255,53 @@ class Workspace:
         if state.get("job_id") != identity.get("job_id"):
             raise PixCrawlerError(
                 f"{self.target} holds an export of job {state.get('job_id')!r}, not "
-                f"{identity.get('job_id')!r}; choose another --output-dir"
+                f"{identity.get('job_id')!r}; choose another --output-dir (or replace it "
+                "with force=True)"
             )
         if state.get("job_version") != identity.get("job_version"):
             raise PixCrawlerError(
                 f"{self.target} holds an export of job {state.get('job_id')!r} version "
                 f"{state.get('job_version')!r}, but the job is now version "
-                f"{identity.get('job_version')!r} (it was re-packed); delete that folder or "
-                "choose another --output-dir"
+                f"{identity.get('job_version')!r} (it was re-packed); start over with "
+                "force=True, or choose another --output-dir"
             )
-        differ = [
-            k
-            for k in identity
-            if k not in ("job_id", "job_version") and state.get(k) != identity[k]
-        ]
+        old, new = _options(state), _options(identity)
+        differ = [k for k in {**old, **new} if old.get(k, _MISSING) != new.get(k, _MISSING)]
+        if "decode" in differ:  # one decodes and the other not: its size and colour say enough
+            differ = [k for k in differ if k in _NOT_DECODE or k in _DECODE_NAMED]
         if differ:
-            was = ", ".join(f"{k}={_show(state.get(k))}" for k in differ)
-            now = ", ".join(f"{k}={_show(identity[k])}" for k in differ)
+            was = ", ".join(f"{k}={_show(old[k])}" for k in differ if k in old)
+            now = ", ".join(f"{k}={_show(new[k])}" for k in differ if k in new)
             raise PixCrawlerError(
                 f"{self.target} holds an export of job {state.get('job_id')!r} with {was}, not "
-                f"{now}; rerun with the same options to resume it, or choose another "
-                "--output-dir"
+                f"{now}; rerun with the same options to resume it, start over with the new "
+                "ones with force=True, or choose another --output-dir"
             )
+
+
+_MISSING = object()
+# The decode options worth naming when the other export did not decode at all.
+_DECODE_NAMED = ("image_size", "color")
+_NOT_DECODE = ("format", "decode", "shuffle_seed", "max_samples")
+
+
+def _options(identity: dict[str, Any]) -> dict[str, Any]:
+    """An export's options as flat `name: value` pairs, the way a caller passes them.
+
+    `decode=None` (the files as stored) stands alone; a decoding export lists its policy.
+    """
+    flat: dict[str, Any] = {}
+    for key, value in identity.items():
+        if key in ("job_id", "job_version", "state_version", "phase", "common_size"):
+            continue
+        if key == "decode" and isinstance(value, dict):
+            flat.update(value)
+        elif key not in ("label_kind",):
+            flat[key] = value
+    return flat
 
 
 def _show(value: Any) -> str:
-    return json.dumps(value, sort_keys=True)
+    if isinstance(value, list):
+        return repr(tuple(value))
+    return repr(value)

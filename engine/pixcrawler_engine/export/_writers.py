@@ -194,6 +194,9 @@ class FormatWriter:
     needs_records = True
     chunk: int | None  # the chunk being written
     tmp: Path | None  # its part, under a temporary name
+    # The export's selection (`_order.SelectedSource`): chunk order and output rows; set by
+    # the driver. None: every chunk, in the job's order.
+    order: Any = None
 
     def __init__(
         self,
@@ -222,17 +225,29 @@ class FormatWriter:
 
     def chunk_file(
         self, chunk: int, path: Path, records: Sequence[Record] | None, *, owned: bool, rows: int
-    ) -> None:
-        """Writes the part of one chunk from its local zip (exports without decoding)."""
+    ) -> int:
+        """Writes the part of one chunk from its local zip (exports without decoding).
+
+        Returns the number of samples written.
+        """
         assert records is not None
         self.begin_chunk(chunk)
+        written = 0
         try:
             for piece in pieces_from_zip(chunk, path, records, rows=rows, on_error=self.on_error):
                 self.write(piece)
+                written += len(piece)
             self.commit_chunk()
         except BaseException:
             self.abort_chunk()
             raise
+        return written
+
+    def chunk_order(self) -> list[int]:
+        """The indices of the exported chunks, in output order."""
+        if self.order is not None:
+            return list(self.order.chunk_order)
+        return [c.index for c in self.manifest.chunks]
 
     def begin_chunk(self, chunk: int) -> None:
         """Starts the part of `chunk`, under a temporary name (`self.tmp`, not created)."""
@@ -278,5 +293,6 @@ class FormatWriter:
         return list(self._pool.map(encode_png, images))
 
     def _committed(self) -> list[Path]:
-        """The committed parts of this format, in chunk order."""
-        return sorted(self.ws.parts.glob(f"[0-9]*.{self.kind}"))
+        """The committed parts of this format, in output order."""
+        parts = [self.ws.part(chunk, self.kind) for chunk in self.chunk_order()]
+        return [part for part in parts if part.exists()]

@@ -2,15 +2,17 @@
 
 _main.py           the group, its error handling, the configuration folder
 _store.py          pack, serve
-_download.py       download, list, info
+_api.py            what the job API commands share (--api-key, --base-url, --ca-bundle)
+_download.py       download
+_jobs.py           list, info
 _export_images.py  export-images
 """
 
 from __future__ import annotations
 
-from pixcrawler.cli import _download, _export_images, _store
+from pixcrawler.cli import _download, _export_images, _jobs, _store
 from pixcrawler.cli._main import main
 
 __all__ = ["main"]
 
-del _download, _export_images, _store  # imported for the commands they register on `main`
+del _download, _export_images, _jobs, _store  # imported for the commands they register on `main`

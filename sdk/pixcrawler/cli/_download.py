@@ -1,106 +1,31 @@
-"""The `download`, `list` and `info` commands of the `pixcrawler` CLI, registered on `_cli.main`.
+"""The `download` command: a job exported to numpy, image folders, zip or Parquet, resumably.
 
-The API key comes from `--api-key` or `PIXCRAWLER_API_KEY` and the base URL from `--base-url`
-or `PIXCRAWLER_BASE_URL`; the key is never printed, not even in `--help`. Exit status: 0 done,
-1 a failure (one `Error: ...` line on stderr, from `_cli._Group`), 2 a usage error, 130
-interrupted (`download` resumes when run again).
+Exit status: 0 done, 1 a failure (one `Error: ...` line on stderr, from `_main._Group`), 2 a
+usage error, 130 interrupted (`download` resumes when run again).
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
-from urllib.parse import urlsplit
 
 import click
 
-from pixcrawler._server_keys import is_loopback
-from pixcrawler.cli._main import CONFIGS, main
+from pixcrawler.cli._api import ImageSize, api_options, client, engine_config
+from pixcrawler.cli._main import main
 
-__all__ = ["download", "info", "list_jobs"]
+__all__ = ["download"]
 
-DEFAULT_BASE_URL = "https://api.pixcrawler.com"
-ENV_API_KEY = "PIXCRAWLER_API_KEY"
-ENV_BASE_URL = "PIXCRAWLER_BASE_URL"
-# numpy output needs one shape for every image; this is torchvision's usual input size.
-DEFAULT_NUMPY_SIZE = (224, 224)
 FORMATS = ("numpy", "images", "zip", "parquet")
 RESIZE_MODES = ("stretch", "crop", "pad", "fit")
-
-
-class ImageSize(click.ParamType):
-    """`HxW` (or `N` for a square) with positive integers, as (height, width)."""
-
-    name = "HxW"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if isinstance(value, tuple):
-            return value
-        text = str(value).strip().lower()
-        parts = text.split("x")
-        if len(parts) == 1:
-            parts = parts * 2
-        try:
-            height, width = (int(p) for p in parts)
-        except ValueError:
-            height = width = -1
-        if height <= 0 or width <= 0 or len(parts) != 2:
-            self.fail(
-                f"{value!r} is not a size: give HEIGHTxWIDTH with two positive integers, "
-                "for example 224x224 (or 224 for a square)",
-                param,
-                ctx,
-            )
-        return (height, width)
-
-
-def _api_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """`--api-key` and `--base-url`, shared by the commands that talk to the job API."""
-    f = click.option(
-        "--base-url",
-        envvar=ENV_BASE_URL,
-        default=DEFAULT_BASE_URL,
-        show_default=True,
-        show_envvar=True,
-        help="Job API URL, or file:///path/to/store for a local job store.",
-    )(f)
-    return click.option(
-        "--api-key",
-        envvar=ENV_API_KEY,
-        default=None,
-        show_envvar=True,
-        help="PixCrawler API key (not needed for file:// stores).",
-    )(f)
-
-
-def _client(api_key: str | None, base_url: str, config: Any) -> Any:
-    from pixcrawler_engine.sources._jobapi import JobClient
-
-    scheme = urlsplit(base_url).scheme.lower()
-    if scheme not in ("http", "https", "file"):
-        raise click.BadParameter(
-            f"{base_url!r}: use https://host, http://host or file:///path/to/store",
-            param_hint="'--base-url'",
-        )
-    if not api_key and scheme != "file" and not is_loopback(urlsplit(base_url).hostname or ""):
-        # A server on this machine may run without keys (`pixcrawler serve` on loopback).
-        raise click.UsageError(f"no API key: pass --api-key or set {ENV_API_KEY}")
-    return JobClient.from_config(base_url, api_key or None, config)
-
-
-def _engine_config(**overrides: Any) -> Any:
-    from pixcrawler_engine._config import EngineConfig
-
-    given = {k: v for k, v in overrides.items() if v is not None}
-    path = CONFIGS / "engine.toml"
-    return EngineConfig.from_toml(path, **given) if path.is_file() else EngineConfig(**given)
+COLOR_MODES = ("RGB", "L", "keep")
+ON_ERROR = ("raise", "skip", "warn")
 
 
 @main.command()
 @click.argument("job_id")
-@_api_options
+@api_options
 @click.option(
     "--output-dir",
     type=click.Path(path_type=Path),
@@ -134,8 +59,8 @@ def _engine_config(**overrides: Any) -> Any:
     type=ImageSize(),
     default=None,
     metavar="HxW",
-    help="Decode and resize to HxW [numpy default: 224x224; images and parquet default: the "
-    "original files, not decoded].",
+    help="Decode and resize to HxW [numpy default: the images' own size when they all share "
+    "one; images and parquet default: the original files, not decoded].",
 )
 @click.option(
     "--resize",
@@ -144,6 +69,48 @@ def _engine_config(**overrides: Any) -> Any:
     show_default=True,
     help="How images reach --image-size: stretch, crop (cover, centre-crop), pad, or fit "
     "(inside, aspect kept; not for numpy).",
+)
+@click.option(
+    "--color",
+    type=click.Choice(COLOR_MODES),
+    default=None,
+    help="Decode to RGB, L (grayscale) or keep (the file's channels; not for numpy) "
+    "[numpy default: RGB; images and parquet: decoded only with --color or --image-size].",
+)
+@click.option(
+    "--on-error",
+    type=click.Choice(ON_ERROR),
+    default="raise",
+    show_default=True,
+    help="An image that cannot be decoded stops the download (raise), or is left out "
+    "(skip), with a line on stderr naming it (warn).",
+)
+@click.option(
+    "--max-pixels",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Refuse images with more pixels than this, before decoding [default: 250,000,000].",
+)
+@click.option(
+    "--shuffle", is_flag=True, help="Write the samples in a seeded random order (see --seed)."
+)
+@click.option(
+    "--seed",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Seed of --shuffle [default: 0]; the order load_dataset(shuffle=True, seed=...) gives.",
+)
+@click.option(
+    "--max-samples",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Write only the first N samples (of the shuffled order with --shuffle).",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Start over when the folder holds an export of other options or another job version "
+    "(otherwise refused, so that a resumed download never mixes two).",
 )
 @click.option(
     "--cache-dir",
@@ -159,12 +126,20 @@ def download(
     job_id: str,
     api_key: str | None,
     base_url: str,
+    ca_bundle: Path | None,
     output_dir: Path,
     fmt: str,
     max_workers: int | None,
     num_workers: int | None,
     image_size: tuple[int, int] | None,
     resize: str,
+    color: str | None,
+    on_error: str,
+    max_pixels: int | None,
+    shuffle: bool,
+    seed: int | None,
+    max_samples: int | None,
+    force: bool,
     cache_dir: Path | None,
     use_cache: bool,
     no_progress: bool,
@@ -174,32 +149,30 @@ def download(
     An interrupted download (Ctrl-C, a lost connection, a killed process) resumes when the
     same command is run again: finished chunks are neither downloaded nor written twice.
     """
-    from pixcrawler_engine._config import DecodePolicy, ResizeMode
+    from pixcrawler.cli._words import sample_lines
     from pixcrawler_engine.export._driver import export_job
+    from pixcrawler_engine.export._order import Selection
     from pixcrawler_engine.export._state import safe_name
     from pixcrawler_engine.sources._base import JobSource
     from pixcrawler_engine.sources._cache import ChunkCache
 
-    if fmt == "zip" and image_size is not None:
+    policy = _download_policy(fmt, image_size, resize, color, on_error, max_pixels)
+    if fmt == "zip" and (shuffle or max_samples is not None):
+        flag = "--shuffle" if shuffle else "--max-samples"
         raise click.BadOptionUsage(
-            "image_size", "--image-size does not apply to --format zip: the chunks stay as they are"
+            flag, f"{flag} does not apply to --format zip: the chunk files stay whole"
         )
-    if fmt == "numpy" and resize == "fit":
-        raise click.BadOptionUsage(
-            "resize", "--resize fit gives images of different sizes, which numpy cannot stack"
-        )
-    if fmt == "numpy" and image_size is None:
-        image_size = DEFAULT_NUMPY_SIZE
-    mode = cast(ResizeMode, resize)
-    policy = DecodePolicy(image_size=image_size, resize=mode) if image_size else None
-    config = _engine_config(max_workers=max_workers, num_workers=num_workers)
+    if seed is not None and not shuffle:
+        raise click.BadOptionUsage("seed", "--seed only applies with --shuffle")
+    selection = Selection(shuffle=shuffle, seed=seed or 0, max_samples=max_samples)
+    config = engine_config(max_workers=max_workers, num_workers=num_workers, verify_ssl=ca_bundle)
     cache = None
     if cache_dir is not None or use_cache:
         cache = ChunkCache(cache_dir, limit_bytes=config.cache_limit_bytes)
     from tqdm import tqdm
 
-    with _client(api_key, base_url, config) as client:
-        manifest = client.get_job(job_id)
+    with client(api_key, base_url, config) as jobs, sample_lines("download"):
+        manifest = jobs.get_job(job_id)
         target = output_dir / safe_name(manifest.job_id)
         bars: list[Any] = []  # opened on the first report: a refused export shows no bar
 
@@ -210,13 +183,15 @@ def download(
 
         try:
             result = export_job(
-                JobSource(client, manifest),
+                JobSource(jobs, manifest),
                 target,
                 format=fmt,
                 policy=policy,
                 config=config,
                 cache=cache,
                 progress=progress,
+                selection=selection,
+                force=force,
             )
         except KeyboardInterrupt:
             for bar in bars:
@@ -229,59 +204,60 @@ def download(
         finally:
             for bar in bars:
                 bar.close()
+    click.echo(_saved_line(result, job_id, fmt, image_size))
+
+
+def _download_policy(
+    fmt: str,
+    image_size: tuple[int, int] | None,
+    resize: str,
+    color: str | None,
+    on_error: str,
+    max_pixels: int | None,
+) -> Any:
+    """The decode policy of a download (None: the files are kept as they are), or a usage error."""
+    from pixcrawler_engine._config import DecodePolicy
+
+    if fmt == "zip":
+        for flag, given in (("--image-size", image_size), ("--color", color)):
+            if given is not None:
+                raise click.BadOptionUsage(
+                    flag, f"{flag} does not apply to --format zip: the chunks stay as they are"
+                )
+    if fmt == "numpy" and resize == "fit" and image_size is not None:
+        raise click.BadOptionUsage(
+            "resize", "--resize fit gives images of different sizes, which numpy cannot stack"
+        )
+    if fmt == "numpy" and color == "keep":
+        raise click.BadOptionUsage(
+            "color", "--color keep gives images of different channels, which numpy cannot stack"
+        )
+    if fmt == "zip" or (fmt != "numpy" and image_size is None and color is None):
+        return None
+    extra = {} if max_pixels is None else {"max_pixels": max_pixels}
+    return DecodePolicy(
+        image_size=image_size,
+        resize=cast(Any, resize),
+        color=cast(Any, color or "RGB"),
+        on_error=cast(Any, on_error),
+        **extra,
+    )
+
+
+def _saved_line(result: Any, job_id: str, fmt: str, asked: tuple[int, int] | None) -> str:
+    """The last line of a download: what was written where."""
     if result.already_complete:
-        click.echo(f"{target} already holds the complete {fmt} export of {job_id}; nothing to do.")
-        return
+        return f"{result.path} already holds the complete {fmt} export of {job_id}; nothing to do."
     resumed = (
         f" (resumed: {result.chunks_resumed} of {result.chunks_resumed + result.chunks_written} "
         "chunks were already written)"
         if result.chunks_resumed
         else ""
     )
-    how = f"{fmt}, {image_size[0]}x{image_size[1]}" if image_size else fmt
-    click.echo(f"Saved {result.num_images:,} images of {job_id} to {target} ({how}){resumed}.")
-
-
-@main.command("list")
-@_api_options
-def list_jobs(api_key: str | None, base_url: str) -> None:
-    """List the datasets (jobs) your API key can read."""
-    from pixcrawler._info import format_bytes
-
-    with _client(api_key, base_url, _engine_config()) as client:
-        jobs = client.list_jobs()
-    if not jobs:
-        click.echo("No datasets.")
-        return
-    header = ("JOB ID", "STATUS", "IMAGES", "CHUNKS", "SIZE", "CREATED")
-    rows = [header]
-    for job in jobs:
-        chunks = job.get("num_chunks", len(job.get("chunks") or []))
-        size = job.get("size_bytes")
-        rows.append(
-            (
-                str(job.get("job_id", "?")),
-                str(job.get("status", "?")),
-                f"{job['num_images']:,}" if isinstance(job.get("num_images"), int) else "?",
-                str(chunks),
-                format_bytes(size) if isinstance(size, int) else "?",
-                str(job.get("created_at", "")).replace("T", " ").removesuffix("Z"),
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    for row in rows:
-        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
-
-
-@main.command()
-@click.argument("job_id")
-@_api_options
-def info(job_id: str, api_key: str | None, base_url: str) -> None:
-    """Show the metadata of dataset JOB_ID (images, chunks, size, labels)."""
-    from pixcrawler._info import DatasetInfo
-
-    with _client(api_key, base_url, _engine_config()) as client:
-        manifest = client.get_job(job_id, require_complete=False)
-    click.echo(DatasetInfo.from_manifest(manifest).summary())
-    if manifest.status != "completed":
-        click.echo(f"Progress: {manifest.progress:g}%")
+    how = fmt
+    if result.image_size is not None:
+        h, w = result.image_size
+        how += f", {h}x{w}" + (" (the images' own size)" if asked is None else "")
+    saved = result.num_images - result.skipped
+    skipped = f"; {result.skipped:,} left out: they could not be decoded" if result.skipped else ""
+    return f"Saved {saved:,} images of {job_id} to {result.path} ({how}){resumed}{skipped}."

@@ -2,8 +2,9 @@
 
 Each module of this package adds its commands with `@main.command()`; heavy modules are
 imported inside the commands, so that `pixcrawler --help` stays fast. Errors that users can act
-on (`PixCrawlerError`, `ValueError`, `OSError`) become `error: <message>` on stderr and exit
-status 1; usage errors exit 2 (click's default).
+on (`PixCrawlerError`, `ValueError`, `OSError`) become `Error: <message>` on stderr, in the
+words of the CLI (`_words.cli_words`: flags, not Python arguments), and exit status 1; usage
+errors exit 2 (click's default).
 Configuration files in `configs/` are read here, at the edge.
 """
 
@@ -26,10 +27,15 @@ class _Group(click.Group):
     """A click group that turns expected errors into one line on stderr and exit status 1."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        from pixcrawler.cli._words import cli_words
+
         try:
             return super().invoke(ctx)
+        except click.ClickException as exc:
+            exc.message = cli_words(exc.message, ctx.invoked_subcommand)  # type: ignore[misc]
+            raise
         except (PixCrawlerError, ValueError, OSError) as exc:
-            raise click.ClickException(str(exc)) from exc
+            raise click.ClickException(cli_words(str(exc), ctx.invoked_subcommand)) from exc
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

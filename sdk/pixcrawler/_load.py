@@ -7,22 +7,18 @@ the `Dataset` is iterated or converted.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import Literal
 from urllib.parse import urlsplit
 
 from pixcrawler._chunks import Credential, JobRef
 from pixcrawler._dataset import Dataset
-from pixcrawler._parquet_ref import ParquetRef, is_parquet_address
+from pixcrawler._parquet_ref import ParquetRef, is_parquet_address, local_lookalike
 from pixcrawler._server_keys import is_loopback
 from pixcrawler_engine._config import ColorMode, DecodePolicy, EngineConfig, OnError, ResizeMode
-from pixcrawler_engine._errors import AuthenticationError
+from pixcrawler_engine._errors import AuthenticationError, NotFoundError
 from pixcrawler_engine.sources._jobapi import JobClient
 
 __all__ = ["DEFAULT_BASE_URL", "ENV_API_KEY", "ENV_BASE_URL", "load_dataset"]
-
-if TYPE_CHECKING:
-    pass
-
 
 DEFAULT_BASE_URL = "https://api.pixcrawler.com"
 
@@ -54,6 +50,7 @@ def load_dataset(
     progress: bool = True,
     cache_dir: str | os.PathLike[str] | None = None,
     batch_rows: int = 64,
+    source: Literal["job", "parquet"] | None = None,
 ) -> Dataset:
     """Load a PixCrawler dataset (or Hugging Face-style Parquet shards) with lazy loading.
 
@@ -64,7 +61,9 @@ def load_dataset(
         job_id: Job/dataset identifier, or a Parquet address: a `.parquet` file, a folder of
             them, a glob (`data/train-*.parquet`), a `file://` URL or an `http(s)://` URL of
             a `.parquet` file. Its rows are the images, one chunk per row group; `base_url`
-            and `cache_dir` do not apply to it.
+            and `cache_dir` do not apply to it. A local path must say it is one (`./photos`,
+            `/data/photos`, `~/photos`, `file://...` or a `.parquet` suffix): a bare
+            `photos` is a job id, even when a folder of that name exists.
         api_key: PixCrawler API key; default: the `PIXCRAWLER_API_KEY` variable. A
             `file://` store needs none. For a Parquet URL, a bearer token sent to its
             origin (a private Hugging Face dataset); only one passed here is sent.
@@ -85,6 +84,8 @@ def load_dataset(
         progress: Show a progress bar for whole passes over the data.
         cache_dir: Keep downloaded chunks here between runs; default: a temporary folder.
         batch_rows: Images per engine batch (the unit of transfer from the decoders).
+        source: `"job"` or `"parquet"` to say what `job_id` is; default: a job id unless
+            it is a Parquet address as described above.
 
     Returns:
         Dataset object for iteration and conversion.
@@ -101,7 +102,9 @@ def load_dataset(
         >>> for image, label in dataset:
         ...     print(image.shape)
     """
-    parquet = is_parquet_address(job_id)
+    if source not in (None, "job", "parquet"):
+        raise ValueError(f"source must be 'job', 'parquet' or None, got {source!r}")
+    parquet = source == "parquet" or (source is None and is_parquet_address(job_id))
     key = api_key if api_key is not None else os.environ.get(ENV_API_KEY) or None
     url = base_url if base_url is not None else os.environ.get(ENV_BASE_URL) or DEFAULT_BASE_URL
     scheme = urlsplit(url).scheme.lower() if isinstance(url, str) else ""
@@ -137,7 +140,13 @@ def load_dataset(
             f"{ENV_API_KEY} environment variable"
         )
     with JobClient.from_config(url, key, config) as client:
-        manifest = client.get_job(job_id)
+        try:
+            manifest = client.get_job(job_id)
+        except NotFoundError as exc:
+            note = local_lookalike(job_id)
+            if note is None:
+                raise
+            raise NotFoundError(f"{exc}{note}") from exc
     ref = JobRef(
         base_url=url,
         credential=Credential(key),

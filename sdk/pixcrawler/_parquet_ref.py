@@ -11,12 +11,10 @@ and `LocalChunks` treat both kinds of dataset alike.
 from __future__ import annotations
 
 import copy
-import glob
 import hashlib
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
@@ -24,7 +22,7 @@ from pixcrawler_engine.sources._base import Source, SubsetSource
 from pixcrawler_engine.sources._manifest import ChunkInfo, JobManifest
 from pixcrawler_engine.sources.parquet._source import ParquetSource
 
-__all__ = ["ParquetRef", "is_parquet_address"]
+__all__ = ["ParquetRef", "is_parquet_address", "local_lookalike"]
 
 _SUFFIX = ".parquet"
 
@@ -32,9 +30,10 @@ _SUFFIX = ".parquet"
 def is_parquet_address(address: object) -> bool:
     """Whether `load_dataset`'s first argument names Parquet data rather than a job id.
 
-    Parquet addresses are: a path object; an `http(s)://` URL whose path ends in `.parquet`;
-    any `file://` URL; a path ending in `.parquet`, holding a glob pattern or a path separator
-    (job ids have neither); an existing folder holding `.parquet` files.
+    A job id is a job id, whatever is on disk: a bare name like `photos` is never read as a
+    local folder. Parquet addresses say what they are: a path object; a `file://` URL; an
+    `http(s)://` URL whose path ends in `.parquet`; a path that starts with `./`, `../`, `/`
+    or `~`, or that ends in `.parquet` (globs included). Anything else takes `source=`.
     """
     if isinstance(address, os.PathLike):
         return True
@@ -46,12 +45,20 @@ def is_parquet_address(address: object) -> bool:
         return parts.path.lower().endswith(_SUFFIX)
     if scheme == "file":
         return True
-    if address.lower().endswith(_SUFFIX) or glob.has_magic(address):
+    if address.lower().endswith(_SUFFIX):
         return True
-    if "/" in address or os.sep in address or address.startswith("~"):
-        return True
-    path = Path(address)
-    return path.is_dir() and any(p.is_file() for p in path.rglob(f"*{_SUFFIX}"))
+    starts = ("./", "../", "/", "~", "." + os.sep, ".." + os.sep, os.sep)
+    return address.startswith(starts) or address in (".", "..")
+
+
+def local_lookalike(job_id: str) -> str | None:
+    """A note for a job id that was not found but names a local file or folder."""
+    if not job_id or not os.path.exists(os.path.expanduser(job_id)):
+        return None
+    return (
+        f"; there is a local {'folder' if os.path.isdir(job_id) else 'file'} {job_id!r}: to "
+        f"load its Parquet data, pass './{job_id}' or source='parquet'"
+    )
 
 
 def _local_path(address: str) -> str:

@@ -26,13 +26,19 @@ import httpx
 
 from pixcrawler_engine._config import EngineConfig
 from pixcrawler_engine._errors import (
-    AuthenticationError,
     DownloadError,
     NetworkError,
     NotFoundError,
     PixCrawlerError,
 )
 from pixcrawler_engine.sources import _store
+from pixcrawler_engine.sources._api_shape import (
+    KEY_HINT,
+    api_root,
+    foreign_shape,
+    not_a_job_api,
+    raise_for_status,
+)
 from pixcrawler_engine.sources._download import download_chunk
 from pixcrawler_engine.sources._http import (
     AttemptsExhausted,
@@ -42,7 +48,6 @@ from pixcrawler_engine.sources._http import (
     describe_transport_error,
     http_client,
     is_tls_verify_error,
-    parse_retry_after,
     redact_url,
     run_attempts,
 )
@@ -57,7 +62,6 @@ from pixcrawler_engine.sources._store import file_url_path, store_chunk
 __all__ = ["JobClient"]
 
 _SCHEMES = ("http", "https", "file")
-_KEY_HINT = "check the API key (the api_key argument or the PIXCRAWLER_API_KEY variable)"
 
 
 class JobClient:
@@ -113,7 +117,10 @@ class JobClient:
             )
         if not isinstance(verify_ssl, (bool, str)):
             raise ValueError(f"verify_ssl must be a bool or a CA bundle path, got {verify_ssl!r}")
+        # A platform client's base URL ends in /api/v1; the paths below add it themselves.
         self.base_url = base_url.rstrip("/")
+        if urlsplit(base_url).scheme.lower() != "file":
+            self.base_url = api_root(base_url)
         self.timeout = float(timeout)
         self.verify_ssl = verify_ssl
         self._api_key = api_key
@@ -183,6 +190,9 @@ class JobClient:
                 raise PixCrawlerError(f"cannot read store {self._store_root}: {exc}") from exc
         url = f"{self.base_url}/api/v1/jobs"
         data, _ = self._get_json(url, not_found=f"no job API at {redact_url(url)}")
+        shape = foreign_shape(data, listing=True)
+        if shape is not None:
+            raise not_a_job_api(redact_url(url), shape)
         jobs = data.get("jobs") if isinstance(data, dict) else None
         if not isinstance(jobs, list) or not all(isinstance(j, dict) for j in jobs):
             raise PixCrawlerError(
@@ -222,6 +232,9 @@ class JobClient:
                 "check the job id (JobClient.list_jobs() lists the jobs your key can see)",
                 job_id=job_id,
             )
+            shape = foreign_shape(data, listing=False)
+            if shape is not None:
+                raise not_a_job_api(redact_url(manifest_url), shape)
         if require_complete:
             check_complete(data, job_id)
         return parse_manifest(data, manifest_url, job_id, self._store_root is not None)
@@ -311,22 +324,8 @@ class JobClient:
                         "verify_ssl='/path/to/ca.pem' for a private CA (or False to skip checks)"
                     ) from exc
                 raise Retryable(describe_transport_error(exc)) from exc
-            code = resp.status_code
-            if code == 401:
-                given = "was rejected" if self._api_key else "is missing"
-                raise AuthenticationError(f"the API key {given} by {shown} (HTTP 401): {_KEY_HINT}")
-            if code == 403:
-                what = f"job {job_id!r}" if job_id else shown
-                raise AuthenticationError(
-                    f"the API key has no access to {what} (HTTP 403): {_KEY_HINT}"
-                )
-            if code == 404:
-                raise NotFoundError(not_found)
-            if code == 429 or code >= 500:
-                after = parse_retry_after(resp.headers.get("Retry-After"))
-                raise Retryable(f"HTTP {code} {resp.reason_phrase}".rstrip(), retry_after=after)
-            if code != 200:
-                raise PixCrawlerError(f"GET {shown} answered HTTP {code} {resp.reason_phrase}")
+            raise_for_status(resp, shown, not_found=not_found, job_id=job_id,
+                             has_key=bool(self._api_key))  # fmt: skip
             try:
                 return resp.json(), str(resp.url)
             except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError both
@@ -367,7 +366,7 @@ def _rebuild_client(base_url: str, api_key: str | None, settings: dict[str, Any]
 
 def _status_hint(reason: str) -> str:
     if reason.startswith(("HTTP 401", "HTTP 403")):
-        return f"; {_KEY_HINT}"
+        return f"; {KEY_HINT}"
     if reason.startswith("HTTP 404"):
         return "; the chunk is gone from the server (the job may have been re-packed)"
     return ""

@@ -18,12 +18,14 @@ import pytest
 from click.testing import CliRunner
 from conftest import ServerProcess
 from faults._proxy import Fault, FaultProxy, proxied
-from test_sdk_parquet import PHOTOS, shards  # noqa: F401 - the fixture
+from test_sdk_parquet import PHOTOS, shards
 
 from pixcrawler import NotFoundError, PixCrawlerError, load_dataset
 from pixcrawler._parquet_ref import is_parquet_address
 from pixcrawler.cli import main
 from pixcrawler_engine.sources._jobapi import JobClient
+
+__all__ = ["shards"]  # a fixture, imported for pytest to find
 
 JSON = {"content-type": "application/json"}
 
@@ -89,8 +91,9 @@ def test_a_paginated_job_list_is_another_api(server: ServerProcess, proxy: Fault
     page = {"items": [{"id": 12, "name": "cats", "status": "completed"}], "total": 1, "page": 1}
     proxy.add(Fault("status", match="/api/v1/jobs", status=200, body=json.dumps(page).encode(),
                     headers=JSON, times=2))  # fmt: skip
-    with JobClient(proxy.url + "/api/v1", server.api_key) as client, pytest.raises(
-        PixCrawlerError, match=r"does not serve dataset chunks \(job API v1\)"
+    with (
+        JobClient(proxy.url + "/api/v1", server.api_key) as client,
+        pytest.raises(PixCrawlerError, match=r"does not serve dataset chunks \(job API v1\)"),
     ):
         client.list_jobs()
     code, out = _cli("list", "--api-key", server.api_key, "--base-url", proxy.url)

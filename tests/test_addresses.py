@@ -54,20 +54,20 @@ def test_a_bare_name_is_a_job_id_even_beside_a_folder_of_that_name(
     monkeypatch.chdir(tmp_path)
     assert not is_parquet_address("demo") and not is_parquet_address("photos")
     assert is_parquet_address("./demo") and is_parquet_address("~/x") and is_parquet_address("/x")
-    key = {"api_key": server.api_key, "base_url": server.url, "progress": False}
-    with load_dataset("demo", **key) as job:
+    key, url = server.api_key, server.url
+    with load_dataset("demo", api_key=key, base_url=url, progress=False) as job:
         assert job.num_images == 120  # the job, not the 7 rows of ./demo
     with load_dataset("./demo", progress=False) as local:
         assert local.num_images == len(PHOTOS)
     with load_dataset("demo", source="parquet", progress=False) as local:
         assert local.num_images == len(PHOTOS)
     with pytest.raises(NotFoundError) as info:
-        load_dataset("photos", **key)
+        load_dataset("photos", api_key=key, base_url=url)
     message = str(info.value)
     assert "job 'photos' not found" in message
     assert "'./photos'" in message and "source='parquet'" in message
     with pytest.raises(ValueError, match="source must be"):
-        load_dataset("demo", source="folder", **key)  # type: ignore[arg-type]
+        load_dataset("demo", source="folder", api_key=key, base_url=url)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------- base URLs

@@ -67,7 +67,7 @@ def test_pack_options(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("setup", "message"),
     [
-        ("not-an-image", r"b/x\.png.*not a readable image"),
+        ("not-an-image", r"b/x\.png.*not a supported image"),
         ("bad-job-id", "invalid job id"),
         ("missing-in-jsonl", r"gone\.png \(line 1"),
         ("empty", "holds no images"),

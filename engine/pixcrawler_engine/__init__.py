@@ -20,6 +20,7 @@ if TYPE_CHECKING:
         NetworkError,
         NotFoundError,
         PixCrawlerError,
+        UnsupportedImageError,
         WorkerError,
     )
     from pixcrawler_engine.decode._image import decode_image, probe
@@ -70,6 +71,7 @@ _LAZY = {
     "NetworkError": "pixcrawler_engine._errors",
     "NotFoundError": "pixcrawler_engine._errors",
     "PixCrawlerError": "pixcrawler_engine._errors",
+    "UnsupportedImageError": "pixcrawler_engine._errors",
     "WorkerError": "pixcrawler_engine._errors",
     "EXPORT_FORMATS": "pixcrawler_engine.export._driver",
     "ExportResult": "pixcrawler_engine.export._driver",
@@ -122,6 +124,7 @@ __all__ = [
     "Source",
     "Stream",
     "SubsetSource",
+    "UnsupportedImageError",
     "WorkerError",
     "ZipOpener",
     "decode_chunk",

@@ -8,6 +8,7 @@
     ├── DecompressionError       # chunk extraction failed (bad zip, bad manifest); `.chunk_id`
     ├── NetworkError             # connection or timeout talking to the API
     ├── DecodeError              # one sample could not be decoded; `.chunk_id`, `.key`
+    │   └── UnsupportedImageError    # a valid image in a format or feature not supported
     └── WorkerError              # an engine process died or hung; `.pid`, `.exitcode`
 
 Library errors (httpx, Pillow, pyarrow, zipfile) are translated where they enter, with
@@ -26,6 +27,7 @@ __all__ = [
     "NetworkError",
     "NotFoundError",
     "PixCrawlerError",
+    "UnsupportedImageError",
     "WorkerError",
 ]
 
@@ -92,6 +94,14 @@ class DecodeError(PixCrawlerError):
 
     def __reduce__(self):
         return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+class UnsupportedImageError(DecodeError):
+    """A valid image that the decoders cannot read (a 12-bit JPEG, a codec libtiff lacks).
+
+    Unlike a corrupt file, fetching it again does not help: convert it (to 8-bit PNG or
+    JPEG, say), or skip such samples.
+    """
 
 
 class WorkerError(PixCrawlerError):

@@ -22,6 +22,7 @@ from pixcrawler_engine._errors import (
     NetworkError,
     NotFoundError,
     PixCrawlerError,
+    UnsupportedImageError,
     WorkerError,
 )
 
@@ -72,6 +73,7 @@ __all__ = [
     "NetworkError",
     "NotFoundError",
     "PixCrawlerError",
+    "UnsupportedImageError",
     "WorkerError",
     "__version__",
     "load_dataset",

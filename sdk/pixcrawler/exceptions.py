@@ -8,6 +8,7 @@
     ├── DecompressionError       # chunk extraction failed (bad zip or manifest); `.chunk_id`
     ├── NetworkError             # network or timeout issues reaching the API
     ├── DecodeError              # one image could not be decoded; `.chunk_id`, `.key`
+    │   └── UnsupportedImageError    # a valid image the decoders cannot read (12-bit JPEG, ...)
     └── WorkerError              # an engine process died or hung; `.pid`, `.exitcode`
 
 Example:
@@ -29,6 +30,7 @@ from pixcrawler_engine._errors import (
     NetworkError,
     NotFoundError,
     PixCrawlerError,
+    UnsupportedImageError,
     WorkerError,
 )
 
@@ -41,5 +43,6 @@ __all__ = [
     "NetworkError",
     "NotFoundError",
     "PixCrawlerError",
+    "UnsupportedImageError",
     "WorkerError",
 ]

@@ -27,15 +27,41 @@ from typing import Any
 
 from PIL import Image, ImageFile, TiffImagePlugin
 
-__all__ = ["SUPPORTED_FORMATS", "ImageHeader", "as_view", "describe_junk", "open_pillow", "sniff"]
+from pixcrawler_engine.decode._orientation import (
+    EXIF_ORIENTATION,
+    orientation_from_info,
+    png_text,
+)
+
+__all__ = [
+    "FORMAT_EXTENSIONS",
+    "SUPPORTED_FORMATS",
+    "ImageHeader",
+    "as_view",
+    "describe_junk",
+    "open_pillow",
+    "sniff",
+]
 
 # Formats a dataset may hold. Pillow's exotic plugins (EPS runs Ghostscript, TGA and others have
 # weak magic numbers) are deliberately not tried on untrusted bytes.
-SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "JPEG2000", "PPM", "AVIF")
+FORMAT_EXTENSIONS = {
+    "JPEG": ".jpg",
+    "PNG": ".png",
+    "WEBP": ".webp",
+    "GIF": ".gif",
+    "BMP": ".bmp",
+    "TIFF": ".tif",
+    "JPEG2000": ".jp2",
+    "PPM": ".ppm",  # the whole family: PBM, PGM, PPM, PNM, PFM
+    "AVIF": ".avif",
+}
+"""Every format the decoder reads (and so `pack` packs), with its file extension."""
+SUPPORTED_FORMATS = tuple(FORMAT_EXTENSIONS)
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
+_XMP_JPEG = b"http://ns.adobe.com/xap/1.0/\x00"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-_EXIF_ORIENTATION = 0x0112
 # Start-of-frame markers (baseline, extended, progressive, lossless, arithmetic), i.e. C0-CF
 # without DHT (C4), JPG (C8) and DAC (CC).
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
@@ -72,6 +98,7 @@ class ImageHeader:
         orientation: EXIF orientation 1..8 (1 when absent or invalid).
         transparency: a palette (or colour-key) transparency is declared; a "P" image then
             decodes to RGBA under `color="keep"`.
+        unsupported: why the decoders cannot read this valid image (a 12-bit JPEG), or None.
     """
 
     format: str
@@ -80,6 +107,7 @@ class ImageHeader:
     mode: str
     orientation: int = 1
     transparency: bool = False
+    unsupported: str | None = None
 
     @property
     def pixels(self) -> int:
@@ -111,12 +139,11 @@ def sniff(view: memoryview) -> ImageHeader | None:
 
 
 def _jpeg_header(view: memoryview) -> ImageHeader | None:
-    """Walks JPEG marker segments up to the first scan; reads SOFn and the first EXIF APP1."""
+    """Walks JPEG marker segments up to the first scan: SOFn, the first EXIF and the last XMP."""
     size = len(view)
     pos = 2
-    frame: tuple[int, int, int] | None = None
-    orientation = 1
-    seen_exif = False
+    frame: tuple[int, int, int, int] | None = None
+    info: dict[str, Any] = {}
     while pos + 4 <= size:
         if view[pos] != 0xFF:
             return None  # garbage between segments; let the decoder judge
@@ -132,21 +159,28 @@ def _jpeg_header(view: memoryview) -> ImageHeader | None:
         (length,) = struct.unpack_from(">H", view, pos + 2)
         body = view[pos + 4 : pos + 2 + length]
         if marker in _SOF_MARKERS and frame is None:
-            _, height, width, components = struct.unpack_from(">BHHB", body)
-            frame = (width, height, components)
-        elif marker == 0xE1 and not seen_exif and body[:6] == b"Exif\x00\x00":
-            # Pillow (and so `ImageOps.exif_transpose`) uses the first EXIF segment only.
-            seen_exif = True
-            orientation = _exif_orientation(body[6:])
+            precision, height, width, components = struct.unpack_from(">BHHB", body)
+            frame = (width, height, components, precision)
+        elif marker == 0xE1 and body[:6] == b"Exif\x00\x00":
+            # Pillow (and so `ImageOps.exif_transpose`) reads the first EXIF segment's IFD.
+            info.setdefault("exif", bytes(body))
+        elif marker == 0xE1 and body[:29] == _XMP_JPEG:
+            info["xmp"] = bytes(body[29:])  # the last one wins, as in Pillow
         pos += 2 + length
     if frame is None or frame[2] not in _JPEG_MODES or frame[0] == 0 or frame[1] == 0:
         return None  # no frame, a DNL height, or an odd component count: Pillow decides
-    width, height, components = frame
-    return ImageHeader("JPEG", width, height, _JPEG_MODES[components], orientation)
+    width, height, components, precision = frame
+    unsupported = None
+    if precision != 8:
+        unsupported = f"a {precision}-bit JPEG (only 8-bit JPEGs can be decoded)"
+    mode = _JPEG_MODES[components]
+    return ImageHeader(
+        "JPEG", width, height, mode, orientation_from_info(info), unsupported=unsupported
+    )
 
 
 def _png_header(view: memoryview) -> ImageHeader | None:
-    """Reads IHDR, then walks the chunks before IDAT for tRNS and eXIf."""
+    """Reads IHDR, then walks the chunks before IDAT for tRNS, EXIF, text and XMP."""
     length, kind = struct.unpack_from(">I4s", view, 8)
     if kind != b"IHDR" or length < 13:
         return None
@@ -155,42 +189,24 @@ def _png_header(view: memoryview) -> ImageHeader | None:
     if mode is None or width == 0 or height == 0:
         return None
     transparency = False
-    orientation = 1
+    info: dict[str, Any] = {}
     pos = 8 + 12 + length
-    # eXIf after IDAT is only read by a full decode; `probe` and `decode_image` must agree on
-    # the output shape, so both use what precedes IDAT (where encoders put it).
+    # Chunks after IDAT are only read by a full decode; `probe` and `decode_image` must agree
+    # on the output shape, so both use what precedes IDAT (where encoders put metadata).
     while pos + 8 <= len(view):
         length, kind = struct.unpack_from(">I4s", view, pos)
         if kind in (b"IDAT", b"IEND"):
             break
+        body = view[pos + 8 : pos + 8 + length]
         if kind == b"tRNS":
             transparency = True
         elif kind == b"eXIf":
-            exif = view[pos + 8 : pos + 8 + length]
-            orientation = _exif_orientation(exif[6:] if exif[:6] == b"Exif\x00\x00" else exif)
+            info["exif"] = b"Exif\x00\x00" + bytes(body)
+        elif kind in (b"tEXt", b"zTXt", b"iTXt"):
+            png_text(kind, bytes(body), info)
         pos += 12 + length
+    orientation = orientation_from_info(info)
     return ImageHeader("PNG", width, height, mode, orientation, transparency)
-
-
-def _exif_orientation(tiff: memoryview) -> int:
-    """The Orientation tag of IFD0 in a TIFF-structured EXIF block; 1 if absent or invalid."""
-    try:
-        order = bytes(tiff[:2])
-        if order not in (b"II", b"MM"):
-            return 1
-        end = "<" if order == b"II" else ">"
-        (ifd,) = struct.unpack_from(end + "I", tiff, 4)
-        (count,) = struct.unpack_from(end + "H", tiff, ifd)
-        for i in range(count):
-            tag, kind, _, value = struct.unpack_from(end + "HHIH", tiff, ifd + 2 + 12 * i)
-            if tag == _EXIF_ORIENTATION:
-                # SHORT is the standard type; Pillow also accepts LONG written by some tools.
-                if kind == 4:
-                    (value,) = struct.unpack_from(end + "I", tiff, ifd + 2 + 12 * i + 8)
-                return value if 1 <= value <= 8 else 1
-    except struct.error:
-        pass  # a truncated EXIF block means "no orientation", as for Pillow
-    return 1
 
 
 @functools.cache
@@ -266,15 +282,13 @@ def open_pillow(view: memoryview) -> ImageFile.ImageFile:
 
 def header_from_pillow(im: Image.Image) -> ImageHeader:
     """The header of an image Pillow has opened (but not loaded)."""
-    orientation = 1
-    # `getexif` would decode a PNG to look for a late eXIf; PNGs go through `sniff` instead.
-    raw = im.info.get("exif") if im.format == "PNG" else None
-    exif = Image.Exif() if raw is not None else im.getexif()
-    if raw is not None:
-        exif.load(raw)
-    value = exif.get(_EXIF_ORIENTATION, 1)
-    if isinstance(value, int) and 1 <= value <= 8:
-        orientation = value
+    if im.format == "PNG":
+        # `getexif` would decode a PNG to look for late chunks; PNGs go through `sniff`
+        # anyway, and this reads what Pillow has seen before IDAT the same way.
+        orientation = orientation_from_info(im.info)
+    else:
+        value = im.getexif().get(EXIF_ORIENTATION, 1)  # EXIF, then XMP, as Pillow reads them
+        orientation = value if isinstance(value, int) and 1 <= value <= 8 else 1
     width, height = im.size
     if isinstance(im, TiffImagePlugin.TiffImageFile):
         # Pillow's TIFF plugin reports the size upright (and rotates the pixels at `load`);

@@ -16,7 +16,9 @@ The path of one image (`decode_image`):
    (Pillow draft), against +378 MB for a full decode. Progressive JPEGs are the exception:
    libjpeg keeps a whole-image coefficient buffer (3 bytes per pixel at 4:2:0, 6 at 4:4:4)
    however small the output (+384 MB for the same photo); only the budget bounds them.
-3. EXIF orientation (all 8) is applied to the reduced image, then the colour is made 8-bit
+3. The orientation (all 8, from every place `ImageOps.exif_transpose` reads it: EXIF, an
+   ImageMagick "Raw profile type exif" PNG text, XMP `tiff:Orientation`; see `_headers`)
+   is applied to the reduced image, then the colour is made 8-bit
    (`L`, `LA`, `RGB` or `RGBA`), then the image is resized in the oriented frame by the
    policy's mode (`stretch`, `crop`, `pad`, `fit`) with Pillow's antialiased BILINEAR filter
    (a triangle filter whose support widens with the shrink factor, so no aliasing), with
@@ -44,9 +46,12 @@ RGBA, the colours under transparent pixels are kept). 16-bit samples (`I;16*`, a
 as 0..65535) are rounded to 8-bit (v / 257), not clipped; `F` is taken on the 0..255 scale,
 as Pillow's `convert("L")` does; bilevel `1` becomes 0/255.
 
-Pillow's warnings (corrupt EXIF, odd metadata) are silenced around Pillow calls: the pixels
-are fine, and a caller's `-W error` must not turn them into crashes. `warnings.catch_warnings`
-is not thread-safe before Python 3.14; the engine decodes in processes, one image at a time.
+What Pillow and the C libraries say around a decode (Pillow's warnings about corrupt EXIF,
+libtiff's lines on stderr) is taken by `_chatter`, never shown raw: it becomes one line naming
+the sample (or a log record), and a caller's `-W error` does not turn it into a crash. An error
+with such a message, or a header that says so (a 12-bit JPEG), is an `UnsupportedImageError`
+when the file is valid but uses what no installed decoder reads, and a `DecodeError` (corrupt
+or truncated) otherwise.
 """
 
 from __future__ import annotations

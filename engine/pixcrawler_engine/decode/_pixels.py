@@ -1,19 +1,19 @@
 """8-bit pixels from any Pillow mode: orientation tables, colour conversion, the budget, errors.
 
-Shared by the image and mask decoders. Pillow's errors become `DecodeError` here, and its
-warnings are muted (see `library_errors`).
+Shared by the image and mask decoders. Pillow's errors become `DecodeError` (or
+`UnsupportedImageError`) here, and what it says meanwhile is taken (see `library_errors`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image
 
-from pixcrawler_engine._errors import DecodeError
+from pixcrawler_engine._errors import DecodeError, UnsupportedImageError
+from pixcrawler_engine.decode import _chatter
 from pixcrawler_engine.decode._headers import (
     ImageHeader,
 )
@@ -26,6 +26,7 @@ __all__ = [
     "HIGH_DEPTH",
     "TRANSPOSE",
     "check_budget",
+    "check_supported",
     "library_errors",
     "to_mode",
     "to_uint8",
@@ -63,7 +64,8 @@ CHANNELS = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}
 
 
 def check_budget(header: ImageHeader, max_pixels: int) -> None:
-    """Refuses an image whose header claims more pixels than the budget (before decoding)."""
+    """Refuses, before decoding, an image over the pixel budget or one no decoder can read."""
+    check_supported(header)
     if header.pixels > max_pixels:
         raise DecodeError(
             f"the {header.format} image is {header.width}x{header.height} = {header.pixels:,} "
@@ -71,6 +73,19 @@ def check_budget(header: ImageHeader, max_pixels: int) -> None:
             "decoded. Raise max_pixels if such images are expected, or skip them with "
             "on_error='skip'"
         )
+
+
+def check_supported(header: ImageHeader) -> None:
+    """Refuses an image its header marks as one the decoders cannot read (a 12-bit JPEG)."""
+    if header.unsupported is not None:
+        raise UnsupportedImageError(_unsupported_text(header.unsupported))
+
+
+def _unsupported_text(what: str) -> str:
+    return (
+        f"unsupported image: {what}. The file is valid, so fetching it again will not help: "
+        "convert it (to an 8-bit PNG or JPEG, say), or skip such samples with on_error='skip'"
+    )
 
 
 def to_mode(im: Image.Image, mode: str) -> Image.Image:
@@ -101,21 +116,36 @@ def to_uint8(samples: np.ndarray, mode: str) -> np.ndarray:
 
 @contextlib.contextmanager
 def library_errors(what: str) -> Iterator[None]:
-    """Turns Pillow's errors into DecodeError (with the cause chained) and mutes its warnings."""
+    """Turns Pillow's errors into DecodeError (with the cause chained); takes its chatter.
+
+    What the decoder says meanwhile (libtiff's stderr lines, Pillow's warnings, see
+    `_chatter`) is reported as one line for the sample on success, and quoted in the error
+    on failure, where it also tells an unsupported feature (`UnsupportedImageError`) from a
+    corrupt file.
+    """
+    said: list[str] = []
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with _chatter.capture(said):
             yield
     except DecodeError:
         raise
     except Image.UnidentifiedImageError as exc:
-        raise DecodeError(str(exc)) from exc
+        raise DecodeError(str(exc) + _quoted(said)) from exc
     except MemoryError as exc:
         raise DecodeError(
             f"out of memory decoding the {what}; lower DecodePolicy.max_pixels or use fewer workers"
         ) from exc
     except Exception as exc:  # Pillow raises OSError, ValueError, SyntaxError, EOFError, ...
+        if _chatter.unsupported(exc, said):
+            raise UnsupportedImageError(
+                _unsupported_text(f"the {what} ({type(exc).__name__}: {exc}{_quoted(said)})")
+            ) from exc
         raise DecodeError(
-            f"cannot decode the {what}: {type(exc).__name__}: {exc}. The file is corrupt or "
-            "truncated: re-fetch it, or skip such samples with on_error='skip'"
+            f"cannot decode the {what}: {type(exc).__name__}: {exc}{_quoted(said)}. The file "
+            "is corrupt or truncated: re-fetch it, or skip such samples with on_error='skip'"
         ) from exc
+    _chatter.report(said, what)
+
+
+def _quoted(said: list[str]) -> str:
+    return f" (the decoder said: {_chatter.summary(said)})" if said else ""

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from pixcrawler_engine._config import DecodePolicy
+from pixcrawler_engine.decode._headers import FORMAT_EXTENSIONS
 from pixcrawler_engine.export._state import Workspace, safe_name
 from pixcrawler_engine.export._writers import FormatWriter, Piece, label_text
 from pixcrawler_engine.sources._record import Record
@@ -42,7 +43,7 @@ __all__ = ["ImagesWriter", "NumpyWriter", "ZipWriter"]
 
 # Files the export writes beside the label folders of the `images` format.
 _RESERVED = frozenset({"metadata.csv", "labels.json", "job.json"})
-_EXT_OK = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+_EXT_OK = frozenset({*FORMAT_EXTENSIONS.values(), ".jpeg", ".tiff", ".pgm", ".pbm", ".pnm"})
 _CSV_HEADER = ["path", "label", "index", "key", "chunk", "orig_width", "orig_height", "metadata"]
 
 

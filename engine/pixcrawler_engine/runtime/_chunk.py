@@ -7,6 +7,7 @@ torch DataLoader worker). `decode_chunk` applies it to a whole chunk zip held in
 from __future__ import annotations
 
 import io
+import logging
 import zipfile
 from collections.abc import Sequence
 from typing import Any
@@ -15,7 +16,8 @@ import numpy as np
 import pyarrow as pa
 
 from pixcrawler_engine._config import DecodePolicy
-from pixcrawler_engine._errors import DecodeError, DecompressionError
+from pixcrawler_engine._errors import DecodeError, DecompressionError, UnsupportedImageError
+from pixcrawler_engine.decode._chatter import collect, summary
 from pixcrawler_engine.decode._headers import ImageHeader
 from pixcrawler_engine.decode._image import decode_image, probe
 from pixcrawler_engine.decode._mask import decode_mask
@@ -27,6 +29,8 @@ from pixcrawler_engine.sources._record import Record
 
 __all__ = ["decode_chunk", "decode_records"]
 
+logger = logging.getLogger(__name__)
+
 
 def decode_records(
     records: Sequence[Record],
@@ -35,6 +39,7 @@ def decode_records(
     *,
     chunk: int,
     byte_limit: int | None = None,
+    notes: list[tuple[str, str]] | None = None,
 ) -> tuple[pa.RecordBatch, int, list[tuple[str, str]]]:
     """Decodes records into one RecordBatch, following `policy.on_error` for bad samples.
 
@@ -45,14 +50,18 @@ def decode_records(
         chunk: the chunk id, for the batch's `chunk` column and for error messages.
         byte_limit: the most bytes the batch may take as Arrow IPC; decoding stops early
             (before the record that would not fit) when it is reached.
+        notes: receives (key, message) for samples decoded fine while the decoder said
+            something (libtiff's warnings, Pillow's; see `decode._chatter`): one line each,
+            naming the sample. None logs them instead.
 
     Returns:
         (batch, covered, errors): `covered` is how many leading records were consumed
         (decoded or skipped); `errors` lists the (key, message) of the skipped ones.
 
     Raises:
-        DecodeError: a bad sample with `on_error="raise"`, or one sample larger than
-            `byte_limit`; the message names the chunk and the sample.
+        DecodeError: a bad sample with `on_error="raise"` (`UnsupportedImageError` for a valid
+            image no decoder reads), or one sample larger than `byte_limit`; the message
+            names the chunk and the sample.
     """
     fixed = policy.fixed_shape
     builder = BatchBuilder(fixed, capacity=len(records))
@@ -60,35 +69,30 @@ def decode_records(
     covered = 0
     used = SLOT_OVERHEAD
     for record in records:
-        try:
-            data = read(record.ref)
-            header = probe(data)
-            check_budget(header, policy.max_pixels)  # a bomb is refused as a bomb, first
-            shape = output_shape(header, policy)
-            # ROW_OVERHEAD covers small labels and metadata; slots are sized with it.
-            need = int(np.prod(shape)) + ROW_OVERHEAD + max(0, len(record.metadata) - 1024)
-            if byte_limit is not None and used + need > byte_limit:
-                if len(builder) or errors:
-                    break  # the rest goes in the next batch
-                raise DecodeError(
-                    f"decoded it is {shape[1]}x{shape[0]}x{shape[2]} = {need} bytes, more than a "
-                    f"whole shared-memory slot ({byte_limit} bytes); pass image_size= to "
-                    "shrink images, or a larger slot_bytes"
-                )
-            image = decode_image(data, policy, out=builder.next_image())
-            mask = None
-            if record.mask_ref is not None:
-                mask = _decode_mask(read(record.mask_ref), header, image.shape, policy)
-                need += mask.nbytes
-        except DecodeError as exc:
-            error = DecodeError(
-                f"chunk {chunk}, sample {record.key!r}: {exc}", chunk_id=chunk, key=record.key
+        started = bool(len(builder) or errors)
+        with collect() as said:
+            outcome = _decode_one(record, read, policy, builder, byte_limit - used
+                                  if byte_limit is not None else None, started)  # fmt: skip
+        if said and not isinstance(outcome, DecodeError):
+            note = f"chunk {chunk}, sample {_name(record)}: the decoder said: {summary(said)}"
+            if notes is None:
+                logger.warning("%s", note)
+            else:
+                notes.append((record.key, note))
+        if outcome is None:
+            break  # the rest goes in the next batch
+        if isinstance(outcome, DecodeError):
+            kind = (
+                UnsupportedImageError if isinstance(outcome, UnsupportedImageError) else DecodeError
             )
+            error = kind(f"chunk {chunk}, sample {_name(record)}: {outcome}", chunk_id=chunk,
+                         key=record.key)  # fmt: skip
             if policy.on_error == "raise":
-                raise error from exc
+                raise error from outcome
             errors.append((record.key, str(error)))
             covered += 1
             continue
+        header, image, mask, need = outcome
         used += need
         builder.add(
             image,
@@ -104,6 +108,50 @@ def decode_records(
         )
         covered += 1
     return builder.build(), covered, errors
+
+
+def _name(record: Record) -> str:
+    """How a message names a sample: its key, and what else identifies it (an id, a path)."""
+    return repr(record.key) if not record.name else f"{record.key!r} ({record.name})"
+
+
+def _decode_one(
+    record: Record,
+    read: Any,
+    policy: DecodePolicy,
+    builder: BatchBuilder,
+    room: int | None,
+    started: bool,
+) -> tuple[ImageHeader, np.ndarray, np.ndarray | None, int] | DecodeError | None:
+    """Decodes one sample into the builder's next image.
+
+    Returns:
+        (header, image, mask, bytes it takes); the DecodeError that stops it; or None when
+        it does not fit in the `room` left in the slot (and the batch has begun).
+    """
+    try:
+        data = read(record.ref)
+        header = probe(data)
+        check_budget(header, policy.max_pixels)  # a bomb is refused as a bomb, first
+        shape = output_shape(header, policy)
+        # ROW_OVERHEAD covers small labels and metadata; slots are sized with it.
+        need = int(np.prod(shape)) + ROW_OVERHEAD + max(0, len(record.metadata) - 1024)
+        if room is not None and need > room:
+            if started:
+                return None
+            raise DecodeError(
+                f"decoded it is {shape[1]}x{shape[0]}x{shape[2]} = {need} bytes, more than a "
+                f"whole shared-memory slot ({room + SLOT_OVERHEAD} bytes); pass image_size= "
+                "to shrink images, or a larger slot_bytes"
+            )
+        image = decode_image(data, policy, out=builder.next_image())
+        mask = None
+        if record.mask_ref is not None:
+            mask = _decode_mask(read(record.mask_ref), header, image.shape, policy)
+            need += mask.nbytes
+    except DecodeError as exc:
+        return exc
+    return header, image, mask, need
 
 
 def _decode_mask(

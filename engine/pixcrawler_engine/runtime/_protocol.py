@@ -104,6 +104,7 @@ class BatchReady:
     rows: int
     chunk: int
     errors: tuple[tuple[str, str], ...] = ()  # (key, message) of samples skipped by on_error
+    notes: tuple[tuple[str, str], ...] = ()  # (key, message): what decoders said (`_chatter`)
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,7 @@ class TaskDone:
     rows: int
     covered: int  # records consumed: rows + skipped; fewer than given when the slot filled up
     errors: tuple[tuple[str, str], ...] = ()
+    notes: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

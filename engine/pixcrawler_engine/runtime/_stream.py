@@ -12,6 +12,7 @@ of iteration and a `weakref.finalize`, so a forgotten stream cleans up too.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import subprocess
 import sys
@@ -48,6 +49,8 @@ from pixcrawler_engine.runtime._supervisor import RELEASE
 from pixcrawler_engine.sources._base import Source
 
 __all__ = ["Batch", "SampleWarning", "Stream"]
+
+logger = logging.getLogger("pixcrawler_engine.decode")
 
 # Variables a child process must not inherit: the API key never reaches another process's
 # environment (it travels to the supervisor inside the source, over a pipe).
@@ -215,6 +218,8 @@ class Stream:
                     if self.policy.on_error == "warn":
                         for _key, message in msg.errors:
                             warnings.warn(message, SampleWarning, stacklevel=2)
+                    for _key, message in msg.notes:  # decoder chatter, one line a sample
+                        logger.warning("%s", message)
                     if len(batch):
                         yield batch
                     del batch

@@ -270,7 +270,7 @@ class Supervisor:
         st.done[(pos, start)] = Done(
             slot,
             covered_end,
-            BatchReady(slot, result.nbytes, result.rows, plan_index, result.errors),
+            BatchReady(slot, result.nbytes, result.rows, plan_index, result.errors, result.notes),
             result.covered,
         )
 

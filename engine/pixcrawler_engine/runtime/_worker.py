@@ -55,12 +55,14 @@ class _Worker:
             self.slots[task.slot] = attach(f"{self.slot_prefix}{task.slot}")
         buf = self.slots[task.slot].buf
         reader = self._reader(task.chunk_path)
+        notes: list[tuple[str, str]] = []
         batch, covered, errors = decode_records(
             task.records,
             reader.read,
             self.policy,
             chunk=task.chunk,
             byte_limit=self.slot_bytes,
+            notes=notes,
         )
         # The estimate above is generous; if labels or metadata are huge, hand back rows.
         while batch.num_rows > 1 and ipc_size(batch) > self.slot_bytes:
@@ -68,9 +70,10 @@ class _Worker:
             last_key = batch.column("key")[keep].as_py()
             covered = next(i for i, r in enumerate(task.records) if r.key == last_key)
             errors = [e for e in errors if _position(task.records, e[0]) < covered]
+            notes = [n for n in notes if _position(task.records, n[0]) < covered]
             batch = batch.slice(0, keep)
         nbytes = write_batch(batch, buf)
-        return TaskDone(task.task_id, nbytes, batch.num_rows, covered, tuple(errors))
+        return TaskDone(task.task_id, nbytes, batch.num_rows, covered, tuple(errors), tuple(notes))
 
     def close(self) -> None:
         if self.reader is not None:

@@ -203,6 +203,7 @@ def read_zip_manifest(path: Path | zipfile.ZipFile, chunk: int, first_index: int
             )
         seen.add(name)
         label = entry.pop("label", None)
+        source = entry.get("source")  # the file `pack` made it from: what its owner knows
         records.append(
             Record(
                 key=name,
@@ -210,6 +211,7 @@ def read_zip_manifest(path: Path | zipfile.ZipFile, chunk: int, first_index: int
                 label=label,
                 index=first_index + len(records),
                 metadata=json.dumps(entry),
+                name=source[:200] if isinstance(source, str) and source else None,
             )
         )
     return records

@@ -1,6 +1,9 @@
 """`pack`: image folders and JSONL lists become a job of the local store, atomically.
 
-`pack` validates every input file before it writes anything, builds the job in a hidden
+`pack` checks every input file with the engine's decoder before it writes anything
+(`_pack_check`: one list of formats for both), and gathers every refused file with its reason:
+it then stops with the list (`on_error="raise"`), or packs the others and writes the list to
+`<store>/jobs/<job_id>/refused.jsonl` (`on_error="skip"`). It builds the job in a hidden
 temporary folder inside `<store>/jobs/` and renames it into place when it is complete, so a
 reader never sees a half-written job (the layout is in `_store`).
 """
@@ -9,9 +12,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -19,13 +24,22 @@ import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from PIL import Image
+from pixcrawler_engine.sources._pack_check import (
+    Refused,
+    Verify,
+    check_file,
+    refusal_message,
+    write_report,
+)
+from pixcrawler_engine.sources._store import JOB_STATUSES, validate_job_id
 
-from pixcrawler_engine.sources._store import IMAGE_FORMATS, JOB_STATUSES, validate_job_id
+__all__ = ["REPORT", "pack"]
 
-__all__ = ["pack"]
+logger = logging.getLogger(__name__)
+
+REPORT = "refused.jsonl"
 
 
 # A fixed member timestamp (the zip epoch) makes packing the same input twice byte-identical.
@@ -42,9 +56,9 @@ class _Entry:
     path: Path
     source: str  # the path as the user gave it (relative to SRC or to the JSONL's folder)
     label: str | int | dict[str, Any]
-    ext: str
     metadata: dict[str, Any]
     where: str  # how to name it in an error message
+    ext: str = ""  # the member extension of its format, once checked
 
 
 def pack(
@@ -56,6 +70,8 @@ def pack(
     status: str = "completed",
     progress: float = 100,
     created_at: str | None = None,
+    on_error: Literal["raise", "skip"] = "raise",
+    verify: Verify = "decode",
 ) -> Path:
     """Packs an image folder or a JSONL list into a job of the store.
 
@@ -68,14 +84,19 @@ def pack(
         status: `completed`, `processing` or `failed`.
         progress: the job's progress in percent (0-100).
         created_at: an ISO 8601 timestamp; now (UTC) by default.
+        on_error: an input file the decoder cannot read (missing, unreadable, corrupt,
+            unsupported) stops the pack, listing every such file (`raise`); or is left out,
+            listed in `<job>/refused.jsonl` with its reason (`skip`).
+        verify: `decode` each file at a small size (finds damaged pixel data), or read its
+            `header` only (faster).
 
     Returns:
         The job's folder.
 
     Raises:
-        ValueError: bad arguments, or an input file that is missing, unreadable or not an
-            image; the message names the file (and line) and says what to do. Nothing is
-            written to the store in that case.
+        ValueError: bad arguments, a malformed listing, files the decoder cannot read (with
+            `on_error="raise"`: every one of them, up to 20, with its reason), or no file
+            left to pack. Nothing is written to the store in that case.
     """
     validate_job_id(job_id)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
@@ -86,7 +107,17 @@ def pack(
         raise ValueError(f"progress must be a number from 0 to 100, got {progress!r}")
     if not 0 <= progress <= 100:
         raise ValueError(f"progress must be a number from 0 to 100, got {progress!r}")
-    entries = _collect(Path(src))  # every file is checked before anything is written
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if verify not in ("decode", "header"):
+        raise ValueError(f"verify must be 'decode' or 'header', got {verify!r}")
+    found = _collect(Path(src))
+    entries, refused = _check(found, verify)  # every file is checked before anything is written
+    if refused and (on_error == "raise" or not entries):
+        message = refusal_message(refused, len(found))
+        if entries:
+            raise ValueError(message)
+        raise ValueError(f"none of the files can be packed. {message}")
 
     jobs = Path(store) / "jobs"
     jobs.mkdir(parents=True, exist_ok=True)
@@ -110,11 +141,29 @@ def pack(
             "chunks": chunks,
         }
         (tmp / "job.json").write_text(json.dumps(job, indent=1) + "\n", encoding="utf-8")
+        if refused:
+            write_report(tmp / REPORT, refused)
         _install(tmp, jobs / job_id)
     finally:
         # After a successful install `tmp` holds the replaced job (or nothing at all).
         shutil.rmtree(tmp, ignore_errors=True)
     return jobs / job_id
+
+
+def _check(entries: list[_Entry], verify: Verify) -> tuple[list[_Entry], list[Refused]]:
+    """The entries the decoder reads (their extension set), and the refused files."""
+    good: list[_Entry] = []
+    refused: list[Refused] = []
+    for entry in entries:
+        outcome = check_file(entry.path, entry.where, verify)
+        if isinstance(outcome, Refused):
+            refused.append(outcome)
+            continue
+        ext, said = outcome
+        if said:  # one line naming the file, instead of the decoder's own output
+            logger.warning("%s: the decoder said: %s", entry.where, said)
+        good.append(dataclasses.replace(entry, ext=ext))
+    return good, refused
 
 
 def _now() -> str:
@@ -156,7 +205,6 @@ def _collect_folder(src: Path) -> list[_Entry]:
                     path=path,
                     source=rel,
                     label=class_dir.name,
-                    ext=_sniff(path, rel),
                     metadata={},
                     where=rel,
                 )
@@ -215,48 +263,13 @@ def _collect_jsonl(src: Path) -> list[_Entry]:
                 path=path,
                 source=record["file"],
                 label=label,
-                ext=_sniff(path, f"{record['file']} (line {lineno} of {src})"),
                 metadata=metadata,
-                where=where,
+                where=f"{record['file']} (line {lineno} of {src})",
             )
         )
     if not entries:
         raise ValueError(f"{src} lists no images: add one JSON object per image, one a line")
     return entries
-
-
-def _sniff(path: Path, where: str) -> str:
-    """Checks that `path` is an image of a supported format from its header alone.
-
-    Returns the zip member extension of its format. Pillow's plugins are called directly
-    (not `Image.open`), because `Image.open` refuses or warns about very large images, and a
-    store may legitimately hold those: the pixel budget is the decoder's business.
-    """
-    Image.init()
-    try:
-        with open(path, "rb") as f:
-            prefix = f.read(16)
-            for fmt, ext in IMAGE_FORMATS.items():
-                factory, accept = Image.OPEN[fmt]
-                if accept is not None and accept(prefix) is not True:
-                    continue
-                f.seek(0)
-                try:
-                    im = factory(f, os.fspath(path))
-                except Exception:
-                    continue
-                if im.size[0] > 0 and im.size[1] > 0:
-                    return ext
-    except FileNotFoundError as exc:
-        raise ValueError(f"{where}: file not found ({path}); fix the path or add the file") from exc
-    except OSError as exc:
-        raise ValueError(
-            f"{where}: cannot read {path} ({exc.strerror or exc}); check its permissions"
-        ) from exc
-    raise ValueError(
-        f"{where}: {path} is not a readable image (supported: "
-        f"{', '.join(IMAGE_FORMATS)}); convert it or remove it"
-    )
 
 
 def _write_chunks(entries: list[_Entry], folder: Path, chunk_size: int) -> list[dict[str, Any]]:

@@ -18,3 +18,4 @@ class Record:
     index: int  # position in the unshuffled dataset
     metadata: str = "{}"  # JSON of the other manifest fields
     mask_ref: Any = None  # where its segmentation mask's bytes are, if it has one
+    name: str | None = None  # what else tells people which sample it is (an id, a path)

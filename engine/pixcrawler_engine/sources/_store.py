@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
 from pixcrawler_engine._errors import DownloadError, NotFoundError
+from pixcrawler_engine.decode._headers import FORMAT_EXTENSIONS
 from pixcrawler_engine.sources._download import file_matches
 from pixcrawler_engine.sources._http import redact_url
 from pixcrawler_engine.sources._manifest import ChunkInfo
@@ -37,15 +38,8 @@ __all__ = [
     "validate_job_id",
 ]
 
-# Pillow format name -> the extension members get in a chunk zip.
-IMAGE_FORMATS: dict[str, str] = {
-    "JPEG": ".jpg",
-    "PNG": ".png",
-    "WEBP": ".webp",
-    "GIF": ".gif",
-    "BMP": ".bmp",
-    "TIFF": ".tif",
-}
+# Pillow format name -> the extension members get in a chunk zip: what the decoder reads.
+IMAGE_FORMATS: dict[str, str] = dict(FORMAT_EXTENSIONS)
 JOB_STATUSES = ("completed", "processing", "failed")
 
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any, cast
 
 import click
 
@@ -21,18 +22,63 @@ _STATUSES = ("completed", "processing", "failed")
 @click.option("--chunk-size", default=500, show_default=True, type=click.IntRange(min=1))
 @click.option("--status", default="completed", show_default=True, type=click.Choice(_STATUSES))
 @click.option("--progress", default=None, type=click.FloatRange(0, 100), help="Percent done.")
+@click.option(
+    "--skip-bad",
+    is_flag=True,
+    help="Pack the files the decoder reads and list the others, with their reasons, in "
+    "<job>/refused.jsonl (without it, any such file stops the pack, and all are listed).",
+)
+@click.option(
+    "--verify",
+    default="decode",
+    show_default=True,
+    type=click.Choice(["decode", "header"]),
+    help="Check each file by decoding it at a small size, or by reading its header only "
+    "(faster, blind to damaged pixel data).",
+)
 def pack(
-    src: Path, store: Path, job_id: str, chunk_size: int, status: str, progress: float | None
+    src: Path,
+    store: Path,
+    job_id: str,
+    chunk_size: int,
+    status: str,
+    progress: float | None,
+    skip_bad: bool,
+    verify: str,
 ) -> None:
-    """Pack SRC (a folder of class subfolders, or a JSONL list) into a job of the store."""
+    """Pack SRC (a folder of class subfolders, or a JSONL list) into a job of the store.
+
+    Every file is checked with the decoder that loads the job (JPEG, PNG, WebP, GIF, BMP,
+    TIFF, JPEG 2000, the PPM family, AVIF).
+    """
+    import json
+
+    from pixcrawler.cli._words import sample_lines
+    from pixcrawler_engine.sources._pack import REPORT
     from pixcrawler_engine.sources._pack import pack as pack_job
 
     if progress is None:
         progress = 100 if status == "completed" else 0
     elif progress.is_integer():
         progress = int(progress)
-    path = pack_job(src, store, job_id, chunk_size=chunk_size, status=status, progress=progress)
-    click.echo(f"Packed {src} into {path}")
+    with sample_lines("pack"):
+        path = pack_job(
+            src,
+            store,
+            job_id,
+            chunk_size=chunk_size,
+            status=status,
+            progress=progress,
+            on_error="skip" if skip_bad else "raise",
+            verify=cast(Any, verify),
+        )
+    count = json.loads((path / "job.json").read_text(encoding="utf-8"))["num_images"]
+    report = path / REPORT
+    refused = ""
+    if report.is_file():
+        n = len(report.read_text(encoding="utf-8").splitlines())
+        refused = f"; {n:,} file{'s' * (n != 1)} refused, listed with the reasons in {report}"
+    click.echo(f"Packed {count:,} images from {src} into {path}{refused}")
 
 
 @main.command()

@@ -1,0 +1,113 @@
+"""What decoders say while they work: C libraries' stderr lines and Pillow's warnings, per sample.
+
+libtiff prints its warnings and errors straight to the process's stderr (file descriptor 2:
+"TIFFReadDirectory: Unknown field with tag ...", "WEBP compression support is not
+configured"), and Pillow emits `UserWarning`s ("Corrupt EXIF data", "Truncated File Read")
+that Python shows with a line of Pillow's source. A pass over a folder of damaged files then
+buries the user in hundreds of raw lines that name no sample.
+
+`capture` takes both, around one call into a decoder: fd 2 goes to an anonymous file for the
+duration (restored before anything else runs), and warnings are recorded instead of shown.
+What was said goes to the innermost `collect` (the engine's per-sample loop, which reports it as
+one line naming the sample), or, when nothing collects, to the `pixcrawler_engine.decode`
+logger as one record. `unsupported` reads it with the decoder's error to tell a valid file in
+a feature the decoders lack (a codec libtiff was built without) from a damaged one.
+
+fd 2 is process-wide state: a thread writing to stderr during a capture is captured too. The
+engine decodes in processes, one image at a time; `warnings.catch_warnings` has the same limit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterator
+
+__all__ = ["capture", "collect", "report", "summary", "unsupported"]
+
+logger = logging.getLogger("pixcrawler_engine.decode")
+
+_MAX_LINES = 5  # kept per capture: the first few say what happened
+_MAX_BYTES = 64 << 10
+_UNSUPPORTED = re.compile(
+    r"unsupported|not supported|not configured|not implemented|cannot handle", re.IGNORECASE
+)
+_collectors: list[list[str]] = []
+_sink: int | None = None  # the anonymous file fd 2 is pointed at, made once per process
+_sink_pid = -1
+
+
+def _sink_fd() -> int:
+    global _sink, _sink_pid
+    if _sink is None or _sink_pid != os.getpid():
+        try:
+            _sink = os.memfd_create("pxc-stderr", os.MFD_CLOEXEC)
+        except (AttributeError, OSError):  # not Linux: an unlinked temporary file
+            fd, path = tempfile.mkstemp(prefix="pxc-stderr-")
+            os.unlink(path)
+            _sink = fd
+        _sink_pid = os.getpid()
+    return _sink
+
+
+@contextlib.contextmanager
+def capture(said: list[str]) -> Iterator[None]:
+    """Appends to `said` what the code inside writes to fd 2 and the warnings it raises."""
+    sink = _sink_fd()
+    with contextlib.suppress(ValueError, OSError):
+        sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(sink, 2)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        size = os.lseek(sink, 0, os.SEEK_END)
+        if size:
+            text = os.pread(sink, min(size, _MAX_BYTES), 0).decode("utf-8", "replace")
+            os.ftruncate(sink, 0)
+            os.lseek(sink, 0, os.SEEK_SET)
+            said.extend(line.strip() for line in text.splitlines() if line.strip())
+        said.extend(str(w.message) for w in caught)
+
+
+def report(said: list[str], what: str) -> None:
+    """Hands what a decoder said on to the innermost `collect`, or logs it as one record."""
+    if not said:
+        return
+    if _collectors:
+        _collectors[-1].extend(said)
+    else:
+        logger.warning("the decoder said, decoding the %s: %s", what, summary(said))
+
+
+def summary(said: list[str]) -> str:
+    """One line for what a decoder said: its first distinct messages and how many in all."""
+    distinct = list(dict.fromkeys(said))
+    shown = " | ".join(distinct[:_MAX_LINES])
+    more = len(said) - min(len(distinct), _MAX_LINES)
+    return shown + (f" (and {more} more)" if more > 0 else "")
+
+
+@contextlib.contextmanager
+def collect() -> Iterator[list[str]]:
+    """Collects what decoders say inside (instead of logging it): one sample's chatter."""
+    said: list[str] = []
+    _collectors.append(said)
+    try:
+        yield said
+    finally:
+        _collectors.remove(said)
+
+
+def unsupported(error: BaseException, said: list[str]) -> bool:
+    """Whether a decoder's error (and what it said) means a feature it lacks, not damage."""
+    return any(_UNSUPPORTED.search(text) for text in (str(error), *said))

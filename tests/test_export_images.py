@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -79,7 +80,10 @@ def test_export_writes_the_tools_layout(artefact: Artefact, tmp_path: Path) -> N
     stats = json.loads((out / "statistics.json").read_text())
     assert (stats["samples"], stats["failed"], stats["samples_with_masks"]) == (13, 0, 13)
     classes = stats["class_distribution"]
-    assert set(classes) <= {str(c) for c in [*range(16), 255]} and classes["255"]["name"]
+    assert set(classes) <= {str(c) for c in [*range(16), 255]}
+    # ARTeFACT (told by its columns) gets ARTeFACT's class names.
+    assert classes["255"]["name"] == "Background"
+    assert all(classes[c]["name"] not in ("", c) for c in classes)
     total = sum(int(png(out / r["annotation"]).size) for r in rows)
     assert sum(c["pixels"] for c in classes.values()) == total
     counts = stats["metadata_counts"]
@@ -135,7 +139,7 @@ def test_bad_samples_are_listed_and_the_rest_is_exported(tmp_path: Path) -> None
         {"id": datasets.Value("string"), "image": datasets.Image(), "annotation": datasets.Image()}
     )
     datasets.Dataset.from_list(rows, features=features).to_parquet(str(tmp_path / "d.parquet"))
-    with pytest.warns(SampleWarning, match=r"sample 'd.parquet:2'"):
+    with pytest.warns(SampleWarning, match=r"sample 's2' \(d\.parquet:2\)"):
         result = export_images(
             ParquetSource(tmp_path / "d.parquet"), tmp_path / "o", progress=False
         )
@@ -191,3 +195,148 @@ def test_a_133_megapixel_jpeg_exports_under_1_gib(tmp_path: Path) -> None:
     mask = png(next((out / "annotations").glob(f"*_{huge}.png")))
     assert image.shape == (695, 1024, 3) and mask.shape == (695, 1024)
     assert set(np.unique(mask)) <= set(range(16)) | {255}
+
+
+# ---------------------------------------------------------------- any dataset, not only ARTeFACT
+
+
+def _segmentation_parquet(folder: Path, rows: list[dict[str, Any]], **features: Any) -> Path:
+    """A small segmentation dataset written by `datasets`: real photos, masks of ids 0-2."""
+    import datasets
+
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = datasets.Features(
+        {"id": datasets.Value("string"), "image": datasets.Image(), "mask": datasets.Image(),
+         **features}
+    )  # fmt: skip
+    path = folder / "all.parquet"
+    datasets.Dataset.from_list(rows, features=spec).to_parquet(str(path))
+    return path
+
+
+def _photo_and_mask(name: str, i: int) -> tuple[bytes, bytes]:
+    from skimage import data as skdata
+
+    photo = Image.fromarray(getattr(skdata, name)()).convert("RGB").resize((48, 32))
+    mask = np.zeros((32, 48), np.uint8)
+    mask[: 8 + i, :] = 1
+    mask[20:, 30:] = 2
+    image, annotation = io.BytesIO(), io.BytesIO()
+    photo.save(image, "PNG")
+    Image.fromarray(mask).save(annotation, "PNG")
+    return image.getvalue(), annotation.getvalue()
+
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
+
+
+@pytest.fixture(scope="module")
+def street(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Not ARTeFACT: a ClassLabel column "scene", scalar columns, a list column, masks."""
+    import datasets
+
+    rows = []
+    for i, name in enumerate(PHOTOS):
+        image, mask = _photo_and_mask(name, i)
+        rows.append({"id": f"img-{i}", "image": {"bytes": image, "path": None},
+                     "mask": {"bytes": mask, "path": None}, "scene": i % 2,
+                     "photographer": f"p{i}", "score": 0.5 * i, "tags": ["a", "b"]})  # fmt: skip
+    return _segmentation_parquet(
+        tmp_path_factory.mktemp("street") / "data",
+        rows,
+        scene=datasets.ClassLabel(names=["indoor", "outdoor"]),
+        photographer=datasets.Value("string"),
+        score=datasets.Value("float64"),
+        tags=datasets.Sequence(datasets.Value("string")),
+    )
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_metadata_csv_has_the_label_and_every_scalar_column(street: Path, tmp_path: Path) -> None:
+    for extra in ([], ["--label-column", "scene"]):
+        out = tmp_path / f"o{len(extra)}"
+        done = run_cli(street, "-o", out, "--num-workers", "1", "--no-progress", *extra)
+        assert done.returncode == 0, done.stderr
+        rows = _csv(out / "metadata.csv")
+        assert [r["scene"] for r in rows] == ["indoor", "outdoor", "indoor", "outdoor"]
+        assert [r["photographer"] for r in rows] == ["p0", "p1", "p2", "p3"]
+        assert [float(r["score"]) for r in rows] == [0.0, 0.5, 1.0, 1.5]
+        assert [r["id"] for r in rows] == ["img-0", "img-1", "img-2", "img-3"]
+        assert "tags" not in rows[0]  # a list is not a scalar
+
+
+def test_mask_classes_are_the_datasets_not_artefacts(street: Path, tmp_path: Path) -> None:
+    def names(out: Path) -> dict[str, str]:
+        stats = json.loads((out / "statistics.json").read_text())
+        return {k: v["name"] for k, v in stats["class_distribution"].items()}
+
+    plain = run_cli(street, "-o", tmp_path / "plain", "--no-progress")
+    assert plain.returncode == 0, plain.stderr
+    assert names(tmp_path / "plain") == {"0": "0", "1": "1", "2": "2"}  # not "Clean", "Peel"
+    listed = tmp_path / "classes.txt"
+    listed.write_text("road\nsky\ncar\n")
+    given = run_cli(street, "-o", tmp_path / "given", "--mask-classes", listed, "--no-progress")
+    assert given.returncode == 0, given.stderr
+    assert names(tmp_path / "given") == {"0": "road", "1": "sky", "2": "car"}
+    # The dataset's own id2label.json (at its root, the shards in data/) is read by itself.
+    root = street.parent.parent
+    (root / "id2label.json").write_text(json.dumps({"0": "floor", "1": "wall", "2": "lamp"}))
+    try:
+        own = run_cli(street, "-o", tmp_path / "own", "--no-progress")
+    finally:
+        (root / "id2label.json").unlink()
+    assert own.returncode == 0, own.stderr
+    assert names(tmp_path / "own") == {"0": "floor", "1": "wall", "2": "lamp"}
+    listed.write_text('{"x": "y"}')
+    bad = run_cli(street, "-o", tmp_path / "bad", "--mask-classes", listed)
+    assert bad.returncode == 1 and "mask class names must be" in bad.stderr
+
+
+def test_each_bad_sample_is_one_line_naming_it(tmp_path: Path) -> None:
+    rows = []
+    for i, name in enumerate(PHOTOS):
+        image, mask = _photo_and_mask(name, i)
+        rows.append({"id": f"img-{i}", "image": {"bytes": image, "path": None},
+                     "mask": {"bytes": mask, "path": None}})  # fmt: skip
+    rows[1]["image"] = {"bytes": b"\x89PNG\r\n\x1a\n broken", "path": None}
+    path = _segmentation_parquet(tmp_path / "d", rows)
+    done = run_cli(path, "-o", tmp_path / "o", "--no-progress")
+    assert done.returncode == 0, done.stderr
+    warned = [line for line in done.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warned) == 1 and "sample 'img-1' (all.parquet:1)" in warned[0], done.stderr
+    assert "--on-error skip" in warned[0] and "on_error=" not in done.stderr
+    assert "SampleWarning" not in done.stderr and "warnings.warn" not in done.stderr
+    assert "Exported 3 samples" in done.stdout
+
+
+def test_path_only_cells_are_read_beside_the_parquet_file(tmp_path: Path) -> None:
+    """A Parquet file that stores image paths only (written by pyarrow, not `datasets`)."""
+    folder = tmp_path / "ds"
+    (folder / "imgs").mkdir(parents=True)
+    paths: list[str] = []
+    for i, name in enumerate(PHOTOS[:3]):
+        image, _ = _photo_and_mask(name, i)
+        (folder / "imgs" / f"{name}.png").write_bytes(image)
+        paths.append(f"imgs/{name}.png")
+    (tmp_path / "outside.png").write_bytes(_photo_and_mask("coffee", 0)[0])
+    paths += ["imgs/missing.png", "../outside.png"]
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    cells = pa.array([{"bytes": None, "path": p} for p in paths], image_type)
+    pq.write_table(pa.table({"image": cells, "label": list("abcde")}), folder / "paths.parquet")
+    done = run_cli(folder / "paths.parquet", "-o", tmp_path / "o", "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert "Exported 3 samples" in done.stdout
+    exported = png(tmp_path / "o" / "images" / "00000.png")
+    np.testing.assert_array_equal(exported, png(folder / "imgs" / "astronaut.png"))
+    warned = [line for line in done.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warned) == 2
+    assert "'imgs/missing.png'" in warned[0] and "no file" in warned[0]
+    assert "'../outside.png'" in warned[1] and "leaves the Parquet file's folder" in warned[1]
+    # Nothing to export at all is a failure, not a silent success.
+    pq.write_table(pa.table({"image": cells.slice(3)}), folder / "none.parquet")
+    none = run_cli(folder / "none.parquet", "-o", tmp_path / "n", "--no-progress")
+    assert none.returncode == 1 and "no sample was exported" in none.stderr, none.stderr

@@ -8,11 +8,12 @@ It writes what the ARTeFACT download tool wrote, for any source with masks (or w
     annotations_rgb/  <name>.png  the mask in `PALETTE`'s colours (255 black)
     visualizations/   <name>.png  the first `visualizations` samples: image | mask | colours |
                                   overlay, side by side
-    metadata.csv      one row a sample: index, key, paths, sizes, classes present, and the
-                      source's descriptive columns (id, material, content, ...)
+    metadata.csv      one row a sample: index, key, paths, sizes, classes present, its label
+                      (under the label column's own name), and every other scalar column of
+                      the source (id, material, content, ...)
     statistics.json   counts: samples, failures (with reasons), class distribution (pixels and
-                      images per class), original and exported sizes, and the values of every
-                      descriptive column (material, content, type, ...)
+                      images per class, named as `_segmentation.class_names` says), original
+                      and exported sizes, and the values of every descriptive column
 
 `<name>` is `<index>_<id>` (the dataset position, and the `id` column made safe) or
 `<index>`. Every file is written under a temporary name and renamed once complete, so an
@@ -32,7 +33,7 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ from pixcrawler_engine.export._segmentation import (
     ID_COLUMNS,
     PALETTE,
     Stats,
+    class_names,
     visualization,
 )
 from pixcrawler_engine.sources._base import ChunkOpener, ChunkPlan, Source
@@ -148,9 +150,6 @@ def _names(index: int, meta: dict[str, Any], seen: set[str]) -> str:
     return name
 
 
-_SAMPLE = re.compile(r"sample (['\"])(.*?)\1: ")
-
-
 @contextlib.contextmanager
 def _sample_warnings(records: list[tuple[str, str]]) -> Iterator[None]:
     """Collects the engine's per-sample warnings (`on_error="warn"`) as (key, message)."""
@@ -162,10 +161,8 @@ def _sample_warnings(records: list[tuple[str, str]]) -> Iterator[None]:
             yield
         finally:
             for w in caught:
-                if issubclass(w.category, SampleWarning):
-                    message = str(w.message)
-                    match = _SAMPLE.search(message)
-                    records.append((match.group(2) if match else "?", message))
+                if isinstance(w.message, SampleWarning):
+                    records.append((w.message.key or "?", str(w.message)))
                 else:  # not ours: let it go on as it would have
                     warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
@@ -208,6 +205,7 @@ def _sample_row(
         "width": image.shape[1],
         "height": image.shape[0],
         "classes": "",
+        "label": None,
     }
     files = {"image": out / row["image"]}
     if mask is not None:
@@ -228,6 +226,7 @@ def _write_statistics(
     requested: int,
     max_side: int | None,
     seconds: float,
+    names: Mapping[int, str],
 ) -> None:
     body = {
         "samples": stats.samples,
@@ -236,7 +235,7 @@ def _write_statistics(
         "requested": requested,
         "max_side": max_side,
         "seconds": round(seconds, 2),
-        **stats.to_json(),
+        **stats.to_json(names),
     }
     _write_text(out / "statistics.json", json.dumps(body, indent=2) + "\n")
 
@@ -252,6 +251,7 @@ def export_images(
     visualizations: int = 10,
     progress: bool = True,
     config: EngineConfig | None = None,
+    mask_classes: str | os.PathLike[str] | Mapping[int, str] | None = None,
 ) -> ExportResult:
     """Exports a source's images (and masks) as PNG folders with metadata and statistics.
 
@@ -266,9 +266,12 @@ def export_images(
         visualizations: how many samples get a 4-panel picture.
         progress: show a progress bar.
         config: engine knobs; the default keeps memory small (few, small batches).
+        mask_classes: what mask ids mean: a file (JSON list or `{"<id>": "<name>"}`, or one
+            name a line) or a mapping; default: the dataset's own metadata, else ARTeFACT's
+            names for ARTeFACT, else the ids themselves.
 
     Returns:
-        what was written.
+        what was written (`samples` may be 0: the caller decides whether that is a failure).
     """
     from tqdm import tqdm
 
@@ -279,6 +282,8 @@ def export_images(
     if max_samples is not None and max_samples < 0:
         raise ValueError(f"max_samples must be >= 0, got {max_samples}")
     started = time.monotonic()
+    names = class_names(source, mask_classes)  # a bad --mask-classes file fails first
+    label_name = getattr(getattr(source, "columns", None), "label", None) or "label"
     out = Path(output)
     for folder in _FOLDERS:
         (out / folder).mkdir(parents=True, exist_ok=True)
@@ -302,7 +307,7 @@ def export_images(
         ):
             writer: csv.DictWriter[str] | None = None
             for batch in stream:
-                images, masks = batch.images, batch.masks
+                images, masks, labels = batch.images, batch.masks, batch.labels
                 rb = batch.record_batch
                 indices = rb.column("index").to_pylist()
                 widths, heights = (
@@ -315,7 +320,7 @@ def export_images(
                     mask = None if masks is None else masks[i]
                     visualize = mask is not None and stats.samples < visualizations
                     row, files = _sample_row(out, name, image, mask, visualize)
-                    row.update(index=indices[i], key=batch.keys[i])
+                    row.update(index=indices[i], key=batch.keys[i], label=labels[i])
                     row.update(original_width=widths[i], original_height=heights[i])
                     if mask is not None:
                         row["classes"] = " ".join(map(str, stats.add_mask(mask)))
@@ -324,6 +329,7 @@ def export_images(
                         pending.pop(0).result()
                     stats.add_sample(meta, (widths[i], heights[i]), image.shape)
                     flat = {k: v for k, v in meta.items() if not isinstance(v, (dict, list))}
+                    row[label_name] = row.pop("label")
                     if writer is None:
                         fieldnames = list(row) + [k for k in flat if k not in row]
                         writer = csv.DictWriter(csv_file, fieldnames, extrasaction="ignore")
@@ -340,8 +346,8 @@ def export_images(
         bar.close()
         csv_tmp.unlink(missing_ok=True)
     seconds = time.monotonic() - started
-    _write_statistics(out, stats, failures, total, max_side, seconds)
+    _write_statistics(out, stats, failures, total, max_side, seconds, names)
     if on_error == "warn":
-        for _key, message in failures:
-            warnings.warn(message, SampleWarning, stacklevel=2)
+        for key, message in failures:
+            warnings.warn(SampleWarning(message, key), stacklevel=2)
     return ExportResult(out, stats.samples, len(failures), seconds)

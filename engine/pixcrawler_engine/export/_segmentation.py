@@ -1,23 +1,41 @@
-"""What an image export writes beside the images: the class palette, overlays and statistics.
+"""What an image export writes beside the images: class names, palette, overlays, statistics.
 
-`PALETTE` colours class ids (255, the background, black); `visualization` draws the 4-panel
-preview; `Stats` gathers the counts written to statistics.json.
+`class_names` says what the mask ids mean: a `--mask-classes` file, else the dataset's own
+metadata (`sources.parquet._classes`), else ARTeFACT's taxonomy when the dataset is ARTeFACT
+(by its columns), else the plain ids. `PALETTE` colours class ids (255, the background,
+black); `visualization` draws the 4-panel preview; `Stats` gathers the counts written to
+statistics.json.
 """
 
 from __future__ import annotations
 
+import os
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["BACKGROUND", "CLASS_NAMES", "ID_COLUMNS", "PALETTE", "Stats", "visualization"]
+from pixcrawler_engine.sources.parquet._classes import parse_class_names
+from pixcrawler_engine.sources.parquet._paths import ID_COLUMNS
+
+__all__ = [
+    "ARTEFACT_CLASSES",
+    "BACKGROUND",
+    "ID_COLUMNS",
+    "PALETTE",
+    "Stats",
+    "class_names",
+    "is_artefact",
+    "visualization",
+]
 
 
-# ARTeFACT's taxonomy: 0 clean, 1-15 the damage types, 255 unannotated background. Other
-# datasets' ids get "class <id>".
-CLASS_NAMES = {
+# ARTeFACT's taxonomy: 0 clean, 1-15 the damage types, 255 unannotated background. Only an
+# ARTeFACT dataset gets these names (see `class_names`).
+ARTEFACT_CLASSES = {
     0: "Clean",
     1: "Material loss",
     2: "Peel",
@@ -55,7 +73,8 @@ PALETTE[255] = 0
 BACKGROUND = 255
 
 
-ID_COLUMNS = ("id", "image_id", "sample_id", "uid")
+# ARTeFACT's columns besides its images: a dataset with all of them is ARTeFACT.
+_ARTEFACT_COLUMNS = frozenset({"id", "material", "content", "type"})
 
 
 # Columns that name a sample rather than describe it: never counted in statistics.json.
@@ -66,6 +85,37 @@ _MAX_DISTINCT = 1000
 
 
 VIS_HEIGHT = 512
+
+
+def is_artefact(columns: Any) -> bool:
+    """Whether a Parquet source's columns (`parquet._schema.Columns`) are ARTeFACT's."""
+    return (
+        columns is not None
+        and columns.mask == "annotation"
+        and set(columns.metadata) >= _ARTEFACT_COLUMNS
+    )
+
+
+def class_names(
+    source: Any, given: str | os.PathLike[str] | Mapping[int, str] | None
+) -> dict[int, str]:
+    """What the mask ids of `source` mean (see the module doc); {} for plain ids.
+
+    Raises:
+        ValueError: a `given` file that cannot be read as class names.
+        OSError: a `given` file that cannot be read.
+    """
+    if isinstance(given, Mapping):
+        return {int(k): str(v) for k, v in given.items()}
+    if given is not None:
+        return parse_class_names(Path(given).read_text(encoding="utf-8"), where=str(given))
+    ask = getattr(source, "mask_class_names", None)
+    found = ask() if callable(ask) else None
+    if found:
+        return found
+    if is_artefact(getattr(source, "columns", None)):
+        return dict(ARTEFACT_CLASSES)
+    return {}
 
 
 def visualization(image: np.ndarray, mask: np.ndarray, *, alpha: float = 0.5) -> np.ndarray:
@@ -139,11 +189,13 @@ class Stats:
         self.masks += 1
         return [int(c) for c in present]
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, names: Mapping[int, str] | None = None) -> dict[str, Any]:
+        """The statistics; `names` says what class ids mean (plain ids when it does not)."""
         total = int(self.pixels.sum())
+        names = names or {}
         classes = {
             str(c): {
-                "name": CLASS_NAMES.get(c, f"class {c}"),
+                "name": names.get(c, str(c)),
                 "pixels": int(self.pixels[c]),
                 "fraction": round(int(self.pixels[c]) / total, 6) if total else 0.0,
                 "images": int(self.images[c]),

@@ -112,7 +112,7 @@ def decode_records(
 
 def _name(record: Record) -> str:
     """How a message names a sample: its key, and what else identifies it (an id, a path)."""
-    return repr(record.key) if not record.name else f"{record.key!r} ({record.name})"
+    return repr(record.key) if not record.name else f"{record.name!r} ({record.key})"
 
 
 def _decode_one(

@@ -58,7 +58,11 @@ _SECRET_ENV = ("PIXCRAWLER_API_KEY",)
 
 
 class SampleWarning(UserWarning):
-    """A bad sample was dropped because `on_error="warn"`."""
+    """A bad sample was dropped because `on_error="warn"`; `key` names it in its chunk."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 class _Lease:
@@ -216,8 +220,8 @@ class Stream:
                 if isinstance(msg, BatchReady):
                     batch = self._map(msg)
                     if self.policy.on_error == "warn":
-                        for _key, message in msg.errors:
-                            warnings.warn(message, SampleWarning, stacklevel=2)
+                        for key, message in msg.errors:
+                            warnings.warn(SampleWarning(message, key), stacklevel=2)
                     for _key, message in msg.notes:  # decoder chatter, one line a sample
                         logger.warning("%s", message)
                     if len(batch):

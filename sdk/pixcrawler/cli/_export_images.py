@@ -4,7 +4,8 @@
 shards (ARTeFACT and the like: a local path, folder, glob, `file://` or `http(s)://` URL) as
 PNG folders, masks, visualizations, metadata.csv and statistics.json
 (`pixcrawler_engine.export._images`). Exit status: 0 done (bad samples are listed, not fatal,
-unless `--on-error raise`), 1 a failure, 2 a usage error, 130 interrupted.
+unless `--on-error raise`; each is one `warning:` line on stderr), 1 a failure (no sample
+exported counts as one), 2 a usage error, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ ENV_TOKEN = "HF_TOKEN"
     "--on-error", default="warn", show_default=True, type=click.Choice(["raise", "skip", "warn"]),
     help="A sample that cannot be decoded stops the export, or is left out (and listed).",
 )  # fmt: skip
+@click.option(
+    "--mask-classes", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help='What mask ids mean: a JSON list of names, {"<id>": "<name>"}, or one name a line '
+    "[default: the dataset's id2label metadata, ARTeFACT's names for ARTeFACT, else the ids].",
+)  # fmt: skip
 @click.option("--visualizations", default=10, show_default=True, type=click.IntRange(min=0))
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def export_images(
@@ -58,6 +64,7 @@ def export_images(
     label_column: str | None,
     num_workers: int | None,
     on_error: str,
+    mask_classes: Path | None,
     visualizations: int,
     no_progress: bool,
 ) -> None:
@@ -65,6 +72,7 @@ def export_images(
 
     A private Hugging Face dataset's token is read from the HF_TOKEN variable.
     """
+    from pixcrawler.cli._words import sample_lines
     from pixcrawler_engine._config import OnError
     from pixcrawler_engine.export._images import export_images as run_export
     from pixcrawler_engine.sources.parquet._source import ParquetSource
@@ -85,23 +93,33 @@ def export_images(
     columns = src.columns
     click.echo(
         f"{len(src)} samples in {len(src.files)} file(s); image column {columns.image!r}, "
-        f"mask column {columns.mask!r}",
+        f"mask column {columns.mask!r}, label column {columns.label!r}",
         err=True,
     )
     try:
-        result = run_export(
-            src,
-            output,
-            max_side=max_side,
-            max_samples=max_samples,
-            num_workers=num_workers,
-            on_error=cast(OnError, on_error),
-            visualizations=visualizations,
-            progress=not no_progress,
-        )
+        with sample_lines("export-images"):
+            result = run_export(
+                src,
+                output,
+                max_side=max_side,
+                max_samples=max_samples,
+                num_workers=num_workers,
+                on_error=cast(OnError, on_error),
+                visualizations=visualizations,
+                progress=not no_progress,
+                mask_classes=mask_classes,
+            )
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    if result.samples == 0:
+        why = (
+            f"all {result.failed} could not be decoded (the lines above say why; "
+            f"{result.output / 'statistics.json'} lists them)"
+            if result.failed
+            else "the source has no rows to export"
+        )
+        raise click.ClickException(f"no sample was exported: {why}")
     failed = (
         f", {result.failed} could not be decoded (see statistics.json)" if result.failed else ""
     )

@@ -5,7 +5,8 @@ they were streamed out of the Parquet file, then an index:
 
     [value bytes ...][index: JSON, UTF-8][u64 LE: index length][b"PXROWS01"]
 
-The index lists each row as `[key, label, metadata JSON, image ref, mask ref]`. A ref is
+The index lists each row as `[key, label, metadata JSON, image ref, mask ref, name]` (the name
+is what messages call the row: its id or image path, or null). A ref is
 `[offset, length]` into the file, or a string: why that row has no readable bytes (a null
 cell, a damaged row group); the worker raises it as the sample's `DecodeError`, so it follows
 `on_error` like any bad image. Reading one sample reads exactly its bytes, nothing else.
@@ -92,14 +93,15 @@ def read_index(path: Path, chunk: int, first_index: int) -> list[Record]:
         ) from exc
     return [
         Record(
-            key=key,
-            ref=_ref(image),
-            label=label,
+            key=row[0],
+            ref=_ref(row[3]),
+            label=row[1],
             index=first_index + i,
-            metadata=metadata,
-            mask_ref=_ref(mask),
+            metadata=row[2],
+            mask_ref=_ref(row[4]),
+            name=row[5] if len(row) > 5 else None,
         )
-        for i, (key, label, metadata, image, mask) in enumerate(rows)
+        for i, row in enumerate(rows)
     ]
 
 

@@ -32,8 +32,10 @@ from pixcrawler_engine._errors import DecompressionError, DownloadError
 from pixcrawler_engine.sources._base import ChunkOpener, ChunkPlan
 from pixcrawler_engine.sources._http import RetryPolicy, http_client
 from pixcrawler_engine.sources._record import Record
+from pixcrawler_engine.sources.parquet._classes import class_names_from_metadata
 from pixcrawler_engine.sources.parquet._http import HttpFile
 from pixcrawler_engine.sources.parquet._pages import Corrupt, Unsupported, can_stream, stream_values
+from pixcrawler_engine.sources.parquet._paths import NULL_CELL, fill_paths, row_name
 from pixcrawler_engine.sources.parquet._rows import RowsOpener, RowsWriter, read_index
 from pixcrawler_engine.sources.parquet._schema import ColumnChoice, infer_columns, resolve
 
@@ -127,6 +129,12 @@ class ParquetSource:
     def __len__(self) -> int:
         return sum(p.num_records for p in self._plans)
 
+    def mask_class_names(self) -> dict[int, str] | None:
+        """What the dataset calls its mask classes (see `_classes`), or None if it does not say."""
+        first = self._files[0]
+        metadata = self._meta[0].schema.to_arrow_schema().metadata
+        return class_names_from_metadata(metadata, first.location, first.remote)
+
     def describe(self) -> dict[str, Any]:
         """What a dataset summary shows: samples, chunks, rows per chunk, bytes, labels."""
         return {
@@ -162,13 +170,19 @@ class ParquetSource:
         writer = RowsWriter(Path(workdir) / f"pq-{chunk}.rows")
         try:
             keys = [f"{file.name}:{first_row + i}" for i in range(n)]
-            labels, metadata = self._small_columns(f, rg, n)
+            labels, metadata, paths = self._small_columns(f, rg, n)
             c = self.columns
             images = self._binary_column(f, rg, c.image, c.image_struct, writer)
+            images = fill_paths(file.location, file.remote, images, paths.get(c.image), c.image,
+                                writer)  # fmt: skip
             masks: list[Any] = [None] * n
             if c.mask is not None:
                 masks = self._binary_column(f, rg, c.mask, c.mask_struct, writer)
-            rows = [list(r) for r in zip(keys, labels, metadata, images, masks, strict=True)]
+                masks = fill_paths(file.location, file.remote, masks, paths.get(c.mask), c.mask,
+                                   writer)  # fmt: skip
+            image_paths = paths.get(c.image) or [None] * n
+            names = [row_name(json.loads(m), p) for m, p in zip(metadata, image_paths, strict=True)]
+            rows = [list(r) for r in zip(keys, labels, metadata, images, masks, names, strict=True)]
             return writer.finish(rows), True
         except DownloadError as exc:
             writer.abort()
@@ -244,12 +258,18 @@ class ParquetSource:
             leaves.append([j for j, p in enumerate(paths) if p.split(".")[0] in tops])
         return leaves
 
-    def _small_columns(self, f: int, rg: int, n: int) -> tuple[list[Any], list[str]]:
-        """The labels and metadata JSON of a row group's rows (a few bytes each)."""
+    def _small_columns(
+        self, f: int, rg: int, n: int
+    ) -> tuple[list[Any], list[str], dict[str, list[str | None]]]:
+        """The labels, metadata JSON and image paths of a row group's rows (small values)."""
         c = self.columns
-        wanted = [x for x in (c.label, *c.metadata) if x]
+        struct_paths = [
+            name for name, is_struct in ((c.image, c.image_struct), (c.mask, c.mask_struct))
+            if name is not None and is_struct
+        ]  # fmt: skip
+        wanted = [x for x in (c.label, *c.metadata) if x] + [f"{p}.path" for p in struct_paths]
         if not wanted:
-            return [None] * n, ["{}"] * n
+            return [None] * n, ["{}"] * n, {}
         try:
             with self._random_access(f) as handle:
                 reader = pq.ParquetFile(handle, metadata=self._meta[f], pre_buffer=True)
@@ -259,7 +279,7 @@ class ParquetSource:
         except (pa.ArrowException, OSError) as exc:
             # The images may still be fine: the rows go on without labels or metadata.
             note = json.dumps({"_error": f"labels and metadata unreadable: {exc}"})
-            return [None] * n, [note] * n
+            return [None] * n, [note] * n, {}
         labels: list[Any] = [None] * n
         if c.label is not None:
             names = c.label_names
@@ -274,7 +294,11 @@ class ParquetSource:
             json.dumps({name: values[i] for name, values in columns.items()}, default=str)
             for i in range(n)
         ]
-        return labels, metadata
+        paths = {
+            name: [(cell or {}).get("path") for cell in table.column(name).to_pylist()]
+            for name in struct_paths
+        }
+        return labels, metadata, paths
 
     def _binary_column(
         self, f: int, rg: int, name: str, is_struct: bool, writer: RowsWriter
@@ -285,7 +309,7 @@ class ParquetSource:
         j = next(j for j in range(meta.num_columns) if meta.schema.column(j).path == leaf)
         column = meta.row_group(rg).column(j)
         n = meta.row_group(rg).num_rows
-        null = f"its {name!r} cell holds no bytes (null, or only a path to an outside file)"
+        null = NULL_CELL  # resolved by `fill_paths` (a path beside the file, or why not)
         refs: list[Any] = []
         start = column.data_page_offset
         if column.has_dictionary_page and column.dictionary_page_offset is not None:

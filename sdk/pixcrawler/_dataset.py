@@ -10,8 +10,10 @@ of the engine's shared memory where possible: copy what you keep for long.
 
 from __future__ import annotations
 
+import os
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, overload
 
@@ -191,7 +193,14 @@ class Dataset:
         """
         yield from self._run(self._ref.source(), self._config, desc=desc)
 
-    def _run(self, source: Source, config: EngineConfig, *, desc: str | None) -> Iterator[Batch]:
+    def _run(
+        self,
+        source: Source,
+        config: EngineConfig,
+        *,
+        desc: str | None,
+        policy: DecodePolicy | None = None,
+    ) -> Iterator[Batch]:
         if self._closed:
             raise ValueError("this dataset is closed; load it again with load_dataset()")
         total = sum(p.num_records for p in source.plan())
@@ -200,7 +209,7 @@ class Dataset:
             return
         bar = self.progress_bar(total, desc)
         try:
-            stream = Stream(source, config=config, policy=self._policy)
+            stream = Stream(source, config=config, policy=policy or self._policy)
         finally:
             # The supervisor got its own copy of the source; this one's connection can go.
             source.close()
@@ -347,6 +356,27 @@ class Dataset:
 
         return to_tensorflow(self)
 
+    def preview(self, path: str | os.PathLike[str], n: int = 8, *, tile: int = 96) -> Path:
+        """Draw a labelled grid of samples, a row per class, into the PNG at `path`.
+
+        Masks are overlaid where the dataset has them. Only what the grid needs is decoded,
+        at tile size; the pass stops once every class has `n` samples.
+
+        Args:
+            path: the PNG to write.
+            n: samples per class.
+            tile: the side of one tile, in pixels.
+
+        Returns:
+            `path`, as a `Path`.
+
+        Example:
+            >>> dataset.preview("grid.png", n=4)
+        """
+        from pixcrawler._preview import draw_preview
+
+        return draw_preview([(self._info.job_id, self)], path, n=n, tile=tile)
+
     # ---- for the adapters -------------------------------------------------------------
     @property
     def ref(self) -> JobRef | ParquetRef:
@@ -354,7 +384,12 @@ class Dataset:
         return self._ref
 
     def run(
-        self, chunks: list[int] | None, config: EngineConfig, *, desc: str | None = None
-    ) -> Iterator[Batch]:
+        self,
+        chunks: list[int] | None,
+        config: EngineConfig,
+        *,
+        desc: str | None = None,
+        policy: DecodePolicy | None = None,
+    ) -> Generator[Batch, None, None]:
         """One engine pass over some chunks (all when None) with the given settings."""
-        yield from self._run(self._ref.source(chunks), config, desc=desc)
+        yield from self._run(self._ref.source(chunks), config, desc=desc, policy=policy)

@@ -2,11 +2,13 @@
 
 1. build demo images from real photos and digits shipped in scikit-image / scikit-learn
 2. pack them into a local job store (`pixcrawler pack`)
-3. start the reference server (`pixcrawler serve`) on a free loopback port
+3. start the reference server (`pixcrawler serve`) on a free loopback port (no API key: a
+   loopback server needs none)
 4. load each job with the SDK, download, decode (224x224) and export it to Parquet through
    the engine's worker processes, with a progress bar
-5. read the Parquet back, draw a preview grid of decoded images and their labels
-6. print a summary and stop the server
+5. draw a preview grid of both jobs (`Dataset.preview`'s grid, a row per job and class)
+6. print a summary, stop the server, and print the commands a user runs next: serve the
+   store, load a job in Python, train a tiny model (`train_tiny.py`, written beside)
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from pixcrawler._demo_next import free_port, next_steps
 
 __all__ = ["main"]
 
@@ -45,8 +48,9 @@ def _pack_demo(out: Path) -> Path:
     return store
 
 
-def _start_server(store: Path, key: str) -> tuple[subprocess.Popen[str], str]:
-    env = dict(os.environ, PIXCRAWLER_API_KEY=key)  # by environment: never on a command line
+def _start_server(store: Path) -> tuple[subprocess.Popen[str], str]:
+    # On loopback no key is needed; a key in the caller's environment would turn auth on.
+    env = {k: v for k, v in os.environ.items() if k != "PIXCRAWLER_API_KEY"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "pixcrawler", "serve", str(store), "--port", "0"],
         stdout=subprocess.PIPE,
@@ -73,7 +77,7 @@ def _stop_server(proc: subprocess.Popen[str]) -> None:
         proc.stdout.close()
 
 
-def _export(job: str, url: str, key: str, target: Path) -> dict[str, Any]:
+def _export(job: str, url: str, target: Path) -> dict[str, Any]:
     from tqdm import tqdm
 
     from pixcrawler import load_dataset
@@ -81,9 +85,9 @@ def _export(job: str, url: str, key: str, target: Path) -> dict[str, Any]:
     from pixcrawler_engine.export._driver import export_job
     from pixcrawler_engine.sources._jobapi import JobClient
 
-    dataset = load_dataset(job, api_key=key, base_url=url, image_size=SIZE)
+    dataset = load_dataset(job, base_url=url, image_size=SIZE)
     info = dataset.info
-    client = JobClient(url, key)
+    client = JobClient(url, None)
     source = JobSource(client, client.get_job(job))
     start = time.perf_counter()
     with tqdm(total=info.num_images, desc=f"{job}: download, decode, export", unit="img") as bar:
@@ -113,49 +117,17 @@ def _export(job: str, url: str, key: str, target: Path) -> dict[str, Any]:
     }
 
 
-def _preview(parquet_dirs: list[Path], out: Path, per_class: int = 2) -> Path:
-    """A grid of decoded images read back from the Parquet export: a few of every class."""
-    import io
+def _preview(url: str, out: Path) -> Path:
+    """The grid of both jobs: a row per job and class, as `pixcrawler preview` draws it."""
+    from pixcrawler import load_dataset
+    from pixcrawler._preview import draw_preview
 
-    import pyarrow.parquet as pq
-    from PIL import Image, ImageDraw
-
-    tiles: list[tuple[Image.Image, str]] = []
-    for folder in parquet_dirs:
-        shown: dict[Any, int] = {}
-        for shard in sorted((folder / "data").glob("*.parquet")):
-            parquet = pq.ParquetFile(shard)
-            meta = parquet.schema_arrow.metadata or {}
-            info = json.loads(meta.get(b"huggingface", b"{}")).get("info", {})
-            names = info.get("features", {}).get("label", {}).get("names")
-            for group in range(parquet.num_row_groups):
-                labels = parquet.read_row_group(group, columns=["label"])["label"].to_pylist()
-                rows = []
-                for row, label in enumerate(labels):
-                    if shown.get(label, 0) < per_class:
-                        shown[label] = shown.get(label, 0) + 1
-                        rows.append(row)
-                if not rows:
-                    continue
-                images = parquet.read_row_group(group, columns=["image"])["image"]
-                for row in rows:
-                    img = Image.open(io.BytesIO(images[row]["bytes"].as_py())).convert("RGB")
-                    label = labels[row]
-                    tiles.append((img, str(names[label]) if names else str(label)))
-    cols = 8
-    tile = 128
-    grid_rows = -(-len(tiles) // cols)
-    grid = Image.new("RGB", (cols * tile, grid_rows * (tile + 16)), "white")
-    draw = ImageDraw.Draw(grid)
-    for n, (img, label) in enumerate(tiles):
-        x, y = (n % cols) * tile, (n // cols) * (tile + 16)
-        grid.paste(img.resize((tile, tile)), (x, y))
-        draw.text((x + 4, y + tile + 2), label[:20], fill="black")
-    path = out / "preview.png"
-    tmp = path.with_suffix(".tmp.png")
-    grid.save(tmp)
-    tmp.replace(path)
-    return path
+    datasets = [(job, load_dataset(job, base_url=url, progress=False)) for job in JOBS]
+    try:
+        return draw_preview(datasets, out / "preview.png", n=6, tile=80)
+    finally:
+        for _, dataset in datasets:
+            dataset.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,14 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     out: Path = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     store = _pack_demo(out)
-    key = secrets.token_urlsafe(16)
-    server, url = _start_server(store, key)
+    server, url = _start_server(store)
     print(f"server: {url} (store {store})", flush=True)
     try:
-        results = [_export(job, url, key, out / "parquet" / job) for job in JOBS]
+        results = [_export(job, url, out / "parquet" / job) for job in JOBS]
+        preview = _preview(url, out)
     finally:
         _stop_server(server)
-    preview = _preview([Path(r["parquet"]) for r in results], out)
     print("\nsummary")
     for r in results:
         print(
@@ -181,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             f"-> {r['parquet']}"
         )
     (out / "summary.json").write_text(json.dumps(results, indent=2))
-    print(f"preview: {preview}")
+    print(f"preview: {preview} (a row per job and class)")
+    print(next_steps(out, store, free_port()))
     return 0
 
 

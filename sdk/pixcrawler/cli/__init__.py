@@ -6,13 +6,20 @@ _api.py            what the job API commands share (--api-key, --base-url, --ca-
 _download.py       download
 _jobs.py           list, info
 _export_images.py  export-images
+_preview.py        preview
 """
 
 from __future__ import annotations
 
-from pixcrawler.cli import _download, _export_images, _jobs, _store
+from pixcrawler.cli import _download, _export_images, _jobs, _preview, _store
 from pixcrawler.cli._main import main
 
 __all__ = ["main"]
 
-del _download, _export_images, _jobs, _store  # imported for the commands they register on `main`
+del (
+    _download,
+    _export_images,
+    _jobs,
+    _preview,
+    _store,
+)  # imported for the commands they register on `main`

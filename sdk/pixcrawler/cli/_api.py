@@ -16,7 +16,7 @@ import click
 from pixcrawler._server_keys import is_loopback
 from pixcrawler.cli._main import CONFIGS
 
-__all__ = ["ImageSize", "api_options", "client", "engine_config"]
+__all__ = ["ImageSize", "api_options", "check_api", "client", "engine_config"]
 
 DEFAULT_BASE_URL = "https://api.pixcrawler.com"
 ENV_API_KEY = "PIXCRAWLER_API_KEY"
@@ -75,8 +75,15 @@ def api_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def client(api_key: str | None, base_url: str, config: Any) -> Any:
+    """A `JobClient` for --base-url with --api-key, after `check_api`."""
     from pixcrawler_engine.sources._jobapi import JobClient
 
+    check_api(api_key, base_url)
+    return JobClient.from_config(base_url, api_key or None, config)
+
+
+def check_api(api_key: str | None, base_url: str) -> None:
+    """Usage errors for a --base-url the CLI cannot use, or a missing key it needs."""
     scheme = urlsplit(base_url).scheme.lower()
     if scheme not in ("http", "https", "file"):
         raise click.BadParameter(
@@ -86,7 +93,6 @@ def client(api_key: str | None, base_url: str, config: Any) -> Any:
     if not api_key and scheme != "file" and not is_loopback(urlsplit(base_url).hostname or ""):
         # A server on this machine may run without keys (`pixcrawler serve` on loopback).
         raise click.UsageError(f"no API key: pass --api-key or set {ENV_API_KEY}")
-    return JobClient.from_config(base_url, api_key or None, config)
 
 
 def engine_config(**overrides: Any) -> Any:

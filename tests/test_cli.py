@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -254,3 +255,53 @@ def test_list_and_info_as_json(server: ServerProcess) -> None:
     assert info["progress"] == 42 and info["num_images"] == job["num_images"]
     assert info["num_chunks"] == len(job["chunks"]) and info["labels"] == job["labels"]
     assert info["class_to_idx"] == {name: i for i, name in enumerate(job["labels"])}
+
+
+# ------------------------------------------------------------------ messages in CLI words
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["info", "nope"], "`pixcrawler list`"),
+        (["info", "demo", "--api-key", "wrong-key-5"], "--api-key or PIXCRAWLER_API_KEY"),
+        (["download", "demo", "--image-size", "8"], "--on-error skip"),  # a 133 MP bomb below
+    ],
+)
+def test_errors_name_the_cli_flags_not_python_arguments(
+    server: ServerProcess, tmp_path: Path, args: list[str], flag: str
+) -> None:
+    from pixcrawler.cli._words import PYTHON_ONLY
+
+    env = {"PIXCRAWLER_BASE_URL": server.url, "PIXCRAWLER_API_KEY": server.api_key}
+    if args[0] == "download":
+        args = [*args, "--output-dir", str(tmp_path), "--max-pixels", "100", "--no-progress"]
+    result = _cli(*args, env=env)
+    assert result.exit_code == 1, result.output
+    assert flag in result.stderr, result.stderr
+    assert PYTHON_ONLY.search(result.stderr) is None, result.stderr
+
+
+def test_every_python_hint_of_the_engine_has_cli_words() -> None:
+    from pixcrawler.cli._words import PYTHON_ONLY, cli_words
+    from pixcrawler_engine.decode._headers import describe_junk
+    from pixcrawler_engine.decode._image import probe
+    from pixcrawler_engine.decode._pixels import check_budget
+    from pixcrawler_engine.export._size import MixedSizes
+    from pixcrawler_engine.sources._api_shape import KEY_HINT, not_a_job_api
+
+    messages = [KEY_HINT, describe_junk(memoryview(b"<html>")), str(not_a_job_api("u", "x"))]
+    big = io.BytesIO()
+    Image.new("L", (20, 20)).save(big, "PNG")
+    try:
+        check_budget(probe(big.getvalue()), 10)
+    except Exception as exc:
+        messages.append(str(exc))
+    messages.append(str(MixedSizes("for example image_size=(32, 32)", None)))  # type: ignore[arg-type]
+    messages.append("pass image_size= to shrink images, or a larger slot_bytes")
+    messages.append("lower num_slots, batch_rows or image_size, or give the container more")
+    messages.append("with decode=None, not image_size=(16, 16), color='RGB'; use force=True")
+    messages.append("with shuffle_seed=3, max_samples=None, not shuffle_seed=None, max_samples=4")
+    for message in messages:
+        for command in ("download", "info", "pack", "export-images"):
+            assert PYTHON_ONLY.search(cli_words(message, command)) is None, (command, message)

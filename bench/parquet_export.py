@@ -43,7 +43,7 @@ def build_store(root: Path, photos: int) -> tuple[Path, str]:
     store = root / "store"
     if not (store / "jobs" / "bench" / "job.json").exists():
         build_photos(root / "photos", n=photos)
-        pack(root / "photos", store, "bench", chunk_size=500)
+        pack(root / "photos", store, "bench", chunk_size=500, verify="header")
     return store, "bench"
 
 

@@ -128,8 +128,8 @@ def test_on_error_raise_skip_and_warn(digit_server: ServerProcess, tmp_path: Pat
         assert "1 left out: they could not be decoded" in result.stdout
         warned = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
         assert len(warned) == (1 if mode == "warn" else 0), result.stderr
-        if warned:
-            assert "'broken.png'" in warned[0]
+        if warned:  # named by the file it was packed from, and its name in the chunk
+            assert "'1/0001.png' (broken.png)" in warned[0]
         _no_python_words(result)
         images = np.load(out / "broken" / "images.npy")
         labels = json.loads((out / "broken" / "labels.json").read_text())["labels"]

@@ -332,19 +332,20 @@ def test_bad_cells_are_per_sample_errors_and_the_rest_is_delivered(tmp_path: Pat
     got = collect(ParquetSource(path), DecodePolicy(on_error="skip"))
     assert [m["id"] for m in got["meta"]] == ["r0", "r3", "r5"]
     assert got["stats"][0]["skipped"] == 3
-    with pytest.raises(DecodeError, match=r"sample 'bad.parquet:1'"):
+    # Named by the row's id first (what its owner knows), then its place in the file.
+    with pytest.raises(DecodeError, match=r"sample 'r1' \(bad\.parquet:1\)"):
         collect(ParquetSource(path), DecodePolicy(on_error="raise"))
     (tmp_path / "mask").mkdir()
     mismatch = _rows_with(tmp_path / "mask", {2: {"annotation": {"bytes": wrong_size.getvalue()}}})
     with pytest.raises(
-        DecodeError, match=r"'bad.parquet:2': its mask is 7x7 but the image is 42x30"
+        DecodeError, match=r"\(bad\.parquet:2\): its mask is 7x7 but the image is 42x30"
     ):
         collect(ParquetSource(mismatch), DecodePolicy(on_error="raise"))
 
 
 def test_a_null_image_cell_names_its_column(tmp_path: Path) -> None:
     path = _rows_with(tmp_path, {0: {"image": None}})
-    with pytest.raises(DecodeError, match=r"'bad.parquet:0'.*'image' cell holds no bytes"):
+    with pytest.raises(DecodeError, match=r"bad\.parquet:0.*'image' cell holds no bytes"):
         collect(ParquetSource(path), DecodePolicy())
 
 

@@ -24,7 +24,9 @@ import numpy as np
 if TYPE_CHECKING:
     from PIL import Image
 
-    from pixcrawler._dataset import Dataset
+# A `Dataset` (its `info`, `policy`, `config` and `run`); not imported: `Dataset.preview`
+# imports this module.
+Dataset = Any
 
 __all__ = ["draw_preview"]
 

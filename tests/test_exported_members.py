@@ -102,6 +102,7 @@ ENGINE_PUBLIC = [
     "PixCrawlerError",
     "Record",
     "SampleWarning",
+    "SharedMemoryError",
     "Source",
     "Stream",
     "SubsetSource",

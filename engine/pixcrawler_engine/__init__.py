@@ -20,6 +20,7 @@ if TYPE_CHECKING:
         NetworkError,
         NotFoundError,
         PixCrawlerError,
+        SharedMemoryError,
         WorkerError,
     )
     from pixcrawler_engine.decode._image import decode_image, probe
@@ -70,6 +71,7 @@ _LAZY = {
     "NetworkError": "pixcrawler_engine._errors",
     "NotFoundError": "pixcrawler_engine._errors",
     "PixCrawlerError": "pixcrawler_engine._errors",
+    "SharedMemoryError": "pixcrawler_engine._errors",
     "WorkerError": "pixcrawler_engine._errors",
     "EXPORT_FORMATS": "pixcrawler_engine.export._driver",
     "ExportResult": "pixcrawler_engine.export._driver",
@@ -119,6 +121,7 @@ __all__ = [
     "PixCrawlerError",
     "Record",
     "SampleWarning",
+    "SharedMemoryError",
     "Source",
     "Stream",
     "SubsetSource",

@@ -28,10 +28,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-# Room in a slot for the IPC framing and the non-pixel columns of one batch.
-SLOT_OVERHEAD = 1 << 16
-ROW_OVERHEAD = 4096
-
 __all__ = [
     "BatchBuilder",
     "image_views",
@@ -128,10 +124,6 @@ class BatchBuilder:
 
     def __len__(self) -> int:
         return len(self.keys)
-
-    @property
-    def nbytes_images(self) -> int:
-        return sum(a.nbytes for a in self.images)
 
     def next_image(self) -> np.ndarray | None:
         """The array to decode the next fixed-shape image into, or None for variable size."""
@@ -266,7 +258,3 @@ def labels_of(batch: pa.RecordBatch) -> list[Any]:
 
 def metadata_of(batch: pa.RecordBatch) -> list[dict[str, Any]]:
     return [json.loads(s) for s in batch.column("metadata").to_pylist()]
-
-
-def concat_images(parts: Sequence[np.ndarray]) -> np.ndarray:
-    return np.concatenate(parts) if parts else np.empty((0, 0, 0, 0), np.uint8)

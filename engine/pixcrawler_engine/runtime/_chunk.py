@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,7 +21,8 @@ from pixcrawler_engine.decode._image import decode_image, probe
 from pixcrawler_engine.decode._mask import decode_mask
 from pixcrawler_engine.decode._pixels import check_budget
 from pixcrawler_engine.decode._plan import output_shape
-from pixcrawler_engine.runtime._batch import ROW_OVERHEAD, SLOT_OVERHEAD, BatchBuilder
+from pixcrawler_engine.runtime._batch import BatchBuilder
+from pixcrawler_engine.runtime._schedule import ROW_OVERHEAD, SLOT_OVERHEAD
 from pixcrawler_engine.sources._base import ZipOpener, read_zip_manifest
 from pixcrawler_engine.sources._record import Record
 
@@ -35,6 +36,7 @@ def decode_records(
     *,
     chunk: int,
     byte_limit: int | None = None,
+    on_sample: Callable[[], None] | None = None,
 ) -> tuple[pa.RecordBatch, int, list[tuple[str, str]]]:
     """Decodes records into one RecordBatch, following `policy.on_error` for bad samples.
 
@@ -45,6 +47,7 @@ def decode_records(
         chunk: the chunk id, for the batch's `chunk` column and for error messages.
         byte_limit: the most bytes the batch may take as Arrow IPC; decoding stops early
             (before the record that would not fit) when it is reached.
+        on_sample: called after each record (decoded or skipped): the worker's heartbeat.
 
     Returns:
         (batch, covered, errors): `covered` is how many leading records were consumed
@@ -60,6 +63,8 @@ def decode_records(
     covered = 0
     used = SLOT_OVERHEAD
     for record in records:
+        if on_sample is not None:
+            on_sample()
         try:
             data = read(record.ref)
             header = probe(data)

@@ -14,8 +14,6 @@ import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-
 from pixcrawler_engine._config import EngineConfig
 from pixcrawler_engine.runtime._protocol import ExceptionWrapper, Failed
 from pixcrawler_engine.runtime._schedule import Chunk, Done, State
@@ -63,6 +61,8 @@ class Prefetcher:
         path, owned = self.source.fetch(chunk, self.workdir)
         records = self.source.records(chunk, path)
         if self.config.shuffle:
+            import numpy as np
+
             perm = np.random.default_rng([self.config.seed, chunk]).permutation(len(records))
             records = [records[i] for i in perm]
         return path, owned, records

@@ -252,9 +252,15 @@ def mask_views(batch: pa.RecordBatch) -> np.ndarray | list[np.ndarray] | None:
 
 
 def labels_of(batch: pa.RecordBatch) -> list[Any]:
-    """The labels of a batch as Python values (str, int or dict)."""
-    return [json.loads(s) for s in batch.column("label").to_pylist()]
+    """The labels of a batch as Python values (str, int or dict), parsed in one call."""
+    return _json_column(batch.column("label"))
 
 
 def metadata_of(batch: pa.RecordBatch) -> list[dict[str, Any]]:
-    return [json.loads(s) for s in batch.column("metadata").to_pylist()]
+    return _json_column(batch.column("metadata"))
+
+
+def _json_column(column: pa.Array) -> list[Any]:
+    """A column of JSON texts as values: one parse for the whole column, not one per row."""
+    values = column.to_pylist()
+    return list(json.loads("[" + ",".join(values) + "]")) if values else []

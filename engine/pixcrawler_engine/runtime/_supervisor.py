@@ -65,6 +65,7 @@ from pixcrawler_engine.runtime._shm import (
     shm_free_bytes,
     shm_size_text,
 )
+from pixcrawler_engine.runtime._waiter import Waiter
 from pixcrawler_engine.runtime._zygote import Zygote
 from pixcrawler_engine.sources._base import Source
 
@@ -116,6 +117,7 @@ class Supervisor:
         self.task_ids = 0
         self.restarts: dict[tuple[int, int], int] = {}
         self.prefetch = Prefetcher(source, config, self.plans, self.order, self.workdir)
+        self.waiter = Waiter()
 
     # ---- set-up -------------------------------------------------------------------------
     def start(self) -> None:
@@ -146,7 +148,7 @@ class Supervisor:
             if self.pool.changed:
                 self.conn.send(Workers(self.pool.pids()))
             handles = [self.conn, self.release, self.prefetch.wake_fd, *self.pool.waitables()]
-            ready = wait(handles, timeout=1.0)
+            ready = self.waiter.wait(handles, timeout=1.0)
             if self.release in ready:
                 self._on_releases()
             if self.conn in ready and self._on_consumer():
@@ -342,6 +344,7 @@ class Supervisor:
             self.pool.stop()
         self.zygote.close()
         self.prefetch.close()
+        self.waiter.close()
         if self.slots is not None:
             self.slots.close()
         if self.beats is not None:

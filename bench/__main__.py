@@ -12,6 +12,8 @@ SUITES = {
     "decode": ["-m", "bench.decode_compare", "--out", "{out}/decode.json"],
     "parquet": ["-m", "bench.parquet_export", "--out", "{out}/parquet.json"],
     "artefact": ["-m", "bench.artefact_bench", "--out", "{out}/artefact.json"],
+    "startup": ["-m", "bench.startup_bench", "--out", "{out}/startup.json"],
+    "overhead": ["-m", "bench.overhead_bench", "--out", "{out}/overhead.json"],
 }
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
+import secrets
 import statistics
 import subprocess
 import sys
@@ -157,7 +159,7 @@ def receive_cost(repeats: int = 2000) -> dict[str, float]:
     import pyarrow as pa
 
     from pixcrawler_engine.runtime._batch import BatchBuilder, image_views, read_batch, write_batch
-    from pixcrawler_engine.runtime._shm import SlotPool, attach
+    from pixcrawler_engine.runtime._shm import OwnerLock, SlotPool, attach
     from pixcrawler_engine.runtime._stream import _Lease
 
     builder = BatchBuilder((224, 224, 3), capacity=64)
@@ -168,7 +170,9 @@ def receive_cost(repeats: int = 2000) -> dict[str, float]:
             image, label="x", key=str(i), chunk=0, index=i, orig_size=(640, 480), metadata=None
         )
     batch = builder.build()
-    pool = SlotPool(1, 16 << 20)
+    token = f"{os.getpid()}_{secrets.token_hex(8)}"
+    lock = OwnerLock(token)
+    pool = SlotPool(token, 1, 16 << 20)
     released: list[int] = []
     try:
         mapping = attach(pool.names[0])
@@ -187,6 +191,7 @@ def receive_cost(repeats: int = 2000) -> dict[str, float]:
         mapping.close()
     finally:
         pool.close()
+        lock.release()
     times.sort()
     return {
         "median_us": statistics.median(times) * 1e6,

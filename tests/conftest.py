@@ -207,19 +207,28 @@ def server_factory(store: Path, keys_file: Path) -> Iterator[Callable[..., Serve
 
 
 def _shm_names() -> set[str]:
-    """Our segments: those whose owner (the pid in the name) is dead or a child of this process.
+    """Our segments: those of runs whose owner lock is free (a dead owner) or held by a child.
 
-    A live owner outside this process tree is another test run on the same machine, not a
-    leak of ours.
+    A run whose lock a process outside this tree holds is another test run on the same
+    machine, not a leak of ours.
     """
+    from engine_helpers import lock_holders, run_token
+
     try:
         names = {name for name in os.listdir(SHM) if name.startswith(SHM_PREFIX)}
     except FileNotFoundError:
         return set()
     mine = {p.pid for p in psutil.Process().children(recursive=True)}
+    holders = lock_holders()
     ours = set()
     for name in names:
-        owner = name[len(SHM_PREFIX) :].split("_", 1)[0]
+        token = run_token(name)
+        if token in holders:
+            if holders[token] in mine or holders[token] is None:
+                ours.add(name)
+            continue
+        # No lock file: not a run of this version; judge by the pid its name starts with.
+        owner = token.split("_", 1)[0]
         if not owner.isdigit() or int(owner) in mine or not psutil.pid_exists(int(owner)):
             ours.add(name)
     return ours

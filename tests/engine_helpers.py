@@ -103,6 +103,34 @@ def shm_names() -> set[str]:
     return {p.name for p in Path("/dev/shm").iterdir() if p.name.startswith("pxc_")}
 
 
+def run_token(name: str) -> str:
+    """The run a /dev/shm name belongs to: `pxc_<pid>_<hex>_<i>` or `pxc_<pid>_<hex>.lock`."""
+    return "_".join(name[len("pxc_") :].removesuffix(".lock").split("_", 2)[:2])
+
+
+def lock_holders() -> dict[str, int | None]:
+    """Run token -> the pid holding its owner lock (from /proc/locks), None when it is free."""
+    inodes: dict[int, int] = {}
+    with open("/proc/locks") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 6 and fields[1] == "FLOCK":  # "->" lines are waiters: skipped
+                inodes[int(fields[5].rsplit(":", 1)[1])] = int(fields[4])
+    holders: dict[str, int | None] = {}
+    for path in Path("/dev/shm").glob("pxc_*.lock"):
+        try:
+            holders[run_token(path.name)] = inodes.get(path.stat().st_ino)
+        except FileNotFoundError:
+            continue
+    return holders
+
+
+def segments_of(pids: set[int]) -> set[str]:
+    """The /dev/shm names of the runs whose owner lock one of `pids` holds."""
+    holders = lock_holders()
+    return {name for name in shm_names() if holders.get(run_token(name)) in pids}
+
+
 def wait_no_shm(names: set[str], timeout: float) -> set[str]:
     deadline = time.monotonic() + timeout
     while True:

@@ -103,6 +103,7 @@ ENGINE_PUBLIC = [
     "PixCrawlerError",
     "Record",
     "SampleWarning",
+    "SharedMemoryError",
     "Source",
     "Stream",
     "SubsetSource",

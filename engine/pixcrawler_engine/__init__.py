@@ -20,6 +20,7 @@ if TYPE_CHECKING:
         NetworkError,
         NotFoundError,
         PixCrawlerError,
+        SharedMemoryError,
         UnsupportedImageError,
         WorkerError,
     )
@@ -71,6 +72,7 @@ _LAZY = {
     "NetworkError": "pixcrawler_engine._errors",
     "NotFoundError": "pixcrawler_engine._errors",
     "PixCrawlerError": "pixcrawler_engine._errors",
+    "SharedMemoryError": "pixcrawler_engine._errors",
     "UnsupportedImageError": "pixcrawler_engine._errors",
     "WorkerError": "pixcrawler_engine._errors",
     "EXPORT_FORMATS": "pixcrawler_engine.export._driver",
@@ -121,6 +123,7 @@ __all__ = [
     "PixCrawlerError",
     "Record",
     "SampleWarning",
+    "SharedMemoryError",
     "Source",
     "Stream",
     "SubsetSource",

@@ -94,8 +94,10 @@ class EngineConfig:
         retries: attempts per chunk download, the first included.
         backoff: base of the exponential backoff between attempts, in seconds.
         retry_after_cap: longest `Retry-After` honoured, in seconds.
-        worker_timeout: seconds a worker may spend on one batch before it is deemed hung,
-            killed and replaced.
+        worker_timeout: seconds a worker may spend on one sample (not one batch) before it is
+            deemed hung, killed and replaced.
+        heartbeat_timeout: seconds the consumer waits for any sign of life from the
+            supervisor (it pings after a second of silence) before raising `WorkerError`.
         verify_ssl: verify TLS certificates (a path to a CA bundle is accepted too).
         shuffle: shuffle chunk order and samples within each chunk.
         seed: seed of the shuffle; the same seed gives the same order for any num_workers.
@@ -115,6 +117,7 @@ class EngineConfig:
     backoff: float = 0.5
     retry_after_cap: float = 30.0
     worker_timeout: float = 120.0
+    heartbeat_timeout: float = 60.0
     verify_ssl: bool | str = True
     shuffle: bool = False
     seed: int = 0
@@ -138,6 +141,10 @@ class EngineConfig:
                 raise ValueError(f"num_slots must be at least 2, got {self.num_slots}")
         if self.slot_bytes is not None:
             positive("slot_bytes", self.slot_bytes)
+        if not isinstance(self.heartbeat_timeout, (int, float)) or self.heartbeat_timeout <= 0:
+            raise ValueError(
+                f"heartbeat_timeout must be a number of seconds > 0, got {self.heartbeat_timeout!r}"
+            )
         for name in ("timeout", "backoff", "retry_after_cap", "worker_timeout"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value < 0:

@@ -10,6 +10,7 @@
     ├── DecodeError              # one sample could not be decoded; `.chunk_id`, `.key`
     │   └── UnsupportedImageError    # a valid image in a format or feature not supported
     └── WorkerError              # an engine process died or hung; `.pid`, `.exitcode`
+        └── SharedMemoryError    # /dev/shm too small or full, or a slot gone
 
 Library errors (httpx, Pillow, pyarrow, zipfile) are translated where they enter, with
 `raise ... from exc`; callers never see a library's private exception. The SDK re-exports
@@ -27,6 +28,7 @@ __all__ = [
     "NetworkError",
     "NotFoundError",
     "PixCrawlerError",
+    "SharedMemoryError",
     "UnsupportedImageError",
     "WorkerError",
 ]
@@ -116,6 +118,10 @@ class WorkerError(PixCrawlerError):
 
     def __reduce__(self):
         return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+class SharedMemoryError(WorkerError):
+    """/dev/shm cannot hold the run's slots: it is too small, or full; the message says which."""
 
 
 def _rebuild(cls: type[BaseException], args: tuple, state: dict) -> BaseException:

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import psutil
+from engine_helpers import segments_of
 from PIL import Image
 
 __all__ = [
@@ -71,7 +72,6 @@ __all__ = [
 
 STORED, DEFLATED, BZIP2 = 0, 8, 12
 _SHM = Path("/dev/shm")
-_SHM_PREFIX = "pxc_"
 
 # --------------------------------------------------------------------------- real images
 
@@ -681,18 +681,11 @@ class TreeMonitor:
             if proc.pid != os.getpid():
                 self.peaks[proc.pid] = max(self.peaks.get(proc.pid, 0), _peak_rss(proc.pid))
         shm = 0
-        try:
-            with os.scandir(_SHM) as entries:
-                for entry in entries:
-                    owner = entry.name[len(_SHM_PREFIX) :].split("_", 1)[0]
-                    ours = entry.name.startswith(_SHM_PREFIX) and owner.isdigit()
-                    if ours and int(owner) in pids:
-                        try:
-                            shm += entry.stat().st_blocks * 512
-                        except FileNotFoundError:
-                            complete = False  # unlinked meanwhile
-        except OSError:
-            complete = False
+        for name in segments_of(pids):
+            try:
+                shm += (_SHM / name).stat().st_blocks * 512
+            except FileNotFoundError:
+                complete = False  # unlinked meanwhile
         s = Sample(time.monotonic(), rss, fds, shm, frozenset(pids), complete)
         self.samples.append(s)
         return s

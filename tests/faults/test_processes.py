@@ -7,14 +7,13 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections.abc import Iterator
 from contextlib import contextmanager
-from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 from engine_helpers import (
     POLICY,
@@ -40,7 +39,8 @@ CONSUMER = textwrap.dedent(
     stream = Stream(job_source(Path({store!r})), config=small_config(batch_rows=2), policy=POLICY)
     it = iter(stream)
     batch = next(it)
-    print(json.dumps({{"supervisor": stream.pid, "workers": list(stream.worker_pids)}}), flush=True)
+    pids = {{"supervisor": stream.pid, "workers": list(stream.worker_pids)}}
+    print(json.dumps({{**pids, "token": stream._state.token}}), flush=True)
     time.sleep(60)
     """
 )
@@ -123,23 +123,35 @@ def test_sigkill_of_the_whole_group_is_reclaimed_by_the_next_run(store: Path) ->
     # Whatever the killed run left is gone once the next run has started.
     with Stream(job_source(store), config=small_config(), policy=POLICY) as stream:
         next(iter(stream))
-        assert not {n for n in shm_names() - before if n.startswith(f"pxc_{pids['supervisor']}_")}
+        assert not {n for n in shm_names() - before if n.startswith(f"pxc_{pids['token']}")}
+    assert not Path(tempfile.gettempdir(), f"pxc-run-{pids['token']}").exists()
 
 
-def test_sweep_unlinks_segments_of_dead_owners_only() -> None:
-    dead = psutil.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    stale = SharedMemory(name=f"pxc_{dead.pid}_dead_0", create=True, size=4096)
-    mine = SharedMemory(name=f"pxc_{os.getpid()}_live_0", create=True, size=4096)
+def test_sweep_takes_only_runs_whose_owner_lock_is_free(tmp_path: Path) -> None:
+    from pixcrawler_engine.runtime._shm import OwnerLock, SlotPool, run_folder
+
+    dead_token, live_token = "1_deadbeef00000001", f"{os.getpid()}_deadbeef00000002"
+    # A dead run: its owner lock was taken and dropped by a process that is gone now.
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from pixcrawler_engine.runtime._shm import OwnerLock, SlotPool, "
+            f"run_folder; OwnerLock({dead_token!r}); SlotPool({dead_token!r}, 2, 4096); "
+            f"run_folder({dead_token!r}).mkdir()",
+        ],
+        check=True,
+    )
+    assert {f"pxc_{dead_token}_0", f"pxc_{dead_token}.lock"} <= shm_names()
+    live = OwnerLock(live_token)
+    pool = SlotPool(live_token, 1, 4096)
     try:
         removed = sweep_stale()
-        assert stale.name in removed
-        assert mine.name not in removed
-        assert Path("/dev/shm", mine.name).exists()
+        assert f"pxc_{dead_token}_0" in removed and f"pxc_{dead_token}_1" in removed
+        assert not any(n.startswith(f"pxc_{dead_token}") for n in shm_names())
+        assert not run_folder(dead_token).exists()
+        assert {f"pxc_{live_token}_0", f"pxc_{live_token}.lock"} <= shm_names()
     finally:
-        stale.close()
-        mine.close()
-        mine.unlink()
-        from multiprocessing import resource_tracker
-
-        resource_tracker.unregister(stale._name, "shared_memory")  # type: ignore[attr-defined]
+        pool.close()
+        live.release()
+    assert not any(n.startswith(f"pxc_{live_token}") for n in shm_names())

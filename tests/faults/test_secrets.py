@@ -189,7 +189,7 @@ def test_sdk_iteration_and_failures_never_show_the_key(
     assert n == ds.num_images
     commands = children.commands()
     assert any("bootstrap" in c for c in commands), commands  # the supervisor was seen
-    assert sum("forkserver" in c for c in commands) >= 3, commands  # fork server, 2 workers
+    assert sum("_zygote" in c for c in commands) >= 3, commands  # the zygote, 2 workers
 
     # 2. Calls that fail in this process: unknown job, wrong key, key without access.
     failures: list[BaseException] = []
@@ -293,7 +293,7 @@ def test_cli_download_and_failures_never_show_the_key(
     assert runs["unknown job"].returncode == 1 and runs["wrong key"].returncode == 1
     commands = children.commands()
     assert any("bootstrap" in c for c in commands), commands
-    assert sum("forkserver" in c for c in commands) >= 3, commands
+    assert sum("_zygote" in c for c in commands) >= 3, commands
     texts: dict[str, str | bytes] = {}
     for name, run in runs.items():
         texts[f"{name}: stdout"], texts[f"{name}: stderr"] = run.stdout, run.stderr

@@ -28,10 +28,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-# Room in a slot for the IPC framing and the non-pixel columns of one batch.
-SLOT_OVERHEAD = 1 << 16
-ROW_OVERHEAD = 4096
-
 __all__ = [
     "BatchBuilder",
     "image_views",
@@ -128,10 +124,6 @@ class BatchBuilder:
 
     def __len__(self) -> int:
         return len(self.keys)
-
-    @property
-    def nbytes_images(self) -> int:
-        return sum(a.nbytes for a in self.images)
 
     def next_image(self) -> np.ndarray | None:
         """The array to decode the next fixed-shape image into, or None for variable size."""
@@ -260,13 +252,15 @@ def mask_views(batch: pa.RecordBatch) -> np.ndarray | list[np.ndarray] | None:
 
 
 def labels_of(batch: pa.RecordBatch) -> list[Any]:
-    """The labels of a batch as Python values (str, int or dict)."""
-    return [json.loads(s) for s in batch.column("label").to_pylist()]
+    """The labels of a batch as Python values (str, int or dict), parsed in one call."""
+    return _json_column(batch.column("label"))
 
 
 def metadata_of(batch: pa.RecordBatch) -> list[dict[str, Any]]:
-    return [json.loads(s) for s in batch.column("metadata").to_pylist()]
+    return _json_column(batch.column("metadata"))
 
 
-def concat_images(parts: Sequence[np.ndarray]) -> np.ndarray:
-    return np.concatenate(parts) if parts else np.empty((0, 0, 0, 0), np.uint8)
+def _json_column(column: pa.Array) -> list[Any]:
+    """A column of JSON texts as values: one parse for the whole column, not one per row."""
+    values = column.to_pylist()
+    return list(json.loads("[" + ",".join(values) + "]")) if values else []

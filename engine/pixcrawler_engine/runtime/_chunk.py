@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import logging
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -23,7 +23,8 @@ from pixcrawler_engine.decode._image import decode_image, probe
 from pixcrawler_engine.decode._mask import decode_mask
 from pixcrawler_engine.decode._pixels import check_budget
 from pixcrawler_engine.decode._plan import output_shape
-from pixcrawler_engine.runtime._batch import ROW_OVERHEAD, SLOT_OVERHEAD, BatchBuilder
+from pixcrawler_engine.runtime._batch import BatchBuilder
+from pixcrawler_engine.runtime._schedule import ROW_OVERHEAD, SLOT_OVERHEAD
 from pixcrawler_engine.sources._base import ZipOpener, read_zip_manifest
 from pixcrawler_engine.sources._record import Record
 
@@ -40,6 +41,7 @@ def decode_records(
     chunk: int,
     byte_limit: int | None = None,
     notes: list[tuple[str, str]] | None = None,
+    on_sample: Callable[[], None] | None = None,
 ) -> tuple[pa.RecordBatch, int, list[tuple[str, str]]]:
     """Decodes records into one RecordBatch, following `policy.on_error` for bad samples.
 
@@ -53,6 +55,7 @@ def decode_records(
         notes: receives (key, message) for samples decoded fine while the decoder said
             something (libtiff's warnings, Pillow's; see `decode._chatter`): one line each,
             naming the sample. None logs them instead.
+        on_sample: called after each record (decoded or skipped): the worker's heartbeat.
 
     Returns:
         (batch, covered, errors): `covered` is how many leading records were consumed
@@ -69,6 +72,8 @@ def decode_records(
     covered = 0
     used = SLOT_OVERHEAD
     for record in records:
+        if on_sample is not None:
+            on_sample()
         started = bool(len(builder) or errors)
         with collect() as said:
             outcome = _decode_one(record, read, policy, builder, byte_limit - used

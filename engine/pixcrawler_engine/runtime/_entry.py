@@ -10,13 +10,14 @@ import os
 import signal
 import sys
 from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING
 
-from pixcrawler_engine._config import DecodePolicy, EngineConfig
-from pixcrawler_engine.runtime._launch import worker_context
-from pixcrawler_engine.runtime._protocol import ExceptionWrapper, Failed
-from pixcrawler_engine.runtime._shm import sweep_stale
-from pixcrawler_engine.runtime._supervisor import Supervisor, _Delivered
-from pixcrawler_engine.sources._base import Source
+from pixcrawler_engine.runtime._launch import WORKER_ENV
+from pixcrawler_engine.runtime._zygote import Zygote
+
+if TYPE_CHECKING:
+    from pixcrawler_engine._config import DecodePolicy, EngineConfig
+    from pixcrawler_engine.sources._base import Source
 
 __all__ = ["bootstrap", "supervisor_main"]
 
@@ -29,31 +30,40 @@ def bootstrap() -> None:
     """
     from multiprocess.connection import Connection as DillConnection
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the consumer handles Ctrl-C
     conn = DillConnection(int(sys.argv[1]))
     release = DillConnection(int(sys.argv[2]), writable=False)
-    worker_context()  # boots while we read our arguments
+    # First of all (before our own imports): the zygote warms up the decoders meanwhile.
+    zygote = Zygote({**os.environ, **WORKER_ENV})
+    zygote.start()
     try:
         sys.path[:] = conn.recv()
-        source, config, policy = conn.recv()
+        token, source, config, policy = conn.recv()
     except (EOFError, OSError):
+        zygote.close()
         os._exit(0)  # the consumer went away before the run began
-    supervisor_main(conn, release, source, config, policy)
+    supervisor_main(conn, release, zygote, token, source, config, policy)
 
 
 def supervisor_main(
     conn: Connection,
     release: Connection,
+    zygote: Zygote,
+    token: str,
     source: Source,
     config: EngineConfig,
     policy: DecodePolicy,
 ) -> None:
     """The body of the supervisor process."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the consumer handles Ctrl-C
-    sweep_stale()
+    from pixcrawler_engine.runtime._protocol import ExceptionWrapper, Failed
+    from pixcrawler_engine.runtime._shm import sweep_stale
+    from pixcrawler_engine.runtime._supervisor import Supervisor, _Delivered
+
     supervisor = None
     code = 0
     try:
-        supervisor = Supervisor(conn, release, source, config, policy)
+        sweep_stale()
+        supervisor = Supervisor(conn, release, zygote, token, source, config, policy)
         supervisor.run()
     except (_Delivered, SystemExit):
         pass
@@ -64,6 +74,7 @@ def supervisor_main(
     finally:
         if supervisor is not None:
             supervisor.close()
+        zygote.close()
         with contextlib.suppress(Exception):
             conn.close()
         # Download threads may sit in a socket read; they must not keep this process alive.

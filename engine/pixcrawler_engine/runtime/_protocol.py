@@ -2,16 +2,17 @@
 
 Every message is a frozen dataclass; none carries pixels (those stay in shared memory).
 
-    consumer -> supervisor:  Release(slot) | Grow() | Stop()
-    supervisor -> consumer:  Ready(slots, slot_bytes) | BatchReady(...) | SlotsAdded(names)
-                             | Failed(error) | Finished(stats)
+    consumer -> supervisor:  Grow() | Ping() | Stop()      (released slots: `RELEASE` on a pipe)
+    supervisor -> consumer:  Ready(slots) | Workers(pids) | BatchReady(...) | SlotsAdded(names)
+                             | Pong() | Failed(error) | Finished(stats)
     supervisor -> worker:    Task(...) | None (exit)
-    worker -> supervisor:    WorkerReady(pid) | TaskDone(...) | TaskFailed(...)
+    worker -> supervisor:    WorkerReady() | TaskDone(...) | TaskFailed(...)
 """
 
 from __future__ import annotations
 
 import pickle
+import struct
 import traceback
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,20 +21,25 @@ from pixcrawler_engine._errors import PixCrawlerError
 from pixcrawler_engine.sources._record import Record
 
 __all__ = [
+    "RELEASE",
     "BatchReady",
     "ExceptionWrapper",
     "Failed",
     "Finished",
     "Grow",
+    "Ping",
+    "Pong",
     "Ready",
-    "Release",
     "SlotsAdded",
     "Stop",
     "Task",
     "TaskDone",
     "TaskFailed",
     "WorkerReady",
+    "Workers",
 ]
+
+RELEASE = struct.Struct("<i")  # one released slot, as the consumer writes it to its pipe
 
 
 @dataclass(frozen=True)
@@ -69,11 +75,6 @@ class ExceptionWrapper:
 
 # consumer -> supervisor
 @dataclass(frozen=True)
-class Release:
-    slot: int
-
-
-@dataclass(frozen=True)
 class Grow:
     """The consumer holds every slot and waits: the supervisor adds one."""
 
@@ -83,13 +84,27 @@ class Stop:
     pass
 
 
+@dataclass(frozen=True)
+class Ping:
+    """The consumer has heard nothing for a while: the supervisor answers `Pong` at once."""
+
+
 # supervisor -> consumer
 @dataclass(frozen=True)
 class Ready:
     slots: tuple[str, ...]
-    slot_bytes: int
-    pid: int
-    worker_pids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Workers:
+    """The worker processes now running (sent when one starts or is replaced)."""
+
+    pids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Pong:
+    pass
 
 
 @dataclass(frozen=True)
@@ -130,9 +145,7 @@ class Task:
 # worker -> supervisor
 @dataclass(frozen=True)
 class WorkerReady:
-    """Sent once a worker has imported what it needs: its task clock starts after this."""
-
-    pid: int
+    """Sent once a worker has set up: only then it gets tasks."""
 
 
 @dataclass(frozen=True)

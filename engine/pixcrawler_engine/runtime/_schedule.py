@@ -6,20 +6,29 @@ Plain data, owned and mutated by the supervisor's one thread (see NOTE [scheduli
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 from pixcrawler_engine._config import DecodePolicy, EngineConfig
-from pixcrawler_engine.runtime._batch import ROW_OVERHEAD, SLOT_OVERHEAD
 from pixcrawler_engine.runtime._protocol import BatchReady, ExceptionWrapper, Failed
 from pixcrawler_engine.sources._record import Record
 
-__all__ = ["Chunk", "Done", "State", "WorkerSlot", "slot_bytes_for"]
+__all__ = [
+    "ROW_OVERHEAD",
+    "SLOT_OVERHEAD",
+    "Chunk",
+    "Done",
+    "State",
+    "WorkerSlot",
+    "slot_bytes_for",
+]
+
+# Room in a slot for the IPC framing and the non-pixel columns of one batch.
+SLOT_OVERHEAD = 1 << 16
+ROW_OVERHEAD = 4096
 
 
 def slot_bytes_for(config: EngineConfig, policy: DecodePolicy) -> int:
@@ -29,7 +38,7 @@ def slot_bytes_for(config: EngineConfig, policy: DecodePolicy) -> int:
     shape = policy.fixed_shape
     if shape is None:
         return 64 << 20
-    size = config.batch_rows * (int(np.prod(shape)) + ROW_OVERHEAD) + SLOT_OVERHEAD
+    size = config.batch_rows * (math.prod(shape) + ROW_OVERHEAD) + SLOT_OVERHEAD
     return -(-size // 4096) * 4096
 
 
@@ -44,13 +53,18 @@ class Chunk:
 
 @dataclass
 class WorkerSlot:
-    proc: Any
+    """One worker seat's current process, known by the supervisor's end of its socket."""
+
+    seat: int
     conn: Connection
+    pid: int | None = None  # reported by the zygote once forked
     task: tuple[int, int, int, int] | None = None  # (pos, start, end, slot)
     task_id: int = 0
-    started: float = 0.0
     ready: bool = False  # imports done (WorkerReady); only then it gets tasks
     born: float = field(default_factory=time.monotonic)
+    beat: int = -1  # its beat counter when last seen moving, and when that was
+    beat_at: float = field(default_factory=time.monotonic)
+    hung: bool = False  # killed by the supervisor for silence
 
 
 @dataclass
@@ -58,7 +72,6 @@ class Done:
     slot: int | None
     end: int
     message: BatchReady | Failed | None = None
-    covered: int = 0
 
 
 @dataclass
@@ -71,7 +84,6 @@ class State:
     deliver_row: int = 0
     next_download: int = 0
     downloads: int = 0
-    held_by_consumer: int = 0
     stats: dict[str, int] = field(
         default_factory=lambda: {
             "samples": 0,

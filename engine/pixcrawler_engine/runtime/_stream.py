@@ -14,8 +14,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import subprocess
 import sys
+import time
 import warnings
 import weakref
 from collections.abc import Generator
@@ -34,18 +36,21 @@ from pixcrawler_engine.runtime._batch import (
     metadata_of,
     read_batch,
 )
-from pixcrawler_engine.runtime._launch import BOOTSTRAP, WORKER_ENV
+from pixcrawler_engine.runtime._launch import BOOTSTRAP
 from pixcrawler_engine.runtime._protocol import (
+    RELEASE,
     BatchReady,
     Failed,
     Finished,
     Grow,
+    Ping,
+    Pong,
     Ready,
     SlotsAdded,
     Stop,
+    Workers,
 )
-from pixcrawler_engine.runtime._shm import attach, sweep_stale
-from pixcrawler_engine.runtime._supervisor import RELEASE
+from pixcrawler_engine.runtime._shm import attach, sweep_run
 from pixcrawler_engine.sources._base import Source
 
 __all__ = ["Batch", "SampleWarning", "Stream"]
@@ -116,12 +121,14 @@ class _RunState:
     """Everything teardown needs, kept apart from `Stream` so the finalizer holds no cycle."""
 
     proc: Any = None
+    token: str = ""
     conn: Any = None
     release_fd: int = -1
     release_conn: Any = None
     slots: list[Any] = field(default_factory=list)
     live_leases: int = 0
     closed: bool = False
+    unresponsive: bool = False  # the supervisor missed its heartbeat: no polite stop
     stats: dict[str, Any] = field(default_factory=dict)
 
     def release(self, slot: int) -> None:
@@ -139,16 +146,19 @@ def _shutdown(state: _RunState) -> None:
     state.closed = True
     proc = state.proc
     if proc is not None:
-        with contextlib.suppress(Exception):
-            state.conn.send(Stop())
-        for stop, grace in ((None, 5.0), (proc.terminate, 2.0), (proc.kill, 2.0)):
+        steps: tuple[tuple[Any, float], ...] = ((proc.kill, 2.0),)
+        if not state.unresponsive:
+            with contextlib.suppress(Exception):
+                state.conn.send(Stop())
+            steps = ((None, 5.0), (proc.terminate, 2.0), (proc.kill, 2.0))
+        for stop, grace in steps:
             if stop is not None:
                 stop()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(grace)
                 break
-        # A supervisor that was killed could not unlink its slots; its pid names them.
-        sweep_stale(owner_pid=proc.pid)
+        # A supervisor that was killed could not clean up: its lock is free now, so this can.
+        sweep_run(state.token)
     for conn in (state.conn, state.release_conn):
         with contextlib.suppress(Exception):
             conn.close()
@@ -172,24 +182,22 @@ class Stream:
         self.policy = policy
         self._state = _RunState()
         self._finalizer = weakref.finalize(self, _shutdown, self._state)
-        sweep_stale()  # reclaim what a killed run left behind
         conn, child_conn = Pipe()
         release_r, release_w = Pipe(duplex=False)
-        # See NOTE [bootstrap] in `_launch`. The supervisor's environment lacks the API key
-        # and carries the workers' malloc settings.
+        # See NOTE [bootstrap] in `_launch`. The supervisor's environment lacks the API key.
         env = {k: v for k, v in os.environ.items() if k not in _SECRET_ENV}
-        env.update(WORKER_ENV)
         fds = (child_conn.fileno(), release_r.fileno())
         proc = subprocess.Popen(
             [sys.executable, "-c", BOOTSTRAP, *map(str, fds)], pass_fds=fds, env=env
         )
         child_conn.close()
         release_r.close()
+        self._state.token = f"{proc.pid}_{secrets.token_hex(8)}"  # names the run's resources
         self._state.proc, self._state.conn = proc, conn
         self._state.release_conn, self._state.release_fd = release_w, release_w.fileno()
         try:
             conn.send(list(sys.path))
-            conn.send((source, config, policy))
+            conn.send((self._state.token, source, config, policy))
         except OSError:
             pass  # it died at once; the first receive says how
         self.pid = proc.pid
@@ -236,23 +244,38 @@ class Stream:
             self.close()
 
     def _receive(self) -> Any:
+        """The next message for the caller; handles set-up, heartbeats and a lost supervisor.
+
+        Waits in short steps (no blind waits): between them it checks that the supervisor is
+        alive, asks for one more slot when the caller holds them all, and pings a silent
+        supervisor; one that does not answer within `heartbeat_timeout` is a `WorkerError`.
+        """
         state = self._state
+        timeout = self.config.heartbeat_timeout
+        interval = min(1.0, timeout / 4)
+        heard = time.monotonic()
+        pinged = False
         while True:
             if state.closed:
                 raise RuntimeError("this stream is closed; start a new one to iterate again")
-            # Wake up now and then to check that the supervisor is alive (no blind waits).
-            if state.conn.poll(0.5):
+            if state.conn.poll(min(0.5, interval)):
                 try:
                     msg = state.conn.recv()
                 except (EOFError, OSError):
                     msg = None
+                if msg is not None:
+                    heard, pinged = time.monotonic(), False
                 if isinstance(msg, Ready):
                     self._ready = msg
-                    self.worker_pids = msg.worker_pids
                     state.slots.extend(attach(name) for name in msg.slots)
                     continue
                 if isinstance(msg, SlotsAdded):
                     state.slots.extend(attach(name) for name in msg.names)
+                    continue
+                if isinstance(msg, Workers):
+                    self.worker_pids = msg.pids
+                    continue
+                if isinstance(msg, Pong):
                     continue
                 if msg is not None:
                     return msg
@@ -264,9 +287,34 @@ class Stream:
                     pid=proc.pid,
                     exitcode=proc.returncode,
                 )
+            silent = time.monotonic() - heard
+            if silent > timeout:
+                state.unresponsive = True
+                raise WorkerError(
+                    f"the supervisor process (pid {proc.pid}) has not answered for "
+                    f"{silent:.0f} s (heartbeat_timeout={timeout:g}): it is stopped (SIGSTOP, a "
+                    "debugger) or deadlocked; the run is abandoned. Raise heartbeat_timeout if "
+                    "the machine is that overloaded",
+                    pid=proc.pid,
+                )
+            if silent > interval and not pinged:
+                self._send(Ping())
+                pinged = True
             if self._ready is not None and state.slots and state.live_leases >= len(state.slots):
                 # Every slot is pinned by views the caller keeps: ask for one more.
-                state.conn.send(Grow())
+                self._send(Grow())
+
+    def _send(self, message: Any) -> None:
+        try:
+            self._state.conn.send(message)
+        except OSError as exc:
+            proc = self._state.proc
+            raise WorkerError(
+                f"the supervisor process (pid {proc.pid}) is gone (its pipe broke: {exc}); "
+                "see its error output above, or rerun",
+                pid=proc.pid,
+                exitcode=proc.poll(),
+            ) from exc
 
     def _map(self, msg: BatchReady) -> Batch:
         state = self._state

@@ -1,7 +1,8 @@
-"""The supervisor process: downloads chunks, schedules decode tasks, delivers batches in order.
+"""The supervisor process: schedules decode tasks, delivers batches in order, replaces workers.
 
-It owns every OS resource of a run (worker processes, shared-memory slots, the download
-folder) and is the only process that unlinks or deletes them.
+It owns every OS resource of a run (its owner lock, the shared-memory slots and beat counters,
+the download folder, the zygote and, through it, the workers) and is the only process that
+unlinks or deletes them (see NOTE [ownership] in `_shm`).
 
 NOTE [scheduling]: a chunk's records are cut into tasks of `batch_rows` records; a task is
 keyed (chunk position, first record) and dispatched in key order, each with a free slot
@@ -17,6 +18,11 @@ The loop, one state per task:
     pending --dispatch (idle worker + free slot)--> running --TaskDone--> done --deliver--> sent
        ^                                              |                    |
        +------ worker died / hung (slot kept) --------+   evicted (slot freed) --> pending
+
+A worker's death (EOF on its socket, or a failed send; see `_pool`) puts its task back with its
+slot and starts a replacement at its seat; a task whose workers die `MAX_TASK_RESTARTS` times is
+an error naming the chunk. The consumer's `Ping` is answered at once: a supervisor that stops
+answering (stopped, deadlocked) is the consumer's `WorkerError` after `heartbeat_timeout`.
 """
 
 from __future__ import annotations
@@ -26,48 +32,57 @@ import heapq
 import os
 import shutil
 import signal
-import struct
-import tempfile
-import time
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from pixcrawler_engine._config import DecodePolicy, EngineConfig
-from pixcrawler_engine._errors import WorkerError
+from pixcrawler_engine._errors import SharedMemoryError, WorkerError
+from pixcrawler_engine.runtime._pool import Death, WorkerPool
 from pixcrawler_engine.runtime._prefetch import Prefetcher
 from pixcrawler_engine.runtime._protocol import (
+    RELEASE,
     BatchReady,
     Failed,
     Finished,
     Grow,
+    Ping,
+    Pong,
     Ready,
     SlotsAdded,
     Stop,
     Task,
     TaskDone,
     TaskFailed,
-    WorkerReady,
+    Workers,
 )
 from pixcrawler_engine.runtime._schedule import Done, State, WorkerSlot, slot_bytes_for
-from pixcrawler_engine.runtime._shm import PREFIX, SlotPool, shm_free_bytes
-from pixcrawler_engine.runtime._worker import worker_main
+from pixcrawler_engine.runtime._shm import (
+    Beats,
+    OwnerLock,
+    SlotPool,
+    run_folder,
+    shm_free_bytes,
+    shm_size_text,
+)
+from pixcrawler_engine.runtime._waiter import Waiter
+from pixcrawler_engine.runtime._zygote import Zygote
 from pixcrawler_engine.sources._base import Source
 
-__all__ = ["RELEASE", "Supervisor"]
+__all__ = ["Supervisor"]
 
-RELEASE = struct.Struct("<i")  # one released slot, as the consumer writes it to its pipe
 MAX_TASK_RESTARTS = 2
-WORKER_START_TIMEOUT = 120.0
 
 
 class Supervisor:
+    """One run's scheduler; `run()` is its loop, `close()` its ordered teardown."""
+
     def __init__(
         self,
         conn: Connection,
         release: Connection,
+        zygote: Zygote,
+        token: str,
         source: Source,
         config: EngineConfig,
         policy: DecodePolicy,
@@ -78,56 +93,51 @@ class Supervisor:
         self.config = config
         self.policy = policy
         self.consumer = os.getppid()
-        self.plans = source.plan()
-        order = np.arange(len(self.plans))
+        self.token = token
+        self.lock = OwnerLock(token)  # first: everything below is swept by it if we die
+        self.workdir = run_folder(token)
+        self.workdir.mkdir(mode=0o700)
+        self.zygote = zygote
+        self.slots: SlotPool | None = None
+        self.beats: Beats | None = None
+        self.pool: WorkerPool | None = None
+        try:
+            self.plans = source.plan()
+        except BaseException:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.lock.release()
+            raise
+        self.order = list(range(len(self.plans)))
         if config.shuffle:
-            order = np.random.default_rng(config.seed).permutation(len(self.plans))
-        self.order = [int(i) for i in order]
+            import numpy as np  # only here: the supervisor stays light
+
+            rng = np.random.default_rng(config.seed)
+            self.order = [int(i) for i in rng.permutation(len(self.plans))]
         self.state = State()
-        self.workers: list[WorkerSlot] = []
         self.task_ids = 0
         self.restarts: dict[tuple[int, int], int] = {}
-        self.workdir = Path(tempfile.mkdtemp(prefix="pxc-run-"))
-        self.pool: SlotPool | None = None
         self.prefetch = Prefetcher(source, config, self.plans, self.order, self.workdir)
+        self.waiter = Waiter()
 
     # ---- set-up -------------------------------------------------------------------------
     def start(self) -> None:
-        self.pool = SlotPool(self.config.slots, slot_bytes_for(self.config, self.policy))
-        self.state.free_slots = list(range(len(self.pool)))
         self.prefetch.start(self.state)  # the first chunks download while the workers boot
-        from pixcrawler_engine.runtime._launch import worker_context
-
-        self.ctx = worker_context()
-        self.opener = self.source.opener()
-        for _ in range(self.config.workers):
-            self.workers.append(self._spawn_worker())
-        self.conn.send(
-            Ready(
-                tuple(self.pool.names),
-                self.pool.slot_bytes,
-                os.getpid(),
-                tuple(w.proc.pid for w in self.workers),
-            )
-        )
-
-    def _spawn_worker(self) -> WorkerSlot:
-        assert self.pool is not None
-        mine, theirs = self.ctx.Pipe()
-        prefix = f"{PREFIX}{os.getpid()}_{self.pool.token}_"
-        proc = self.ctx.Process(
-            target=worker_main,
-            args=(theirs, self.opener, self.policy, prefix, self.pool.slot_bytes),
-            daemon=True,
-            name="pixcrawler-worker",
-        )
-        proc.start()
-        theirs.close()
-        return WorkerSlot(proc, mine)
+        slot_bytes = slot_bytes_for(self.config, self.policy)
+        self.slots = SlotPool(self.token, self.config.slots, slot_bytes)
+        self.state.free_slots = list(range(len(self.slots)))
+        self.beats = Beats(self.token, self.config.workers)
+        args = (self.source.opener(), self.policy, self.slots.prefix, slot_bytes, self.beats.name)
+        args_path = self.workdir / "worker-args.pkl"
+        _write_args(args_path, args)
+        self.zygote.set_args(args_path)
+        self.pool = WorkerPool(self.zygote, self.beats, self.config)
+        self.pool.start(self.config.workers)
+        self.conn.send(Ready(tuple(self.slots.names)))
 
     # ---- the loop -------------------------------------------------------------------------
     def run(self) -> None:
         self.start()
+        assert self.pool is not None
         st = self.state
         while st.deliver_pos < len(self.order):
             self.prefetch.start(self.state)
@@ -135,25 +145,27 @@ class Supervisor:
             self._deliver()
             if st.deliver_pos >= len(self.order):
                 break
-            waitables: list[Any] = [self.conn, self.release, self.prefetch.wake_fd]
-            for w in self.workers:
-                waitables += [w.conn, w.proc.sentinel]
-            ready = wait(waitables, timeout=1.0)
+            if self.pool.changed:
+                self.conn.send(Workers(self.pool.pids()))
+            handles = [self.conn, self.release, self.prefetch.wake_fd, *self.pool.waitables()]
+            ready = self.waiter.wait(handles, timeout=1.0)
             if self.release in ready:
                 self._on_releases()
             if self.conn in ready and self._on_consumer():
                 return
-            for w in list(self.workers):
-                if w.conn in ready:
-                    self._on_result(w)
+            results, deaths = self.pool.poll(ready)
+            for worker, result in results:
+                self._on_result(worker, result)
+            for death in deaths:
+                self._on_death(death)
             self.prefetch.collect(self.state)
-            self._check_workers()
+            self.pool.check()
             if os.getppid() != self.consumer:
                 return  # the consumer is gone and nobody will read what we make
         self.conn.send(Finished(dict(st.stats)))
         # The consumer may not have attached the slots yet (it maps them when it reads
         # Ready): keep them until it says it is done or goes away. The workers can go.
-        self._stop_workers()
+        self.pool.stop()
         while os.getppid() == self.consumer:
             ready = wait([self.conn, self.release], timeout=1.0)
             if self.release in ready:
@@ -170,6 +182,8 @@ class Supervisor:
                     return True
                 if isinstance(msg, Grow):
                     self._grow()
+                elif isinstance(msg, Ping):
+                    self.conn.send(Pong())
         except (EOFError, OSError):
             return True
         return False
@@ -183,31 +197,31 @@ class Supervisor:
             raise SystemExit(0)  # the consumer closed its end: it is gone
         for (slot,) in RELEASE.iter_unpack(data):
             self.state.free_slots.append(slot)
-            self.state.held_by_consumer -= 1
 
     def _grow(self) -> None:
-        assert self.pool is not None
+        assert self.slots is not None
         free = shm_free_bytes()
-        if free is not None and free < 2 * self.pool.slot_bytes:
-            raise MemoryError(
-                f"the consumer holds all {len(self.pool)} shared-memory slots and /dev/shm is "
-                "full; copy the arrays you keep (np.array(image)) instead of keeping views, or "
-                "use to_arrays()"
+        if free is not None and free < 2 * self.slots.slot_bytes:
+            raise SharedMemoryError(
+                f"the consumer holds all {len(self.slots)} shared-memory slots and "
+                f"{shm_size_text()} is full; copy the arrays you keep (np.array(image)) instead "
+                "of keeping views, or use to_arrays()"
             )
-        slot = self.pool.grow()
+        slot = self.slots.grow()
         self.state.stats["slots_added"] += 1
-        self.conn.send(SlotsAdded((self.pool.names[slot],)))
+        self.conn.send(SlotsAdded((self.slots.names[slot],)))
         self.state.free_slots.append(slot)
 
     # ---- decoding -------------------------------------------------------------------------
     def _dispatch(self) -> None:
+        assert self.pool is not None
         st = self.state
-        idle = [w for w in self.workers if w.ready and w.task is None and w.proc.is_alive()]
+        idle = self.pool.idle()
         while idle and st.pending:
             pos, start, end, slot = st.pending[0]
             if slot < 0:
                 if not st.free_slots:
-                    if not any(w.task for w in self.workers) and not self._evict(pos, start):
+                    if not self.pool.busy() and not self._evict(pos, start):
                         break
                     if not st.free_slots:
                         break
@@ -224,12 +238,10 @@ class Supervisor:
                 tuple(chunk.records[start:end]),
                 slot,
             )
-            worker.conn.send(task)
-            worker.task, worker.task_id, worker.started = (
-                (pos, start, end, slot),
-                task.task_id,
-                (time.monotonic()),
-            )
+            worker.task, worker.task_id = (pos, start, end, slot), task.task_id
+            death = self.pool.send(worker, task)
+            if death is not None:
+                self._on_death(death)
 
     def _evict(self, pos: int, start: int) -> bool:
         """Frees the slot of the latest finished task that waits behind (pos, start)."""
@@ -244,14 +256,7 @@ class Supervisor:
         heapq.heappush(st.pending, (key[0], key[1], done.end, -1))
         return True
 
-    def _on_result(self, worker: WorkerSlot) -> None:
-        try:
-            result = worker.conn.recv()
-        except (EOFError, OSError):
-            return  # it died; _check_workers redoes its task
-        if isinstance(result, WorkerReady):
-            worker.ready = True
-            return
+    def _on_result(self, worker: WorkerSlot, result: TaskDone | TaskFailed) -> None:
         if worker.task is None or result.task_id != worker.task_id:
             return
         pos, start, end, slot = worker.task
@@ -263,7 +268,6 @@ class Supervisor:
             st.free_slots.append(slot)
             st.done[(pos, start)] = Done(None, end, Failed(result.error))
             return
-        assert isinstance(result, TaskDone)
         covered_end = start + result.covered
         if covered_end < end:  # the slot filled up: the rest is a task of its own
             heapq.heappush(st.pending, (pos, covered_end, end, -1))
@@ -271,45 +275,38 @@ class Supervisor:
             slot,
             covered_end,
             BatchReady(slot, result.nbytes, result.rows, plan_index, result.errors, result.notes),
-            result.covered,
         )
 
-    def _check_workers(self) -> None:
-        now = time.monotonic()
-        for i, w in enumerate(self.workers):
-            hung = w.task is not None and now - w.started > self.config.worker_timeout
-            if not w.ready and now - w.born > WORKER_START_TIMEOUT:
+    def _on_death(self, death: Death) -> None:
+        """Puts a dead worker's task back (with its slot) and starts a replacement."""
+        assert self.pool is not None
+        worker = death.worker
+        self.state.stats["worker_restarts"] += 1
+        if death.exitcode == -signal.SIGBUS:
+            raise SharedMemoryError(
+                f"worker {death.pid} was killed by SIGBUS writing to shared memory: "
+                f"{shm_size_text()} ran out, or a slot was truncated by another process; give "
+                "the container more shared memory (docker run --shm-size=1g) or lower num_slots "
+                "or batch_rows",
+                pid=death.pid,
+                exitcode=death.exitcode,
+            )
+        if worker.task is not None:
+            pos, start, end, slot = worker.task
+            tries = self.restarts.get((pos, start), 0) + 1
+            self.restarts[(pos, start)] = tries
+            if tries > MAX_TASK_RESTARTS:
+                chunk_id = self.plans[self.state.chunks[pos].plan_index].index
                 raise WorkerError(
-                    f"worker {w.proc.pid} did not start within {WORKER_START_TIMEOUT:.0f} s; "
-                    "the machine may be out of memory or processes",
-                    pid=w.proc.pid,
-                    exitcode=w.proc.exitcode,
+                    f"worker {death.pid} {death.describe()} on chunk {chunk_id} (records "
+                    f"{start}-{end}), {tries} times; the chunk may hold an image that crashes "
+                    "the decoder (or, when hung, one that takes longer than worker_timeout="
+                    f"{self.config.worker_timeout:g} s)",
+                    pid=death.pid,
+                    exitcode=death.exitcode,
                 )
-            if hung and w.proc.is_alive():
-                os.kill(w.proc.pid, signal.SIGKILL)
-                w.proc.join(5)
-            if w.proc.is_alive():
-                continue
-            w.proc.join()
-            pid, code = w.proc.pid, w.proc.exitcode
-            w.conn.close()
-            self.state.stats["worker_restarts"] += 1
-            if w.task is not None:
-                pos, start, end, slot = w.task
-                tries = self.restarts.get((pos, start), 0) + 1
-                self.restarts[(pos, start)] = tries
-                if tries > MAX_TASK_RESTARTS:
-                    why = "hung" if hung else f"exited with code {code}"
-                    chunk_id = self.plans[self.state.chunks[pos].plan_index].index
-                    raise WorkerError(
-                        f"worker {pid} {why} on chunk {chunk_id} (records {start}-{end}), "
-                        f"{tries} times; the chunk may hold an image "
-                        "that crashes the decoder",
-                        pid=pid,
-                        exitcode=code,
-                    )
-                heapq.heappush(self.state.pending, (pos, start, end, slot))
-            self.workers[i] = self._spawn_worker()
+            heapq.heappush(self.state.pending, (pos, start, end, slot))
+        self.pool.respawn(worker.seat)
 
     # ---- delivery -------------------------------------------------------------------------
     def _deliver(self) -> None:
@@ -325,7 +322,6 @@ class Supervisor:
             if isinstance(done.message, BatchReady):
                 st.stats["samples"] += done.message.rows
                 st.stats["skipped"] += len(done.message.errors)
-                st.held_by_consumer += 1
                 self.conn.send(done.message)
             st.deliver_row = done.end
             chunk = st.chunks[st.deliver_pos]
@@ -340,30 +336,32 @@ class Supervisor:
 
     # ---- teardown -------------------------------------------------------------------------
     def close(self) -> None:
-        """Stops workers, unlinks slots, removes the download folder. Idempotent."""
-        self._stop_workers()
+        """Stops workers and the zygote, unlinks shared memory, removes the folder, unlocks.
+
+        Idempotent. The lock goes last: until then a sweep cannot mistake the run for dead.
+        """
         if self.pool is not None:
-            self.pool.close()
+            self.pool.stop()
+        self.zygote.close()
         self.prefetch.close()
+        self.waiter.close()
+        if self.slots is not None:
+            self.slots.close()
+        if self.beats is not None:
+            self.beats.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
         with contextlib.suppress(Exception):
             self.source.close()
+        self.lock.release()
 
-    def _stop_workers(self) -> None:
-        """Asks, waits (bounded), then kills; idempotent."""
-        for w in self.workers:
-            with contextlib.suppress(Exception):
-                w.conn.send(None)
-        deadline = time.monotonic() + 2.0
-        for w in self.workers:
-            w.proc.join(max(0.0, deadline - time.monotonic()))
-        for w in self.workers:
-            if w.proc.is_alive():
-                w.proc.kill()
-                w.proc.join(2.0)
-            with contextlib.suppress(Exception):
-                w.conn.close()
-        self.workers.clear()
+
+def _write_args(path: Path, args: tuple[Any, ...]) -> None:
+    """The workers' arguments, for the zygote: dill, so lambdas and `__main__` objects travel."""
+    import sys
+
+    import dill
+
+    path.write_bytes(dill.dumps((list(sys.path), args)))
 
 
 class _Delivered(Exception):

@@ -1,14 +1,14 @@
 """The worker loop: tasks of a chunk in, one Arrow RecordBatch in a shared-memory slot out.
 
-`worker_main` is the body of a worker process, started by the supervisor; the decoding itself
-is the plain function `_chunk.decode_records`.
+`worker_main` is the body of a worker process, forked by the zygote (see NOTE [zygote]); the
+decoding itself is the plain function `_chunk.decode_records`. A worker talks only to the
+supervisor, over its own socket: EOF there means the supervisor is gone, and the worker exits.
 """
 
 from __future__ import annotations
 
 import io
 import os
-import signal
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from typing import Any
@@ -34,7 +34,13 @@ class _Worker:
     """State of one worker process: attached slots and the chunk it last opened."""
 
     def __init__(
-        self, opener: ChunkOpener, policy: DecodePolicy, slot_prefix: str, slot_bytes: int
+        self,
+        opener: ChunkOpener,
+        policy: DecodePolicy,
+        slot_prefix: str,
+        slot_bytes: int,
+        beats_name: str,
+        seat: int,
     ) -> None:
         self.opener = opener
         self.policy = policy
@@ -42,6 +48,13 @@ class _Worker:
         self.slot_bytes = slot_bytes
         self.slots: dict[int, Any] = {}
         self.reader: tuple[str, ChunkReader] | None = None
+        self.beats = attach(beats_name)
+        self.counts = self.beats.buf.cast("Q")
+        self.seat = seat
+
+    def beat(self) -> None:
+        """One more sample started: the supervisor measures silence per sample with this."""
+        self.counts[self.seat] += 1
 
     def _reader(self, path: str) -> ChunkReader:
         if self.reader is None or self.reader[0] != path:
@@ -63,6 +76,7 @@ class _Worker:
             chunk=task.chunk,
             byte_limit=self.slot_bytes,
             notes=notes,
+            on_sample=self.beat,
         )
         # The estimate above is generous; if labels or metadata are huge, hand back rows.
         while batch.num_rows > 1 and ipc_size(batch) > self.slot_bytes:
@@ -80,6 +94,8 @@ class _Worker:
             self.reader[1].close()
         for shm in self.slots.values():
             shm.close()
+        self.counts.release()
+        self.beats.close()
 
 
 def warm_up() -> None:
@@ -108,21 +124,20 @@ def worker_main(
     policy: DecodePolicy,
     slot_prefix: str,
     slot_bytes: int,
+    beats_name: str,
+    *,
+    seat: int,
 ) -> None:
-    """Runs tasks from `conn` until it sends None or closes, or the supervisor is gone."""
-    # Ctrl-C reaches the whole process group; the consumer decides what stops, not us.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    supervisor = os.getppid()
-    worker = _Worker(opener, policy, slot_prefix, slot_bytes)
+    """Runs tasks from `conn` until it sends None or closes (the supervisor is gone)."""
+    worker = _Worker(opener, policy, slot_prefix, slot_bytes, beats_name, seat)
     try:
-        conn.send(WorkerReady(os.getpid()))
+        try:
+            conn.send(WorkerReady())
+        except OSError:
+            return  # the supervisor is gone already
         while True:
-            # Wake up now and then to notice a supervisor that died without closing the pipe.
-            if not conn.poll(1.0):
-                if os.getppid() != supervisor:
-                    return
-                continue
             try:
+                # No timeout needed: the supervisor's death closes its end, and recv sees EOF.
                 task = conn.recv()
             except (EOFError, OSError):
                 return
@@ -135,7 +150,7 @@ def worker_main(
                 result = TaskFailed(task.task_id, ExceptionWrapper.wrap(exc, where))
             try:
                 conn.send(result)
-            except (BrokenPipeError, OSError):
+            except OSError:
                 return
     finally:
         worker.close()

@@ -177,17 +177,17 @@ def read_zip_manifest(path: Path | zipfile.ZipFile, chunk: int, first_index: int
         raise DecompressionError(
             f"chunk {chunk} ({name}) cannot be read as a zip: {exc}", chunk_id=chunk
         ) from exc
+    numbered = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    try:  # one parse for the whole manifest; the slow path below names a bad line
+        entries = json.loads("[" + ",".join(line for _, line in numbered) + "]")
+    except json.JSONDecodeError:
+        entries = None
+    if not isinstance(entries, list) or len(entries) != len(numbered):  # lines ran together
+        entries = [_parse_line(line, n, chunk) for n, line in numbered]
     records: list[Record] = []
     seen: set[str] = set()
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DecompressionError(
-                f"chunk {chunk}: manifest.jsonl line {lineno} is not JSON: {exc}", chunk_id=chunk
-            ) from exc
+    dumps = json.dumps
+    for (lineno, line), entry in zip(numbered, entries, strict=True):
         if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
             raise DecompressionError(
                 f"chunk {chunk}: manifest.jsonl line {lineno} must be an object with a string "
@@ -203,18 +203,20 @@ def read_zip_manifest(path: Path | zipfile.ZipFile, chunk: int, first_index: int
             )
         seen.add(name)
         label = entry.pop("label", None)
+        metadata = dumps(entry) if entry else "{}"
         source = entry.get("source")  # the file `pack` made it from: what its owner knows
-        records.append(
-            Record(
-                key=name,
-                ref=name,
-                label=label,
-                index=first_index + len(records),
-                metadata=json.dumps(entry),
-                name=source[:200] if isinstance(source, str) and source else None,
-            )
-        )
+        known = source[:200] if isinstance(source, str) and source else None
+        records.append(Record(name, name, label, first_index + len(records), metadata, None, known))
     return records
+
+
+def _parse_line(line: str, lineno: int, chunk: int) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DecompressionError(
+            f"chunk {chunk}: manifest.jsonl line {lineno} is not JSON: {exc}", chunk_id=chunk
+        ) from exc
 
 
 class JobSource:

@@ -1,0 +1,241 @@
+"""The zygote: a single-threaded process that forks decode workers when the supervisor asks.
+
+NOTE [zygote]: the supervisor runs download threads, and a process with threads must never
+fork. So it starts this fresh interpreter first (`Zygote.start`), which imports and warms up the
+decoders once, with no thread of its own, and forks every worker from there: a worker costs a
+fork, not an interpreter and its imports. The two talk over a `SOCK_SEQPACKET` socket:
+
+    supervisor -> zygote:  b"A" <path>             the workers' arguments (a dill file)
+                           b"S" <seat> + one fd    fork a worker on this socket end
+    zygote -> supervisor:  b"P" <seat> <pid>       forked
+                           b"X" <pid> <exitcode>   a worker ended (the zygote reaps them)
+                           b"E" <text>             the zygote cannot serve (then it exits)
+
+A worker talks to the supervisor only through the socket end it was given, so the supervisor
+learns of its death from its own handle (EOF, or a failed send), at once, and a worker learns of
+the supervisor's death the same way. The zygote is not a single point of failure: a worker
+outlives it, and the supervisor starts another zygote when it needs one. The zygote exits when
+the supervisor's end of its socket closes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import traceback
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ZYGOTE_MAIN", "Zygote", "main"]
+
+ZYGOTE_MAIN = "from pixcrawler_engine.runtime._zygote import main; main()"
+_SEAT_PID = struct.Struct("<ii")
+_MAX_MESSAGE = 4096
+
+
+class Zygote:
+    """The supervisor's handle on its zygote process (see NOTE [zygote])."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.sock: socket.socket | None = None
+        self.args_path: Path | None = None
+
+    def start(self) -> None:
+        """Starts a fresh zygote interpreter; it warms up while the supervisor goes on."""
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with theirs:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", ZYGOTE_MAIN, str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+            )
+        self.sock = mine
+        if self.args_path is not None:
+            self._send(b"A" + os.fsencode(self.args_path))
+
+    @property
+    def alive(self) -> bool:
+        return self.sock is not None
+
+    def set_args(self, path: Path) -> None:
+        """Names the file holding the workers' arguments (sent again to a restarted zygote)."""
+        self.args_path = path
+        self._send(b"A" + os.fsencode(path))
+
+    def spawn(self, seat: int) -> Connection:
+        """Asks for a worker on a new socket; returns the supervisor's end of it.
+
+        The end reports EOF if the worker dies, or if the zygote dies before forking it.
+        """
+        if self.sock is None:
+            self.start()
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with theirs:
+            try:
+                assert self.sock is not None
+                socket.send_fds(self.sock, [b"S" + _SEAT_PID.pack(seat, 0)], [theirs.fileno()])
+            except OSError:
+                self.lost()  # mine then reads EOF: the worker is redone like a dead one
+        return Connection(mine.detach())
+
+    def receive(self) -> list[tuple[bytes, int, int]]:
+        """Reads what the zygote reported: (kind, a, b) for P (seat, pid) and X (pid, code).
+
+        Raises:
+            RuntimeError: the zygote reported that it cannot serve (`E`).
+        """
+        reports: list[tuple[bytes, int, int]] = []
+        while self.sock is not None:
+            try:
+                data = self.sock.recv(_MAX_MESSAGE, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            except OSError:
+                data = b""
+            if not data:
+                self.lost()
+                break
+            kind, body = data[:1], data[1:]
+            if kind == b"E":
+                raise RuntimeError(body.decode(errors="replace"))
+            reports.append((kind, *_SEAT_PID.unpack(body)))
+        return reports
+
+    def lost(self) -> None:
+        """Forgets a zygote that died (or is being replaced); the next spawn starts another."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.proc is not None:
+            with contextlib.suppress(OSError):
+                self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def close(self) -> None:
+        """Closes the socket (the zygote exits on EOF) and reaps it; idempotent."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.proc is not None:
+            try:
+                self.proc.wait(2.0)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+    def _send(self, message: bytes) -> None:
+        if self.sock is None:
+            return
+        try:
+            self.sock.send(message)
+        except OSError:
+            self.lost()
+
+
+# ---- the zygote process ----------------------------------------------------------------------
+def main() -> None:
+    """Entry point of the zygote interpreter: warm up, then fork workers on request."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the consumer decides what stops
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    from pixcrawler_engine.runtime._worker import warm_up, worker_main
+
+    try:
+        warm_up()
+    except Exception as exc:  # a broken install: say so instead of dying silently
+        sock.send(b"E" + f"the decoders cannot start: {type(exc).__name__}: {exc}".encode())
+        return
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)  # wakes select through wake_w
+    args: tuple[Any, ...] | None = None
+    while True:
+        _reap(sock)
+        ready, _, _ = select.select([sock.fileno(), wake_r], [], [], 5.0)
+        if wake_r in ready:
+            os.read(wake_r, 4096)
+        if sock.fileno() not in ready:
+            continue
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(sock, _MAX_MESSAGE, 1)
+        except OSError:
+            return  # the supervisor is gone (it closed with reports unread)
+        if not data:
+            return  # the supervisor is gone
+        if data[:1] == b"A":
+            try:
+                args = _load_args(Path(os.fsdecode(data[1:])))
+            except Exception as exc:  # e.g. a transform whose module this process cannot import
+                message = f"the workers' arguments cannot be loaded: {type(exc).__name__}: {exc}"
+                sock.send(b"E" + message.encode()[: _MAX_MESSAGE - 1])
+                return
+        elif data[:1] == b"S" and fds:
+            seat = _SEAT_PID.unpack(data[1:])[0]
+            if args is None:
+                os.close(fds[0])  # no arguments yet: the supervisor sees EOF and asks again
+                continue
+            pid = os.fork()
+            if pid == 0:
+                _become_worker(sock, (wake_r, wake_w), fds[0], seat, args, worker_main)
+            os.close(fds[0])
+            try:
+                sock.send(b"P" + _SEAT_PID.pack(seat, pid))
+            except OSError:
+                return  # the supervisor is gone
+
+
+def _load_args(path: Path) -> tuple[Any, ...]:
+    import dill
+
+    sys_path, args = dill.loads(path.read_bytes())
+    sys.path[:] = sys_path
+    return tuple(args)
+
+
+def _reap(sock: socket.socket) -> None:
+    """Reaps ended workers and reports their exit codes."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        with contextlib.suppress(OSError):
+            sock.send(b"X" + _SEAT_PID.pack(pid, os.waitstatus_to_exitcode(status)))
+
+
+def _become_worker(
+    sock: socket.socket,
+    wake: tuple[int, int],
+    fd: int,
+    seat: int,
+    args: tuple[Any, ...],
+    worker_main: Any,
+) -> None:
+    """The forked child: drops the zygote's handles and runs the worker loop, then exits."""
+    code = 0
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        sock.close()
+        for end in wake:
+            os.close(end)
+        worker_main(Connection(fd), *args, seat=seat)
+    except BaseException:
+        code = 1
+        traceback.print_exc()
+    finally:
+        os._exit(code)

@@ -7,6 +7,7 @@ engine workers once they are idle.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import subprocess
@@ -23,10 +24,13 @@ import pytest
 from PIL import Image, ImageDraw
 
 from pixcrawler_engine import DecodePolicy, EngineConfig, ParquetSource, Stream
+from pixcrawler_engine._config import ResizeMode
 from pixcrawler_engine.decode._image import decode_image
 from pixcrawler_engine.decode._mask import decode_mask
 
-pytest.importorskip("pyvips", reason="the vips extra is not installed")
+needs_vips = pytest.mark.skipif(
+    importlib.util.find_spec("pyvips") is None, reason="the vips extra is not installed"
+)
 
 PEAK = textwrap.dedent(
     """
@@ -90,7 +94,9 @@ def grey_100mp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _grey((10_000, 10_000), tmp_path_factory.mktemp("grey") / "grey.png")
 
 
-@pytest.mark.parametrize("libvips", [True, False], ids=["libvips", "pillow"])
+@pytest.mark.parametrize(
+    "libvips", [pytest.param(True, marks=needs_vips), False], ids=["libvips", "pillow"]
+)
 def test_a_grey_image_cropped_to_rgb_is_never_rgb_at_full_size(
     grey_100mp: Path, libvips: bool
 ) -> None:
@@ -102,7 +108,7 @@ def test_a_grey_image_cropped_to_rgb_is_never_rgb_at_full_size(
 
 
 @pytest.mark.parametrize("resize", ["crop", "stretch", "pad", "fit"])
-def test_grey_made_colour_after_the_resize_has_the_same_pixels(resize: str) -> None:
+def test_grey_made_colour_after_the_resize_has_the_same_pixels(resize: ResizeMode) -> None:
     """Resizing one grey channel then copying it into three is what resizing RGB gives."""
     grey = (_mask_pixels((640, 480), 3).astype(np.uint16) * 13 % 256).astype(np.uint8)
     policy = DecodePolicy(image_size=(100, 120), resize=resize, color="RGB")
@@ -123,6 +129,7 @@ def _png(pixels: np.ndarray) -> bytes:
     return out.getvalue()
 
 
+@needs_vips
 @pytest.mark.parametrize("size", [(1024, 695), (333, 1000), (4000, 5000), (1, 1)])
 def test_a_huge_mask_shrunk_by_libvips_equals_pillows_nearest(size: tuple[int, int]) -> None:
     pixels = _mask_pixels((5000, 4000), 11)  # 20 MP: over the libvips threshold
@@ -133,6 +140,7 @@ def test_a_huge_mask_shrunk_by_libvips_equals_pillows_nearest(size: tuple[int, i
     np.testing.assert_array_equal(got, expected)
 
 
+@needs_vips
 def test_a_133_mp_mask_decodes_in_a_few_mb(tmp_path: Path) -> None:
     """ARTeFACT's largest mask to 1024 px: it was decoded whole (+133 MB)."""
     path = tmp_path / "mask.png"

@@ -18,7 +18,6 @@ call these: the supervisor and the consumer keep glibc's defaults.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import sys
 from typing import Any
@@ -36,7 +35,8 @@ def _libc() -> Any:
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        # By its soname: ctypes.util.find_library would fork ldconfig from a decode worker.
+        libc = ctypes.CDLL("libc.so.6")
         libc.malloc_trim  # noqa: B018 - glibc has it, musl does not
         libc.mallopt  # noqa: B018
     except (OSError, AttributeError):

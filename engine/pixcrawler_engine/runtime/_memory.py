@@ -1,18 +1,16 @@
-"""A decode worker's allocator: fast for small images, and memory given back after large ones.
+"""A decode worker's memory: given back after large samples, kept for small ones.
 
 glibc's malloc returns freed memory to the system eagerly (trimming the heap top, unmapping
 large blocks), which costs Pillow dearly on small images in a long-lived process: the same
 pages are given back and faulted in again for every image. Workers therefore run with a high
-trim threshold and a fixed 32 MiB mmap threshold (`WORKER_MALLOPT`, what `MALLOC_*` variables
-set at start; `tune_allocator` sets them in a running process, e.g. one forked from a zygote).
-The price is that a worker stays at the peak of its largest image: 249 MB after one ARTeFACT
-sample against 88 MB with glibc's defaults.
+trim threshold and a fixed 32 MiB mmap threshold (`MALLOC_*` in their environment, see
+`_launch.WORKER_ENV`). The price is that a worker stays at the peak of its largest image:
+249 MB after one ARTeFACT sample against 88 MB with glibc's defaults.
 
 `MemoryKeeper` pays it back: after each task it reads the process's anonymous RSS (one read of
 /proc/self/status, ~10 us) and, when it grew by more than `TRIM_ABOVE` since the last time,
 returns the free heap to the system (`malloc_trim(0)`, and Arrow's pool's unused memory).
-Small-image work never reaches the threshold, so it keeps the fast settings. Only workers
-call these: the supervisor and the consumer keep glibc's defaults.
+Small-image work never reaches the threshold, so it keeps the fast settings.
 """
 
 from __future__ import annotations
@@ -22,35 +20,23 @@ import functools
 import sys
 from typing import Any
 
-__all__ = ["TRIM_ABOVE", "WORKER_MALLOPT", "MemoryKeeper", "anon_rss", "release", "tune_allocator"]
+__all__ = ["TRIM_ABOVE", "MemoryKeeper", "anon_rss", "release"]
 
 TRIM_ABOVE = 32 << 20
-# mallopt parameters (malloc.h): M_TRIM_THRESHOLD = -1, M_MMAP_THRESHOLD = -3.
-WORKER_MALLOPT = {-1: 1 << 30, -3: 32 << 20}
 
 
 @functools.cache
 def _libc() -> Any:
-    """glibc, or None (another C library, another OS: nothing to tune or trim)."""
+    """glibc, or None (another C library, another OS: nothing to trim)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
         # By its soname: ctypes.util.find_library would fork ldconfig from a decode worker.
         libc = ctypes.CDLL("libc.so.6")
         libc.malloc_trim  # noqa: B018 - glibc has it, musl does not
-        libc.mallopt  # noqa: B018
     except (OSError, AttributeError):
         return None
     return libc
-
-
-def tune_allocator() -> bool:
-    """Sets the worker's malloc parameters in this process (as MALLOC_TRIM_THRESHOLD_=1 GiB
-    and MALLOC_MMAP_THRESHOLD_=32 MiB would at start); False where there is no glibc."""
-    libc = _libc()
-    if libc is None:
-        return False
-    return all(libc.mallopt(param, value) == 1 for param, value in WORKER_MALLOPT.items())
 
 
 def release() -> None:

@@ -9,6 +9,9 @@ dataset cannot be downloaded here, so `build` writes one of the same shape from 
 blobs of material loss and staining, thin scratches and cracks, specks of dust.
 
     build(dest, huge=...)   the shards under dest/data/, as on the Hub; returns an `Artefact`
+                            (`layout="hub"`, the default: SNAPPY and dictionary pages on every
+                            column, as `datasets` 2.x wrote the published shards; `"datasets"`:
+                            as today's `datasets` writes, image bytes uncompressed and PLAIN)
     huge_images()           the two huge photos (a 133 MP JPEG, a 100 MP PNG) and their masks,
                             made once and cached in the system temp folder (they take ~40 s)
 
@@ -24,7 +27,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -238,6 +241,17 @@ def _rows(
         yield row
 
 
+def _write_like_datasets_2(table: Any, path: Path, rows_per_group: int) -> None:
+    """What `datasets` 2.x's `to_parquet` did: a `ParquetWriter` with pyarrow's defaults
+    (SNAPPY, dictionary pages) and the features' schema, one row group per batch."""
+    import pyarrow.parquet as pq
+
+    arrow = table.data.table
+    with pq.ParquetWriter(str(path), schema=table.features.arrow_schema) as writer:
+        for start in range(0, len(table), rows_per_group):
+            writer.write_table(arrow.slice(start, rows_per_group))
+
+
 def build(
     dest: str | os.PathLike[str],
     *,
@@ -245,6 +259,7 @@ def build(
     huge: tuple[str, ...] = (),
     shards: int = 2,
     rows_per_group: int = 4,
+    layout: Literal["hub", "datasets"] = "hub",
 ) -> Artefact:
     """Writes the dataset as Parquet shards `dest/data/train-0000i-of-0000n.parquet`.
 
@@ -255,6 +270,10 @@ def build(
             `huge_images`), together at the start of a row group in the middle.
         shards: how many Parquet files the row groups are split into (in order).
         rows_per_group: rows per Parquet row group (the source's chunk).
+        layout: `"hub"` writes what `datasets` 2.x's `to_parquet` wrote (ARTeFACT's shards
+            on the Hub): pyarrow's defaults, SNAPPY-compressed with dictionary pages on every
+            column, image bytes included. `"datasets"` calls today's `to_parquet`, which
+            stores `Image` bytes uncompressed and PLAIN-encoded.
 
     Returns:
         what was written.
@@ -285,7 +304,10 @@ def build(
         part = rows[cuts[s] : cuts[s + 1]]
         table = datasets.Dataset.from_list(part, features=features)
         path = root / "data" / f"train-{s:05d}-of-{shards:05d}.parquet"
-        table.to_parquet(str(path), batch_size=rows_per_group)
+        if layout == "datasets":
+            table.to_parquet(str(path), batch_size=rows_per_group)
+        else:
+            _write_like_datasets_2(table, path, rows_per_group)
         paths.append(path)
     sizes = [_size(row["image"]["bytes"]) for row in rows]
     huge_ids = tuple(r["id"] for r, (w, h) in zip(rows, sizes, strict=True) if w * h > 50_000_000)

@@ -224,7 +224,7 @@ class LocalChunks:
             reader.close()
         return entry
 
-    def sample(self, index: int) -> tuple[bytes, Record]:
+    def sample(self, index: int) -> tuple[bytes | memoryview, Record]:
         """The encoded bytes and the record of dataset position `index`."""
         chunk, row = self.locate(index)
         reader, records = self.open(chunk)

@@ -1,4 +1,9 @@
-"""Decoding a segmentation mask: class ids kept exactly, nearest-neighbour resize, orientation."""
+"""Decoding a segmentation mask: class ids kept exactly, nearest-neighbour resize, orientation.
+
+A large 8-bit grey PNG mask shrunk to its image's output size is reduced by libvips while it
+decodes (`_vips.shrink_mask`: the same pixels as Pillow's NEAREST, +11 MB instead of the whole
+mask, 133 MB for a 133 MP one); everything else is decoded by Pillow.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from pixcrawler_engine.decode._pixels import (
     check_budget,
     library_errors,
 )
+from pixcrawler_engine.decode._vips import VIPS_MIN_PIXELS, shrink_mask
 
 __all__ = ["decode_mask"]
 
@@ -47,6 +53,15 @@ def decode_mask(
     header = sniff(view)
     if header is not None:
         check_budget(header, max_pixels)
+        if (
+            size is not None
+            and header.mode == "L"
+            and header.orientation == 1
+            and header.pixels >= VIPS_MIN_PIXELS
+        ):
+            ids = shrink_mask(view, size)
+            if ids is not None:
+                return ids
     with library_errors("mask"):
         im: Image.Image = open_pillow(view)
         header = header or header_from_pillow(im)

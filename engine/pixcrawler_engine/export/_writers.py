@@ -128,7 +128,7 @@ def pieces_from_zip(
         size = 0
         for record in records:
             try:
-                blob = reader.read(record.ref)
+                blob = bytes(reader.read(record.ref))  # a zip member: bytes already
             except DecodeError as exc:
                 if on_error == "raise":
                     raise DecodeError(

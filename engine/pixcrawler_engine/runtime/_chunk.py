@@ -150,6 +150,7 @@ def _decode_one(
                 "to shrink images, or a larger slot_bytes"
             )
         image = decode_image(data, policy, out=builder.next_image())
+        del data  # a memory-mapped value is unmapped before the mask is decoded
         mask = None
         if record.mask_ref is not None:
             mask = _decode_mask(read(record.mask_ref), header, image.shape, policy)

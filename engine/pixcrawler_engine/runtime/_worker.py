@@ -16,6 +16,7 @@ from typing import Any
 from pixcrawler_engine._config import DecodePolicy
 from pixcrawler_engine.runtime._batch import ipc_size, write_batch
 from pixcrawler_engine.runtime._chunk import decode_records
+from pixcrawler_engine.runtime._memory import MemoryKeeper
 from pixcrawler_engine.runtime._protocol import (
     ExceptionWrapper,
     Task,
@@ -130,6 +131,7 @@ def worker_main(
 ) -> None:
     """Runs tasks from `conn` until it sends None or closes (the supervisor is gone)."""
     worker = _Worker(opener, policy, slot_prefix, slot_bytes, beats_name, seat)
+    memory = MemoryKeeper()  # gives memory back after large samples (see _memory)
     try:
         try:
             conn.send(WorkerReady())
@@ -152,5 +154,6 @@ def worker_main(
                 conn.send(result)
             except OSError:
                 return
+            memory.after_task()  # after the send: the supervisor does not wait for it
     finally:
         worker.close()

@@ -3,15 +3,18 @@
 An address is a local file, folder (every `*.parquet` below it) or glob, a `file://` URL, or
 an `http(s)://` URL (or a list of any of these). Remote files are never downloaded whole:
 the footer is read with Range requests, then each row group's column chunks
-(`_parquet_http`).
+(`_http`).
 
-Which columns hold what is inferred from the schema (`_parquet_schema`), unless given.
+Which columns hold what is inferred from the schema (`_schema`), unless given.
 
-`fetch` makes one row group local as a rows file (`_parquet_rows`): its image and mask bytes
-are streamed out of the Parquet column chunk value by value (`_parquet_pages`), so a row group
-of several 100 MB images costs a few MiB of memory, not the row group. Rows that cannot be
-read (a null cell, a damaged column chunk) become per-sample errors that follow `on_error`;
-a file that is not Parquet, or has no image column, is refused when the source is made.
+`fetch` makes one row group local as a rows file (`_rows`): its image and mask bytes
+are streamed out of the Parquet column chunk value by value (`_pages`), whatever the
+pages' compression (SNAPPY, ZSTD, GZIP, BROTLI, none) and encoding (PLAIN or dictionary, as
+`datasets` writes them), so a row group of several 100 MB images costs a few MiB of memory,
+not the row group. Values stored uncompressed in a local file are not copied at all: the rows
+file points into the Parquet file. Rows that cannot be read (a null cell, a damaged column
+chunk) become per-sample errors that follow `on_error`; a file that is not Parquet, or has
+no image column, is refused when the source is made.
 """
 
 from __future__ import annotations
@@ -303,7 +306,11 @@ class ParquetSource:
     def _binary_column(
         self, f: int, rg: int, name: str, is_struct: bool, writer: RowsWriter
     ) -> list[Any]:
-        """Streams a row group's values of one image column into `writer`; one ref per row."""
+        """Streams a row group's values of one image column; one ref per row.
+
+        Values stored uncompressed in a local file stay where they are (their ref points into
+        it); the others (remote, or decompressed) are written to `writer`'s rows file.
+        """
         meta = self._meta[f]
         leaf = f"{name}.bytes" if is_struct else name
         j = next(j for j in range(meta.num_columns) if meta.schema.column(j).path == leaf)
@@ -316,29 +323,33 @@ class ParquetSource:
             start = min(start, column.dictionary_page_offset)
         length = column.total_compressed_size
         schema_col = meta.schema.column(j)
-        if can_stream(column.compression, tuple(column.encodings), schema_col.max_repetition_level):
+        if not can_stream(column.compression, schema_col.max_repetition_level):
+            return self._binary_by_pyarrow(f, rg, name, is_struct, writer, refs, null)
+        file = self._files[f]
+        external = None if file.remote else writer.external(file.location)
 
-            def on_value(size: int) -> Any:
-                ref, sink = writer.start_value(size)
-                refs.append(ref)
-                return sink
+        def place(size: int, at: int | None) -> tuple[Any, Any]:
+            if external is not None and at is not None:
+                return [start + at, size, external], None
+            return writer.start_value(size)
 
-            try:
-                with self._stream(f, start, length) as stream:
-                    stream_values(
-                        stream,
-                        length,
-                        num_rows=n,
-                        max_def=schema_col.max_definition_level,
-                        on_value=on_value,
-                        on_null=lambda: refs.append(null),
-                    )
-                return refs
-            except Unsupported:
-                pass  # pyarrow reads the rest below
-            except Corrupt as exc:
-                return refs + [self._damage(f, rg, name, len(refs), exc)] * (n - len(refs))
-        return self._binary_by_pyarrow(f, rg, name, is_struct, writer, refs, null)
+        try:
+            with self._stream(f, start, length) as stream:
+                stream_values(
+                    stream,
+                    length,
+                    codec=column.compression,
+                    num_rows=n,
+                    max_def=schema_col.max_definition_level,
+                    place=place,
+                    on_row=lambda ref: refs.append(null if ref is None else ref),
+                    seekable=not file.remote,
+                )
+            return refs
+        except Unsupported:
+            return self._binary_by_pyarrow(f, rg, name, is_struct, writer, refs, null)
+        except Corrupt as exc:
+            return refs + [self._damage(f, rg, name, len(refs), exc)] * (n - len(refs))
 
     def _binary_by_pyarrow(
         self,
@@ -350,7 +361,8 @@ class ParquetSource:
         refs: list[Any],
         null: str,
     ) -> list[Any]:
-        """The fallback (compressed or dictionary pages): pyarrow holds one page at a time."""
+        """The fallback (nested columns, DELTA encodings, large LZ4/LZO pages): pyarrow holds
+        one page at a time, and the array of a row's value."""
         n = self._meta[f].row_group(rg).num_rows
         done = len(refs)
         row = 0

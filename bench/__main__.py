@@ -12,6 +12,7 @@ SUITES = {
     "decode": ["-m", "bench.decode_compare", "--out", "{out}/decode.json"],
     "parquet": ["-m", "bench.parquet_export", "--out", "{out}/parquet.json"],
     "artefact": ["-m", "bench.artefact_bench", "--out", "{out}/artefact.json"],
+    "adapters": ["-m", "bench.adapters_bench", "--out", "{out}/adapters.json"],
 }
 
 

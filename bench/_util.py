@@ -60,12 +60,18 @@ def median_of(fn: Callable[[], float], repeats: int) -> tuple[float, list[float]
     return statistics.median(runs), runs
 
 
-def build_bench_store(root: Path, *, copies: int = 1, n_photos: int = 1000) -> tuple[Path, str]:
-    """Packs a job of 640x480-class real-photo JPEGs (demo photos) `copies` times over."""
+def build_bench_store(
+    root: Path, *, copies: int = 1, n_photos: int = 1000, limit: int | None = None
+) -> tuple[Path, str]:
+    """Packs a job of 640x480-class real-photo JPEGs (demo photos) `copies` times over.
+
+    `limit` keeps only the first `limit` JPEGs of the `n_photos` generated (about 80 % of
+    them are JPEGs).
+    """
     from pixcrawler._demo_data import build_photos
     from pixcrawler_engine.sources._pack import pack
 
-    job = f"bench{copies}x"
+    job = f"bench{copies}x" if limit is None else f"bench{copies}x{limit}"
     store = root / "store"
     if (store / "jobs" / job / "job.json").exists():
         return store, job
@@ -77,6 +83,10 @@ def build_bench_store(root: Path, *, copies: int = 1, n_photos: int = 1000) -> t
     import json
 
     files = sorted(p for p in src.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))
+    if limit is not None:
+        if len(files) < limit:
+            raise ValueError(f"{n_photos} photos gave {len(files)} JPEGs, fewer than {limit}")
+        files = files[:limit]
     for c in range(copies):
         for f in files:
             lines.append(

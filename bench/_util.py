@@ -47,6 +47,49 @@ class TreeRss:
         self._thread.join()
 
 
+class TreeCpu:
+    """CPU seconds (user + system) spent by this process and all its descendants meanwhile.
+
+    Each process's own counters are sampled while it lives (a process that exits between two
+    samples loses at most one interval); unlike wall time on a shared machine, this does not
+    grow when other jobs take the cores.
+    """
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval = interval
+        self.seconds = 0.0
+        self._seen: dict[tuple[int, float], float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                with p.oneshot():
+                    key = (p.pid, p.create_time())
+                    times = p.cpu_times()
+                    self._seen[key] = times.user + times.system
+            except psutil.Error:
+                pass
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> TreeCpu:
+        self._sample()
+        self._start = dict(self._seen)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        self.seconds = sum(v - self._start.get(k, 0.0) for k, v in self._seen.items())
+
+
 @contextmanager
 def timer() -> Iterator[dict[str, float]]:
     out: dict[str, float] = {}

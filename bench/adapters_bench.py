@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._photo_sets import SETS, SIZE, build_set, members, quality
-from bench._util import describe_machine
+from bench._util import TreeCpu, describe_machine
 
 BATCH = 64
 WORKERS = 2
@@ -55,14 +55,16 @@ KERAS_CASES = ("keras_ours", "keras_idfd")
 
 
 def timed_pass(start: float, batches: Iterable[Any], touch: Any) -> dict[str, Any]:
-    """Images/s of one full pass, its first batch, and the rate after the first batch."""
+    """Images/s of one full pass, its first batch, the rate after the first batch, and the
+    CPU time per image over every process of the pass."""
     first = first_n = None
     n = 0
-    for batch in batches:
-        n += touch(batch)
-        if first is None:
-            first, first_n = time.perf_counter() - start, n
-    seconds = time.perf_counter() - start
+    with TreeCpu() as cpu:
+        for batch in batches:
+            n += touch(batch)
+            if first is None:
+                first, first_n = time.perf_counter() - start, n
+        seconds = time.perf_counter() - start
     first = first if first is not None else seconds
     steady = (n - (first_n or 0)) / (seconds - first) if seconds > first else 0.0
     return {
@@ -71,6 +73,7 @@ def timed_pass(start: float, batches: Iterable[Any], touch: Any) -> dict[str, An
         "first_batch_s": first,
         "images_per_s": n / seconds,
         "steady_images_per_s": steady,
+        "cpu_ms_per_image": cpu.seconds * 1e3 / max(n, 1),
     }
 
 
@@ -193,9 +196,11 @@ def keras_epochs(tf: Any, feed: Any, classes: int) -> dict[str, Any]:
         on_epoch_begin=lambda *_: marks.append(time.perf_counter()),
         on_epoch_end=lambda *_: marks.append(time.perf_counter()),
     )
-    history = model.fit(feed, epochs=2, verbose=0, shuffle=False, callbacks=[clock])
+    with TreeCpu() as cpu:
+        history = model.fit(feed, epochs=2, verbose=0, shuffle=False, callbacks=[clock])
     return {
         "epoch_s": [marks[1] - marks[0], marks[3] - marks[2]],
+        "cpu_s": cpu.seconds,  # both epochs, every process, the model's own work included
         "loss": [float(v) for v in history.history["loss"]],
     }
 
@@ -236,7 +241,7 @@ def summarise(runs: dict[str, list[dict[str, Any]]], images: int) -> dict[str, A
             continue
         summary[case] = {
             key: statistics.median(r[key] for r in rs)
-            for key in ("images_per_s", "steady_images_per_s", "first_batch_s")
+            for key in ("images_per_s", "steady_images_per_s", "first_batch_s", "cpu_ms_per_image")
         }
         summary[case]["runs"] = rs
     return summary

@@ -14,6 +14,7 @@ SUITES = {
     "artefact": ["-m", "bench.artefact_bench", "--out", "{out}/artefact.json"],
     "startup": ["-m", "bench.startup_bench", "--out", "{out}/startup.json"],
     "overhead": ["-m", "bench.overhead_bench", "--out", "{out}/overhead.json"],
+    "adapters": ["-m", "bench.adapters_bench", "--out", "{out}/adapters.json"],
 }
 
 

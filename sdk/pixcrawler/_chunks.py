@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import json
 import multiprocessing.util
 import os
 import re
@@ -299,3 +300,9 @@ def _sweep_dead_dirs() -> None:
             pid = int(match.group(1))
             if pid != os.getpid() and not pid_alive(pid):
                 shutil.rmtree(entry, ignore_errors=True)
+
+
+def record_metadata(record: Record) -> dict[str, Any]:
+    """The manifest fields of a sample other than `file` and `label`."""
+    value = json.loads(record.metadata or "{}")
+    return value if isinstance(value, dict) else {}

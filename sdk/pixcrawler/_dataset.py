@@ -1,11 +1,8 @@
 """The user facade: the lazy `Dataset` that iterates and converts a job (see `_load`).
 
-Every pass over the data (`__iter__`,
-`iter_batches`, `to_arrays`, `to_dataframe`, a TensorFlow epoch) starts its own engine
-`Stream` (a supervisor process with decode workers, see `pixcrawler_engine.runtime`) and
-closes it when the pass ends or is abandoned; the `Dataset` tracks the passes still running and
-`close()` stops them. Images handed out by `__iter__` and `iter_batches` are read-only views
-of the engine's shared memory where possible: copy what you keep for long.
+Every pass over the data (`__iter__`, `iter_batches`, `to_arrays`, a TensorFlow epoch...) is
+one engine `Stream` (see `_passes`). Images handed out by `__iter__` and `iter_batches` are
+read-only views of the engine's shared memory where possible: copy what you keep for long.
 """
 
 from __future__ import annotations
@@ -19,10 +16,12 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 
-from pixcrawler._arrays import collect_arrays, collect_dataframe, concat, stack_images
+from pixcrawler._arrays import collect_arrays, collect_dataframe
 from pixcrawler._chunks import JobRef
 from pixcrawler._info import DatasetInfo, format_bytes
 from pixcrawler._parquet_ref import ParquetRef
+from pixcrawler._passes import run_pass
+from pixcrawler._rebatch import check_batch_size, rebatch
 from pixcrawler_engine._config import DecodePolicy, EngineConfig
 from pixcrawler_engine.runtime._stream import Batch, Stream
 from pixcrawler_engine.sources._base import Source
@@ -142,7 +141,7 @@ class Dataset:
         """Iterate through dataset in batches.
 
         Batches are views of the engine's memory when they lie inside one engine batch
-        (`batch_rows`), else copies.
+        (`batch_rows`), else copied once.
 
         Args:
             batch_size: Number of images per batch.
@@ -160,30 +159,10 @@ class Dataset:
             >>> for images, labels in dataset.iter_batches(batch_size=64):
             ...     train_model(images, labels)
         """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        parts: list[np.ndarray] = []
-        labels: list[Any] = []
-        for batch in self.iter_engine_batches(desc="images"):
-            images = stack_images(batch.images, parts[0].shape[1:] if parts else None)
-            batch_labels = batch.labels
-            start, n = 0, len(batch_labels)
-            while start < n:
-                take = min(batch_size - len(labels), n - start)
-                if not parts and take == batch_size:
-                    # A whole batch inside one engine batch: hand out the view, no copy.
-                    yield images[start : start + take], batch_labels[start : start + take]
-                else:
-                    # A copy: the piece may outlive its engine batch (and the pass, for the
-                    # last one), and it is copied into the joined batch anyway.
-                    parts.append(images[start : start + take].copy())
-                    labels.extend(batch_labels[start : start + take])
-                    if len(labels) == batch_size:
-                        yield concat(parts), labels
-                        parts, labels = [], []
-                start += take
-        if labels and not drop_last:
-            yield concat(parts), labels
+        check_batch_size(batch_size)
+        batches = self.iter_engine_batches(desc="images")
+        for rows in rebatch(batches, batch_size, drop_last=drop_last, shape=None, extract=_labels):
+            yield rows.images, rows.columns[0]
 
     def iter_engine_batches(self, *, desc: str | None = None) -> Iterator[Batch]:
         """The engine's batches of one pass, as they arrive (see `pixcrawler_engine.Batch`).
@@ -203,27 +182,13 @@ class Dataset:
     ) -> Iterator[Batch]:
         if self._closed:
             raise ValueError("this dataset is closed; load it again with load_dataset()")
-        total = sum(p.num_records for p in source.plan())
-        if total == 0:
-            source.close()
-            return
-        bar = self.progress_bar(total, desc)
-        try:
-            stream = Stream(source, config=config, policy=policy or self._policy)
-        finally:
-            # The supervisor got its own copy of the source; this one's connection can go.
-            source.close()
-        self._streams.add(stream)
-        try:
-            for batch in stream:
-                yield batch
-                if bar is not None:
-                    bar.update(len(batch))
-        finally:
-            stream.close()
-            self._streams.discard(stream)
-            if bar is not None:
-                bar.close()
+        yield from run_pass(
+            source,
+            config,
+            policy or self._policy,
+            self._streams,
+            lambda total: self.progress_bar(total, desc),
+        )
 
     def progress_bar(self, total: int, desc: str | None) -> Any:
         """A tqdm bar for `total` images, or None when progress is off or `desc` is None."""
@@ -286,35 +251,67 @@ class Dataset:
     @overload
     def to_torch(
         self,
-        transform: Callable[[np.ndarray], Any] | None = None,
+        transform: Callable[[Any], Any] | None = None,
         *,
         iterable: Literal[False] = False,
+        metadata: bool = False,
     ) -> TorchDataset: ...
 
     @overload
     def to_torch(
-        self, transform: Callable[[np.ndarray], Any] | None = None, *, iterable: Literal[True]
+        self,
+        transform: Callable[[Any], Any] | None = None,
+        *,
+        iterable: Literal[True],
+        batch_size: int | None = None,
+        drop_last: bool = False,
+        pin_memory: bool = False,
+        metadata: bool = False,
     ) -> TorchIterableDataset: ...
 
     @overload
     def to_torch(
-        self, transform: Callable[[np.ndarray], Any] | None = None, *, iterable: bool = False
+        self,
+        transform: Callable[[Any], Any] | None = None,
+        *,
+        iterable: bool = False,
+        batch_size: int | None = None,
+        drop_last: bool = False,
+        pin_memory: bool = False,
+        metadata: bool = False,
     ) -> TorchDataset | TorchIterableDataset: ...
 
     def to_torch(
-        self, transform: Callable[[np.ndarray], Any] | None = None, *, iterable: bool = False
+        self,
+        transform: Callable[[Any], Any] | None = None,
+        *,
+        iterable: bool = False,
+        batch_size: int | None = None,
+        drop_last: bool = False,
+        pin_memory: bool = False,
+        metadata: bool = False,
     ) -> TorchDataset | TorchIterableDataset:
         """Convert to PyTorch Dataset.
 
         The map-style form (default) reads single images from a per-process chunk cache, so
         `len()`, indexing, `random_split` and `DataLoader(shuffle=True, num_workers=...)`
         work. The iterable form streams through the engine and shards chunks across
-        DataLoader workers and `torch.distributed` ranks. Both give `(image, label)`.
+        DataLoader workers and `torch.distributed` ranks. Both give `(image, label)`; with
+        `batch_size` the iterable gives whole batches: read it with
+        `DataLoader(torch_dataset, batch_size=None)`.
 
         Args:
-            transform: Optional transform function, called with the (H, W, C) uint8 array;
-                without one, images become float tensors (C, H, W) in [0, 1].
+            transform: Optional transform function: per image, of the (H, W, C) uint8 array
+                (a private copy), else images become float (C, H, W) tensors in [0, 1]; with
+                `batch_size`, of each batch's uint8 (B, H, W, C) tensor.
             iterable: Return a `torch.utils.data.IterableDataset` instead.
+            batch_size: Images per item (iterable only): a uint8 (B, H, W, C) tensor sharing
+                the engine's memory where it can (no copy; valid for as long as you keep it),
+                else copied once, and an int64 (B,) tensor of labels.
+            drop_last: Drop a last batch shorter than `batch_size`.
+            pin_memory: Make batches in pinned memory, for `.to("cuda", non_blocking=True)`
+                (warns and does nothing without an accelerator); or use DataLoader's.
+            metadata: Add a third element: the manifest's fields and the `key` of each image.
 
         Returns:
             PyTorch Dataset object; labels are class indices for the job's string labels.
@@ -334,18 +331,36 @@ class Dataset:
             raise ImportError(
                 "to_torch() needs PyTorch: pip install 'pixcrawler-sdk[torch]' (or torch)"
             ) from exc
-        if transform is not None and not callable(transform):
-            raise TypeError(f"transform must be callable, got {type(transform).__name__}")
-        if iterable:
-            return _torch.TorchIterableDataset(self.ref, self.config, self.policy, transform)
-        return _torch.TorchDataset(self.ref, self.policy, transform)
+        return _torch.torch_dataset(
+            self,
+            transform,
+            iterable=iterable,
+            batch_size=batch_size,
+            drop_last=drop_last,
+            pin_memory=pin_memory,
+            metadata=metadata,
+        )
 
-    def to_tensorflow(self) -> tf.data.Dataset:
+    def to_tensorflow(
+        self, *, batch_size: int | None = None, drop_last: bool = False, metadata: bool = False
+    ) -> tf.data.Dataset:
         """Convert to TensorFlow Dataset.
+
+        Engine batches cross into TensorFlow whole (one copy each); single images are those
+        batches `unbatch()`ed inside TensorFlow.
+
+        Args:
+            batch_size: Make elements batches of (B, H, W, C) images and (B,) labels, built by
+                the engine (faster than `.batch(B)`; `unbatch()` undoes it). None: single images.
+            drop_last: Drop a last batch shorter than `batch_size` (the spec's batch
+                dimension is then B, else None).
+            metadata: Add a third element: the manifest's fields and the `key` of each image,
+                as JSON strings.
 
         Returns:
             TensorFlow Dataset object of `(image, label)`: uint8 (H, W, C) images (a
-            dimension is None when it varies) and int64 class indices for string labels.
+            dimension is None when it varies) and int64 class indices for string labels,
+            with a known cardinality unless bad images are skipped.
 
         Example:
             >>> tf_dataset = dataset.to_tensorflow()
@@ -354,25 +369,11 @@ class Dataset:
         """
         from pixcrawler._tensorflow import to_tensorflow
 
-        return to_tensorflow(self)
+        return to_tensorflow(self, batch_size=batch_size, drop_last=drop_last, metadata=metadata)
 
     def preview(self, path: str | os.PathLike[str], n: int = 8, *, tile: int = 96) -> Path:
-        """Draw a labelled grid of samples, a row per class, into the PNG at `path`.
-
-        Masks are overlaid where the dataset has them. Only what the grid needs is decoded,
-        at tile size; the pass stops once every class has `n` samples.
-
-        Args:
-            path: the PNG to write.
-            n: samples per class.
-            tile: the side of one tile, in pixels.
-
-        Returns:
-            `path`, as a `Path`.
-
-        Example:
-            >>> dataset.preview("grid.png", n=4)
-        """
+        """Draw a labelled grid of `n` samples per class (a row each, masks overlaid) into the
+        PNG at `path`; only what the grid needs is decoded, at `tile` size. Returns `path`."""
         from pixcrawler._preview import draw_preview
 
         return draw_preview([(self._info.job_id, self)], path, n=n, tile=tile)
@@ -393,3 +394,7 @@ class Dataset:
     ) -> Generator[Batch, None, None]:
         """One engine pass over some chunks (all when None) with the given settings."""
         yield from self._run(self._ref.source(chunks), config, desc=desc, policy=policy)
+
+
+def _labels(batch: Batch) -> tuple[list[Any]]:
+    return (batch.labels,)

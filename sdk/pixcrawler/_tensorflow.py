@@ -11,13 +11,15 @@ order, as torchvision's `ImageFolder` does (`Dataset.info.class_to_idx`).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import numpy as np
 
 from pixcrawler._chunks import LocalChunks
+from pixcrawler._labels import LabelCoder, is_int
+from pixcrawler._rebatch import aligned_empty, check_batch_size, count_batches, rebatch
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -105,8 +107,21 @@ def image_spec(dataset: Passes) -> ImageSpec:
     return ImageSpec(shape=dims, checked=len(shapes) == 1, first_label=first_label)  # type: ignore[arg-type]
 
 
-def to_tensorflow(dataset: Passes) -> tf.data.Dataset:
-    """A `tf.data.Dataset` of `(image, label)` over `dataset`; see `Dataset.to_tensorflow`."""
+def to_tensorflow(
+    dataset: Passes,
+    *,
+    batch_size: int | None = None,
+    drop_last: bool = False,
+    metadata: bool = False,
+) -> tf.data.Dataset:
+    """A `tf.data.Dataset` over `dataset`; see `Dataset.to_tensorflow`.
+
+    Engine batches cross into TensorFlow whole: one copy each, into 64-byte-aligned memory
+    that TensorFlow adopts without a second copy (never the engine's shared memory itself,
+    which prefetch or shuffle buffers would hold far beyond a batch's life). Single images
+    are those batches `unbatch()`ed, in TensorFlow's own code.
+    """
+    check_batch_size(batch_size, optional=True)
     try:
         import tensorflow as tf
     except ImportError as exc:
@@ -114,66 +129,93 @@ def to_tensorflow(dataset: Passes) -> tf.data.Dataset:
             "to_tensorflow() needs TensorFlow: pip install 'pixcrawler-sdk[tensorflow]'"
         ) from exc
     spec = image_spec(dataset)
+    if batch_size is not None and None in spec.shape:
+        raise ValueError(
+            f"to_tensorflow(batch_size={batch_size}) needs images of one size, but the first "
+            f"chunk's images already differ ({spec.shape}); pass image_size=(height, width) "
+            "to load_dataset so that every image has one size"
+        )
     class_to_idx = dict(dataset.info.class_to_idx)
-    label_dtype, encode = _label_encoding(class_to_idx, spec.first_label)
-    expected = spec.shape
+    coder = LabelCoder(class_to_idx, indexed=bool(class_to_idx) or is_int(spec.first_label))
+    varying = None in spec.shape
+    rows = None if varying else (batch_size if drop_last else None)
+    signature = [
+        tf.TensorSpec(shape=(rows, *spec.shape), dtype=tf.uint8),
+        tf.TensorSpec(shape=(rows,), dtype=tf.int64 if coder.indexed else tf.string),
+    ]
+    if metadata:
+        signature.append(tf.TensorSpec(shape=(rows,), dtype=tf.string))
+    if varying:
+        signature = [tf.TensorSpec(shape=s.shape[1:], dtype=s.dtype) for s in signature]
 
-    def generator() -> Iterator[tuple[np.ndarray, Any]]:
+    def generator() -> Iterator[tuple[np.ndarray, ...]]:
         # One engine pass per epoch; tf.data closes the generator (and so the pass) when its
         # iterator goes away, including after take().
-        for batch in dataset.iter_engine_batches(desc=None):
-            images = batch.images
-            for i, label in enumerate(batch.labels):
-                image = images[i]
-                if spec.checked and image.shape != expected:
-                    raise ValueError(
-                        f"image {batch.keys[i]!r} is {image.shape}, but the first chunk's "
-                        f"images are all {expected}; pass image_size=(height, width) to "
-                        "load_dataset so that every image has one size"
-                    )
-                # A copy: tf.data may buffer elements (prefetch, shuffle) far beyond the
-                # life of an engine batch.
-                yield np.array(image), encode(label)
+        batches = dataset.iter_engine_batches(desc=None)
+        extract = _extractor(coder, metadata)
+        if varying:
+            yield from _single_images(batches, extract)
+            return
+        for out in rebatch(
+            batches,
+            batch_size,
+            drop_last=drop_last,
+            shape=cast("tuple[int, int, int]", spec.shape),  # no None: not varying
+            extract=extract,
+            alloc=_aligned_alloc,
+        ):
+            images = out.owner if out.owner is not None else _aligned_copy(out.images)
+            yield (images, *out.columns)
 
-    signature = (
-        tf.TensorSpec(shape=expected, dtype=tf.uint8),
-        tf.TensorSpec(shape=(), dtype=label_dtype),
-    )
-    tf_dataset = tf.data.Dataset.from_generator(generator, output_signature=signature)
+    tf_dataset = tf.data.Dataset.from_generator(generator, output_signature=tuple(signature))
+    if batch_size is None and not varying:
+        tf_dataset = tf_dataset.unbatch()
     if dataset.policy.on_error == "raise":
         # Every image comes out, so the count is known: Keras then sizes its epochs (and its
         # progress bar) instead of finding the end by running out of data. Skipping bad images
         # would make the count a guess, and a wrong one is an error in tf.data.
-        tf_dataset = tf_dataset.apply(tf.data.experimental.assert_cardinality(len(dataset)))
+        count = count_batches(len(dataset), batch_size, drop_last)
+        tf_dataset = tf_dataset.apply(
+            tf.data.experimental.assert_cardinality(len(dataset) if count is None else count)
+        )
     return tf_dataset
 
 
-def _label_encoding(class_to_idx: dict[str, int], first_label: Any) -> tuple[Any, Any]:
-    """The TensorFlow dtype of the labels and the function that makes one label fit it."""
-    import tensorflow as tf
+def _extractor(coder: LabelCoder, metadata: bool) -> Callable[[Batch], tuple[Any, ...]]:
+    """The per-row columns of an engine batch as TensorFlow takes them."""
 
-    if class_to_idx or (isinstance(first_label, int) and not isinstance(first_label, bool)):
+    def extract(batch: Batch) -> tuple[Any, ...]:
+        labels = coder(batch)
+        if not isinstance(labels, np.ndarray):
+            # Strings as they are; dicts (and anything else) as JSON, decodable with json.loads.
+            texts = [v if isinstance(v, str) else json.dumps(v) for v in labels]
+            labels = np.array(texts, dtype=object)
+        if not metadata:
+            return (labels,)
+        fields = zip(batch.keys, batch.metadata, strict=True)
+        meta = [json.dumps({"key": key, **values}) for key, values in fields]
+        return labels, np.array(meta, dtype=object)
 
-        def to_index(label: Any) -> int:
-            if isinstance(label, str):
-                try:
-                    return class_to_idx[label]
-                except KeyError:
-                    raise ValueError(
-                        f"label {label!r} is not in the job's labels {list(class_to_idx)}; "
-                        "the job manifest is inconsistent"
-                    ) from None
-            if isinstance(label, int) and not isinstance(label, bool):
-                return label
-            raise ValueError(
-                f"label {label!r} is neither a class name nor an int; TensorFlow needs one "
-                "type for every label"
-            )
+    return extract
 
-        return tf.int64, to_index
 
-    def to_text(label: Any) -> str:
-        # Strings as they are; dicts (and anything else) as JSON, decodable with json.loads.
-        return label if isinstance(label, str) else json.dumps(label)
+def _single_images(
+    batches: Iterator[Batch], extract: Callable[[Batch], tuple[Any, ...]]
+) -> Iterator[tuple[np.ndarray, ...]]:
+    """Images one at a time, for datasets whose images differ in size (no batch holds them)."""
+    for batch in batches:
+        images = batch.images
+        columns = extract(batch)
+        for i in range(len(images)):
+            yield (_aligned_copy(images[i]), *(column[i] for column in columns))
 
-    return tf.string, to_text
+
+def _aligned_alloc(shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    array = aligned_empty(shape)
+    return array, array
+
+
+def _aligned_copy(array: np.ndarray) -> np.ndarray:
+    out = aligned_empty(array.shape)
+    np.copyto(out, array)
+    return out

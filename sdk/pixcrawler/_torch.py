@@ -15,26 +15,28 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 import torch.utils.data
 
-from pixcrawler._chunks import JobRef, LocalChunks
+from pixcrawler._chunks import JobRef, LocalChunks, record_metadata
 from pixcrawler._info import class_index
+from pixcrawler._labels import LabelCoder
 from pixcrawler._parquet_ref import ParquetRef
+from pixcrawler._rebatch import check_batch_size, count_batches, rebatch
+from pixcrawler._torch_tensors import alloc, can_pin, images_tensor, pinned_alloc
 from pixcrawler_engine._config import DecodePolicy, EngineConfig
 from pixcrawler_engine._errors import DecodeError
 from pixcrawler_engine.decode._image import decode_image
-from pixcrawler_engine.runtime._batch import image_views, labels_of
 from pixcrawler_engine.runtime._chunk import decode_records
-from pixcrawler_engine.runtime._stream import SampleWarning, Stream
+from pixcrawler_engine.runtime._stream import Batch, SampleWarning, Stream
 
-__all__ = ["TorchDataset", "TorchIterableDataset", "shard_chunks"]
+__all__ = ["TorchDataset", "TorchIterableDataset", "shard_chunks", "torch_dataset"]
 
-Transform = Callable[[np.ndarray], Any]
+Transform = Callable[[Any], Any]  # an (H, W, C) array, or a (B, H, W, C) tensor for batches
 
 
 class _Output:
@@ -62,7 +64,7 @@ class _Output:
         return out, label
 
 
-class TorchDataset(torch.utils.data.Dataset[tuple[Any, Any]]):
+class TorchDataset(torch.utils.data.Dataset[tuple[Any, ...]]):
     """A map-style dataset: `len()`, `dataset[i]`, `random_split`, shuffled DataLoaders.
 
     Each process downloads a chunk at most once (into its own cache folder, or the shared
@@ -75,11 +77,17 @@ class TorchDataset(torch.utils.data.Dataset[tuple[Any, Any]]):
     """
 
     def __init__(
-        self, ref: JobRef | ParquetRef, policy: DecodePolicy, transform: Transform | None
+        self,
+        ref: JobRef | ParquetRef,
+        policy: DecodePolicy,
+        transform: Transform | None,
+        *,
+        metadata: bool = False,
     ) -> None:
         self.ref = ref
         self.policy = policy
         self.transform = transform
+        self.metadata = metadata
         self._output = _Output(ref, transform)
         self.class_to_idx = self._output.class_to_idx
         self.classes = self._output.classes
@@ -89,7 +97,7 @@ class TorchDataset(torch.utils.data.Dataset[tuple[Any, Any]]):
     def __len__(self) -> int:
         return self._len
 
-    def __getitem__(self, index: int) -> tuple[Any, Any]:
+    def __getitem__(self, index: int) -> tuple[Any, ...]:
         index = int(index)
         if index < 0:
             index += self._len
@@ -104,7 +112,10 @@ class TorchDataset(torch.utils.data.Dataset[tuple[Any, Any]]):
                 chunk_id=chunk,
                 key=record.key,
             ) from exc
-        return self._output(image, record.label)
+        item = self._output(image, record.label)
+        if self.metadata:
+            return (*item, {"key": record.key, **record_metadata(record)})
+        return item
 
     def __repr__(self) -> str:
         return f"TorchDataset(job_id={self.ref.manifest.job_id!r}, len={self._len})"
@@ -135,7 +146,7 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
-class TorchIterableDataset(torch.utils.data.IterableDataset[tuple[Any, Any]]):
+class TorchIterableDataset(torch.utils.data.IterableDataset[Any]):
     """An iterable dataset streamed by the engine, sharded so that no image is decoded twice.
 
     The job's chunks are split over `torch.distributed` ranks, then over the DataLoader
@@ -143,6 +154,14 @@ class TorchIterableDataset(torch.utils.data.IterableDataset[tuple[Any, Any]]):
     engine's decode processes; inside a DataLoader worker it is decoded in that worker
     (DataLoader already provides the processes). Call `set_epoch(epoch)` before each epoch
     to reshuffle (with `shuffle=True`), as with `DistributedSampler`.
+
+    With `batch_size`, each item is a whole batch `(images, labels)`: images a uint8
+    (B, H, W, C) tensor, labels an int64 (B,) tensor of class indices (a list where labels are
+    neither class names nor ints); read it with `DataLoader(dataset, batch_size=None)`. A batch
+    that lies inside one engine batch shares the engine's shared-memory slot (no copy; the
+    slot stays leased while the tensor lives, so it stays valid after the next batch), one
+    that spans engine batches is copied once. Inside DataLoader workers each worker batches its
+    own chunks, so an epoch may end with up to one short batch per worker.
 
     Attributes:
         class_to_idx: class name -> label index, in the job's `labels` order.
@@ -155,11 +174,21 @@ class TorchIterableDataset(torch.utils.data.IterableDataset[tuple[Any, Any]]):
         config: EngineConfig,
         policy: DecodePolicy,
         transform: Transform | None,
+        *,
+        batch_size: int | None = None,
+        drop_last: bool = False,
+        pin_memory: bool = False,
+        metadata: bool = False,
     ) -> None:
+        check_batch_size(batch_size, optional=True)
         self.ref = ref
         self.config = config
         self.policy = policy
         self.transform = transform
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.pin_memory = pin_memory
+        self.metadata = metadata
         self.epoch = 0
         self._output = _Output(ref, transform)
         self.class_to_idx = self._output.class_to_idx
@@ -170,19 +199,32 @@ class TorchIterableDataset(torch.utils.data.IterableDataset[tuple[Any, Any]]):
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        """Images of this rank's shard (fewer come out when bad images are skipped)."""
+        """Images (or batches, with `batch_size`) of this rank's shard, read in one process.
+
+        Fewer come out when bad images are skipped; with DataLoader workers and `batch_size`,
+        up to one short batch more per worker.
+        """
         rank, world = _distributed()
         mine = set(self._rank_chunks(rank, world))
-        return sum(c.num_images for c in self.ref.manifest.chunks if c.index in mine)
+        images = sum(c.num_images for c in self.ref.manifest.chunks if c.index in mine)
+        batches = count_batches(images, self.batch_size, self.drop_last)
+        return images if batches is None else batches
 
-    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+    def __iter__(self) -> Iterator[Any]:
         rank, world = _distributed()
         chunks = self._rank_chunks(rank, world)
         info = torch.utils.data.get_worker_info()
         if info is None:
-            yield from self._stream(chunks)
+            batches = self._stream(chunks)
         else:
-            yield from self._decode_here(shard_chunks(chunks, info.id, info.num_workers))
+            batches = self._decode_here(shard_chunks(chunks, info.id, info.num_workers))
+        try:
+            if self.batch_size is None:
+                yield from self._samples(batches)
+            else:
+                yield from self._batches(batches, pin=self.pin_memory and info is None)
+        finally:
+            batches.close()  # stops the engine pass now, not when the generator is collected
 
     def _rank_chunks(self, rank: int, world: int) -> list[int]:
         chunks = [c.index for c in self.ref.manifest.chunks if c.num_images]
@@ -192,24 +234,61 @@ class TorchIterableDataset(torch.utils.data.IterableDataset[tuple[Any, Any]]):
             chunks = [chunks[i] for i in rng.permutation(len(chunks))]
         return shard_chunks(chunks, rank, world)
 
-    def _stream(self, chunks: list[int]) -> Iterator[tuple[Any, Any]]:
+    def _rows(self) -> int:
+        # Engine batches no bigger than the requested ones: then every requested batch that
+        # does not cross a chunk boundary is one engine batch, handed out without a copy.
+        rows = self.config.batch_rows
+        return rows if self.batch_size is None else min(rows, self.batch_size)
+
+    def _samples(self, batches: Iterator[Batch]) -> Iterator[tuple[Any, ...]]:
+        for batch in batches:
+            images = batch.images
+            meta = _metadata(batch)[0] if self.metadata else None
+            for i, label in enumerate(batch.labels):
+                item = self._output(images[i], label)
+                yield item if meta is None else (*item, meta[i])
+
+    def _batches(self, batches: Iterator[Batch], *, pin: bool) -> Iterator[tuple[Any, ...]]:
+        pin = pin and can_pin()
+        coder = LabelCoder(self.class_to_idx)
+
+        def extract(batch: Batch) -> tuple[Any, ...]:
+            labels = coder(batch)
+            return (labels, *_metadata(batch)) if self.metadata else (labels,)
+
+        for rows in rebatch(
+            batches,
+            self.batch_size,
+            drop_last=self.drop_last,
+            shape=self.policy.fixed_shape,
+            extract=extract,
+            alloc=pinned_alloc if pin else alloc,
+        ):
+            images = images_tensor(rows, pin=pin)
+            labels = rows.columns[0]
+            if isinstance(labels, np.ndarray):
+                labels = torch.from_numpy(labels)
+                if pin:
+                    labels = labels.pin_memory()
+            if self.transform is not None:
+                images = self.transform(images)
+            yield (images, labels, *rows.columns[1:])
+
+    def _stream(self, chunks: list[int]) -> Generator[Batch, None, None]:
         if not chunks:
             return
         source = self.ref.source(chunks)
-        config = self.config.replace(seed=self.config.seed + self.epoch)
+        config = self.config.replace(seed=self.config.seed + self.epoch, batch_rows=self._rows())
         try:
             stream = Stream(source, config=config, policy=self.policy)
         finally:
             source.close()  # the supervisor has its own copy
         with stream:
-            for batch in stream:
-                images = batch.images
-                for i, label in enumerate(batch.labels):
-                    yield self._output(images[i], label)
+            yield from stream
 
-    def _decode_here(self, chunks: list[int]) -> Iterator[tuple[Any, Any]]:
+    def _decode_here(self, chunks: list[int]) -> Generator[Batch, None, None]:
         cache = LocalChunks(self.ref)
-        rows = self.config.batch_rows
+        rows = self._rows()
         try:
             for chunk in chunks:
                 reader, records = cache.open(chunk)
@@ -224,9 +303,46 @@ class TorchIterableDataset(torch.utils.data.IterableDataset[tuple[Any, Any]]):
                     if self.policy.on_error == "warn":
                         for _key, message in errors:
                             warnings.warn(message, SampleWarning, stacklevel=2)
-                    images = image_views(batch)
-                    labels = labels_of(batch)
-                    for i, label in enumerate(labels):
-                        yield self._output(images[i], label)
+                    yield Batch(batch)
         finally:
             cache.discard()
+
+
+def torch_dataset(
+    dataset: Any,
+    transform: Transform | None,
+    *,
+    iterable: bool,
+    batch_size: int | None,
+    drop_last: bool,
+    pin_memory: bool,
+    metadata: bool,
+) -> TorchDataset | TorchIterableDataset:
+    """`Dataset.to_torch`: the options checked, the dataset made (`dataset`: its facade)."""
+    if transform is not None and not callable(transform):
+        raise TypeError(f"transform must be callable, got {type(transform).__name__}")
+    if iterable:
+        return TorchIterableDataset(
+            dataset.ref,
+            dataset.config,
+            dataset.policy,
+            transform,
+            batch_size=batch_size,
+            drop_last=drop_last,
+            pin_memory=pin_memory,
+            metadata=metadata,
+        )
+    options = {"batch_size": batch_size, "drop_last": drop_last, "pin_memory": pin_memory}
+    asked = [name for name, value in options.items() if value not in (None, False)]
+    if asked:
+        raise ValueError(
+            f"{', '.join(asked)} apply to to_torch(iterable=True, ...), whose items are "
+            "batches made by the engine; a map-style dataset is batched and pinned by "
+            "DataLoader(torch_dataset, batch_size=..., pin_memory=...)"
+        )
+    return TorchDataset(dataset.ref, dataset.policy, transform, metadata=metadata)
+
+
+def _metadata(batch: Batch) -> tuple[list[dict[str, Any]]]:
+    """Each sample's manifest fields and its key, as dicts (only when asked: JSON per row)."""
+    return ([{"key": key, **meta} for key, meta in zip(batch.keys, batch.metadata, strict=True)],)

@@ -31,6 +31,7 @@ from pixcrawler_engine._config import DecodePolicy, EngineConfig
 from pixcrawler_engine._errors import WorkerError
 from pixcrawler_engine.runtime._batch import (
     image_views,
+    label_indices,
     labels_of,
     mask_views,
     metadata_of,
@@ -106,6 +107,10 @@ class Batch:
     @property
     def labels(self) -> list[Any]:
         return labels_of(self.record_batch)
+
+    def label_indices(self, value_set: pa.StringArray) -> np.ndarray:
+        """The labels as int64 class indices (see `runtime._batch.label_indices`)."""
+        return label_indices(self.record_batch, value_set)
 
     @property
     def keys(self) -> list[str]:

@@ -1,20 +1,15 @@
 """The Parquet source: Hugging Face-style Parquet shards as chunks (one chunk per row group).
 
 An address is a local file, folder (every `*.parquet` below it) or glob, a `file://` URL, or
-an `http(s)://` URL (or a list of any of these). Remote files are never downloaded whole:
-the footer is read with Range requests, then each row group's column chunks
-(`_http`).
-
-Which columns hold what is inferred from the schema (`_schema`), unless given.
-
-`fetch` makes one row group local as a rows file (`_rows`): its image and mask bytes
-are streamed out of the Parquet column chunk value by value (`_pages`), whatever the
-pages' compression (SNAPPY, ZSTD, GZIP, BROTLI, none) and encoding (PLAIN or dictionary, as
-`datasets` writes them), so a row group of several 100 MB images costs a few MiB of memory,
-not the row group. Values stored uncompressed in a local file are not copied at all: the rows
-file points into the Parquet file. Rows that cannot be read (a null cell, a damaged column
-chunk) become per-sample errors that follow `on_error`; a file that is not Parquet, or has
-no image column, is refused when the source is made.
+an `http(s)://` URL (or a list of these). Remote files are never downloaded whole: footers and
+column chunks are read with Range requests (`_http`). Which columns hold what is inferred
+from the schema (`_schema`), unless given. `fetch` makes one row group local as a rows file
+(`_rows`): its image and mask bytes are streamed out of the column chunk value by value
+(`_pages`), whatever the compression (SNAPPY, ZSTD, GZIP, BROTLI, none) and encoding (PLAIN
+or dictionary, as `datasets` writes them): a row group of 100 MB images costs a few MiB of
+memory. Values stored uncompressed in a local file are not copied: the rows file points into
+the Parquet file. Unreadable rows (a null cell, a damaged column chunk) are per-sample errors
+(`on_error`); a file that is not Parquet, or has no image column, is refused at once.
 """
 
 from __future__ import annotations
@@ -161,7 +156,6 @@ class ParquetSource:
         self.__dict__.update(state)
         self._cancel = threading.Event()
 
-    # ---- Source ---------------------------------------------------------------------------
     def plan(self) -> list[ChunkPlan]:
         return list(self._plans)
 

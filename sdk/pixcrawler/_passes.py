@@ -1,0 +1,48 @@
+"""One engine pass of a dataset: a `Stream` with its progress bar, tracked until it ends.
+
+`Dataset` keeps the passes still running in a weak set, so that `close()` can stop them; a pass
+abandoned by its caller (a `break`, garbage collection) closes its stream in `finally`.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from pixcrawler_engine._config import DecodePolicy, EngineConfig
+from pixcrawler_engine.runtime._stream import Batch, Stream
+from pixcrawler_engine.sources._base import Source
+
+__all__ = ["run_pass"]
+
+
+def run_pass(
+    source: Source,
+    config: EngineConfig,
+    policy: DecodePolicy,
+    streams: weakref.WeakSet[Stream],
+    progress_bar: Callable[[int], Any],
+) -> Iterator[Batch]:
+    """The batches of one engine pass over `source`, counted on a bar (None: no bar)."""
+    total = sum(p.num_records for p in source.plan())
+    if total == 0:
+        source.close()
+        return
+    bar = progress_bar(total)
+    try:
+        stream = Stream(source, config=config, policy=policy)
+    finally:
+        # The supervisor got its own copy of the source; this one's connection can go.
+        source.close()
+    streams.add(stream)
+    try:
+        for batch in stream:
+            yield batch
+            if bar is not None:
+                bar.update(len(batch))
+    finally:
+        stream.close()
+        streams.discard(stream)
+        if bar is not None:
+            bar.close()

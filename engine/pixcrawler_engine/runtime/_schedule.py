@@ -19,7 +19,23 @@ from pixcrawler_engine.runtime._batch import ROW_OVERHEAD, SLOT_OVERHEAD
 from pixcrawler_engine.runtime._protocol import BatchReady, ExceptionWrapper, Failed
 from pixcrawler_engine.sources._record import Record
 
-__all__ = ["Chunk", "Done", "State", "WorkerSlot", "slot_bytes_for"]
+__all__ = ["Chunk", "Done", "State", "WorkerSlot", "chunk_order", "record_order", "slot_bytes_for"]
+
+
+def chunk_order(num_chunks: int, *, shuffle: bool, seed: int) -> list[int]:
+    """The positions of a run's chunks (in its plan) in delivery order.
+
+    The plan's order, or with `shuffle` the permutation seeded by `seed` alone; other runtimes
+    (`pixcrawler.ray`) call this to deliver the engine's order.
+    """
+    if not shuffle:
+        return list(range(num_chunks))
+    return [int(i) for i in np.random.default_rng(seed).permutation(num_chunks)]
+
+
+def record_order(num_records: int, *, seed: int, chunk: int) -> list[int]:
+    """The order of a chunk's records in a shuffled run: seeded by the seed and the chunk id."""
+    return [int(i) for i in np.random.default_rng([seed, chunk]).permutation(num_records)]
 
 
 def slot_bytes_for(config: EngineConfig, policy: DecodePolicy) -> int:

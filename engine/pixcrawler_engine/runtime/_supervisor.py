@@ -33,8 +33,6 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from pixcrawler_engine._config import DecodePolicy, EngineConfig
 from pixcrawler_engine._errors import WorkerError
 from pixcrawler_engine.runtime._prefetch import Prefetcher
@@ -51,7 +49,13 @@ from pixcrawler_engine.runtime._protocol import (
     TaskFailed,
     WorkerReady,
 )
-from pixcrawler_engine.runtime._schedule import Done, State, WorkerSlot, slot_bytes_for
+from pixcrawler_engine.runtime._schedule import (
+    Done,
+    State,
+    WorkerSlot,
+    chunk_order,
+    slot_bytes_for,
+)
 from pixcrawler_engine.runtime._shm import PREFIX, SlotPool, shm_free_bytes
 from pixcrawler_engine.runtime._worker import worker_main
 from pixcrawler_engine.sources._base import Source
@@ -79,10 +83,7 @@ class Supervisor:
         self.policy = policy
         self.consumer = os.getppid()
         self.plans = source.plan()
-        order = np.arange(len(self.plans))
-        if config.shuffle:
-            order = np.random.default_rng(config.seed).permutation(len(self.plans))
-        self.order = [int(i) for i in order]
+        self.order = chunk_order(len(self.plans), shuffle=config.shuffle, seed=config.seed)
         self.state = State()
         self.workers: list[WorkerSlot] = []
         self.task_ids = 0

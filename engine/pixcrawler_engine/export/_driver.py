@@ -14,6 +14,8 @@ NOTE [resumable export]: an export is a sequence of per-chunk parts (see `_expor
                          chunk files also land in .pixcrawler/download/; a chunk's part is
                          committed when its last sample arrives (or the next chunk starts)
                      a committed chunk's download is deleted
+                     with a `ChunkRunner` (`_part`): the runner has each todo chunk's part
+                         written elsewhere (one Ray task per chunk) and returns when all are
                      -> phase finalizing (saved)
     phase finalizing: the format moves its parts into place (idempotent) -> phase complete
 
@@ -35,8 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from pixcrawler_engine._config import DecodePolicy, EngineConfig
-from pixcrawler_engine.export._files import ImagesWriter, NumpyWriter, ZipWriter
-from pixcrawler_engine.export._parquet import ParquetWriter
+from pixcrawler_engine.export._part import WRITERS, ChunkRunner
 from pixcrawler_engine.export._state import Workspace
 from pixcrawler_engine.export._writers import FormatWriter, Piece
 from pixcrawler_engine.sources._base import ChunkPlan, SourceWrapper, SubsetSource
@@ -45,12 +46,6 @@ from pixcrawler_engine.sources._cache import CachedSource, ChunkCache
 __all__ = ["EXPORT_FORMATS", "ExportResult", "export_job"]
 
 EXPORT_FORMATS = ("numpy", "images", "zip", "parquet")
-_WRITERS: dict[str, type[FormatWriter]] = {
-    "numpy": NumpyWriter,
-    "images": ImagesWriter,
-    "zip": ZipWriter,
-    "parquet": ParquetWriter,
-}
 Progress = Callable[[int, int], None]
 
 
@@ -84,6 +79,7 @@ def export_job(
     config: EngineConfig | None = None,
     cache: ChunkCache | None = None,
     progress: Progress | None = None,
+    runner: ChunkRunner | None = None,
 ) -> ExportResult:
     """Exports a job to `target`, resuming an interrupted export of the same job and options.
 
@@ -98,6 +94,8 @@ def export_job(
         cache: a chunk cache shared with other runs; None keeps downloads in the export's
             work folder only.
         progress: called with (images done, images in all) as the export advances.
+        runner: writes the parts of the chunks to do elsewhere (one Ray task per chunk, see
+            `_part`); None writes them in this process. `cache` does not apply to it.
 
     Returns:
         What was done.
@@ -108,11 +106,11 @@ def export_job(
             what is committed stays, and the same call resumes.
         OSError: the target cannot be written.
     """
-    if format not in _WRITERS:
+    if format not in WRITERS:
         raise ValueError(f"unknown export format {format!r}; use one of {EXPORT_FORMATS}")
     if format == "zip" and policy is not None:
         raise ValueError("the zip format keeps the chunk files as they are; it takes no policy")
-    _WRITERS[format].check(policy)  # before anything is written
+    WRITERS[format].check(policy)  # before anything is written
     config = (config or EngineConfig()).replace(shuffle=False)
     manifest = source.manifest
     plans = source.plan()
@@ -140,7 +138,7 @@ def export_job(
                 already_complete=True,
             )
         threads = config.workers  # PNG encoding: numpy and zlib release the GIL
-        writer = _WRITERS[format](ws, manifest, policy=policy, threads=threads)
+        writer = WRITERS[format](ws, manifest, policy=policy, threads=threads)
         ws.sweep_temps()
         done = ws.done_chunks()
         todo = [p for p in plans if p.index not in done]
@@ -150,7 +148,9 @@ def export_job(
                 fetcher = _fetching_source(source, ws, cache)
                 counter = _Counter(total - sum(p.num_records for p in todo), total, progress)
                 counter.report()
-                if writer.decoded:
+                if runner is not None:
+                    runner(ws, todo, counter.add)
+                elif writer.decoded:
                     assert policy is not None
                     _write_decoded(writer, fetcher, todo, config, policy, counter)
                 else:

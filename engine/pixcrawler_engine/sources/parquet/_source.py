@@ -17,6 +17,7 @@ a file that is not Parquet, or has no image column, is refused when the source i
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import os
@@ -149,6 +150,18 @@ class ParquetSource:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._cancel = threading.Event()
+
+    def split_token(self) -> tuple[ParquetSource, str | None]:
+        """A copy without the token, and the token: for runtimes that ship them apart."""
+        clone = copy.copy(self)
+        clone._token = None
+        return clone, self._token
+
+    def with_token(self, token: str | None) -> ParquetSource:
+        """A copy that sends `token` to the files' origin (None: no token)."""
+        clone = copy.copy(self)
+        clone._token = token
+        return clone
 
     # ---- Source ---------------------------------------------------------------------------
     def plan(self) -> list[ChunkPlan]:

@@ -27,6 +27,7 @@ from pixcrawler_engine.sources._base import Source
 
 if TYPE_CHECKING:
     import pandas as pd
+    import ray.data
     import tensorflow as tf
 
     from pixcrawler._torch import TorchDataset, TorchIterableDataset
@@ -346,6 +347,43 @@ class Dataset:
         from pixcrawler._tensorflow import to_tensorflow
 
         return to_tensorflow(self)
+
+    def to_ray(self, *, decode: bool = True, **read_args: Any) -> ray.data.Dataset:
+        """Convert to a Ray Dataset: one Ray read task per chunk, on every node of the cluster.
+
+        Each task decodes its chunk as the engine does (this dataset's `image_size`, `resize`,
+        `color` and `on_error`); rows come in dataset order (or the seeded shuffle order of
+        `shuffle=True`) when Ray's `DataContext.get_current().execution_options.preserve_order`
+        is set. Columns: `image` (a `fixed_shape_tensor`, uint8 H x W x C), `label` (class
+        index when the job lists its classes, else the label as JSON), `key`, `chunk`,
+        `index`, `orig_width`, `orig_height`, `metadata` (JSON); see `pixcrawler.ray`.
+
+        Args:
+            decode: decode the images, which must have one shape (pass `image_size=` to
+                `load_dataset`); False gives the files as stored (a binary `image` column).
+            read_args: passed to `ray.data.read_datasource` (`concurrency`, `num_cpus`, ...).
+
+        Returns:
+            `ray.data.Dataset`; Ray starts a local instance if none is running.
+
+        Raises:
+            ImportError: Ray Data is not installed (`pip install 'pixcrawler-sdk[ray]'`).
+            ValueError: decoded images would differ in shape (the message says what to pass).
+
+        Example:
+            >>> ds = dataset.to_ray()
+            >>> for batch in ds.iter_torch_batches(batch_size=64): ...
+        """
+        try:
+            from pixcrawler import ray as pixcrawler_ray
+        except ImportError as exc:
+            if exc.name is None or exc.name.split(".")[0] != "ray":
+                raise
+            raise ImportError(
+                "to_ray() needs Ray Data, which is not installed: pip install "
+                "'pixcrawler-sdk[ray]' (or pip install 'ray[data]')"
+            ) from exc
+        return pixcrawler_ray.read_dataset(self, decode=decode, **read_args)
 
     # ---- for the adapters -------------------------------------------------------------
     @property

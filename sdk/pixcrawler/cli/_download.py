@@ -8,6 +8,7 @@ interrupted (`download` resumes when run again).
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -153,6 +154,16 @@ def _engine_config(**overrides: Any) -> Any:
     "--cache", "use_cache", is_flag=True, help="Use the default cache ($XDG_CACHE_HOME/pixcrawler)."
 )
 @click.option("--no-progress", is_flag=True, help="Disable the progress bar.")
+@click.option(
+    "--ray",
+    "ray_address",
+    is_flag=False,
+    flag_value="",
+    default=None,
+    metavar="[ADDRESS]",
+    help="Write a parquet export with Ray: one task per chunk on the cluster at ADDRESS "
+    "(no value: RAY_ADDRESS, else a local instance). The output folder must be shared.",
+)
 def download(
     job_id: str,
     api_key: str | None,
@@ -166,6 +177,7 @@ def download(
     cache_dir: Path | None,
     use_cache: bool,
     no_progress: bool,
+    ray_address: str | None,
 ) -> None:
     """Download dataset JOB_ID to <output-dir>/<JOB_ID>/ in the chosen format.
 
@@ -186,6 +198,8 @@ def download(
         raise click.BadOptionUsage(
             "resize", "--resize fit gives images of different sizes, which numpy cannot stack"
         )
+    if ray_address is not None and fmt != "parquet":
+        raise click.BadOptionUsage("ray_address", "--ray writes --format parquet only")
     if fmt == "numpy" and image_size is None:
         image_size = DEFAULT_NUMPY_SIZE
     mode = cast(ResizeMode, resize)
@@ -196,9 +210,20 @@ def download(
         cache = ChunkCache(cache_dir, limit_bytes=config.cache_limit_bytes)
     from tqdm import tqdm
 
-    with _client(api_key, base_url, config) as client:
+    with _client(api_key, base_url, config) as client, contextlib.ExitStack() as stack:
         manifest = client.get_job(job_id)
         target = output_dir / safe_name(manifest.job_id)
+        runner = None
+        if ray_address is not None:  # the parts are written by Ray tasks, one per chunk
+            from pixcrawler._ray_export import ray_runner
+
+            runner = stack.enter_context(
+                ray_runner(
+                    ray_address, base_url=base_url, api_key=api_key, manifest=manifest,
+                    config=config, cache_dir=None if cache is None else str(cache.root),
+                    format=fmt, policy=policy,
+                )
+            )  # fmt: skip
         bars: list[Any] = []  # opened on the first report: a refused export shows no bar
 
         def progress(done: int, total: int) -> None:
@@ -215,6 +240,7 @@ def download(
                 config=config,
                 cache=cache,
                 progress=progress,
+                runner=runner,
             )
         except KeyboardInterrupt:
             for bar in bars:

@@ -191,3 +191,49 @@ class Killer(threading.Thread):
                         proc.kill()
                         self.killed = proc.pid
                         return
+
+
+class ObjectStoreWatch(threading.Thread):
+    """Samples the object store of every node while a block runs: peak use, spills, fallback.
+
+    `fallback` counts bytes Ray had to allocate outside the store (on disk) because it was
+    full; `spilled` bytes moved out to disk. Read through Ray's internal memory-info call
+    (what `ray memory --stats-only` prints): no public API gives these numbers.
+    """
+
+    def __init__(self, interval: float = 0.05) -> None:
+        super().__init__(daemon=True, name="object-store-watch")
+        self.interval = interval
+        self.peak = 0
+        self.capacity = 0
+        self.fallback = 0
+        self.spilled = 0
+        self.samples = 0
+        self._done = threading.Event()
+
+    def sample(self) -> None:
+        import ray
+        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+        state = get_state_from_address(ray.get_runtime_context().gcs_address)
+        stats = get_memory_info_reply(state).store_stats
+        self.peak = max(self.peak, int(stats.object_store_bytes_used))
+        self.capacity = max(self.capacity, int(stats.object_store_bytes_avail))
+        self.fallback = max(self.fallback, int(stats.object_store_bytes_fallback))
+        self.spilled = max(self.spilled, int(stats.spilled_bytes_total))
+        self.samples += 1
+
+    def run(self) -> None:
+        while not self._done.wait(self.interval):
+            with contextlib.suppress(Exception):  # a sample lost to a busy raylet is fine
+                self.sample()
+
+    def __enter__(self) -> ObjectStoreWatch:
+        self.sample()
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self.join(timeout=10)
+        self.sample()

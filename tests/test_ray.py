@@ -23,8 +23,16 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pytest
+from artefact_data import build as build_artefact
 from engine_helpers import corrupt_one_sample, expected_keys
-from ray_helpers import engine_rows, local_ray, ray_processes, ray_rows, require_ray
+from ray_helpers import (
+    ObjectStoreWatch,
+    engine_rows,
+    local_ray,
+    ray_processes,
+    ray_rows,
+    require_ray,
+)
 
 from pixcrawler import load_dataset
 from pixcrawler_engine.export._driver import export_job
@@ -138,6 +146,24 @@ def test_parquet_shards(ray_local: str, store: Path, tmp_path: Path) -> None:
     assert got.keys == want.keys and len(got.keys) == 120
     assert got.labels == want.labels  # ClassLabel indices
     np.testing.assert_array_equal(got.pixels(), want.pixels())
+
+
+def test_artefact_shards_decode_in_the_task_within_the_object_store(
+    ray_local: str, tmp_path: Path
+) -> None:
+    """ARTeFACT-shaped shards with a 133 MP JPEG and its mask, to 1024 px inside the tasks."""
+    data = build_artefact(tmp_path / "artefact", n_small=10, huge=("jpeg",), rows_per_group=4)
+    dataset = load_dataset(data.glob, image_size=(1024, 1024), progress=False)
+    ds = dataset.to_ray()
+    keys = []
+    with ObjectStoreWatch() as store:
+        for batch in ds.iter_batches(batch_size=4, batch_format="numpy"):
+            assert batch["image"].shape[1:] == (1024, 1024, 3)
+            assert batch["mask"].shape[1:] == (1024, 1024)
+            keys += [str(k) for k in batch["key"]]
+    assert len(keys) == len(data.ids) == len(set(keys))
+    assert store.samples > 2 and 0 < store.peak <= store.capacity <= 256 << 20
+    assert store.spilled == 0 and store.fallback == 0  # nothing had to leave the store
 
 
 @pytest.fixture(scope="module")

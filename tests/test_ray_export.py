@@ -177,3 +177,27 @@ def test_ray_without_address_starts_and_stops_a_local_instance(store: Path, tmp_
     with zipfile.ZipFile(store / "jobs" / "demo" / "chunks" / "0.zip") as zf:
         first = json.loads(zf.read("manifest.jsonl").decode().splitlines()[0])["file"]
     assert len(rows) == 120 and rows[0] == first
+
+
+def test_an_address_that_is_not_ray_fails_within_the_watchdog(
+    server, store: Path, tmp_path: Path
+) -> None:
+    """The server's port takes TCP connections but is no Ray cluster: Ray would retry for
+    minutes; the watchdog (shortened here to 5 s) ends the command with a clear error."""
+    port = server.url.rsplit(":", 1)[1]
+    code = (
+        "import sys, pixcrawler._ray_export as m; m.INIT_TIMEOUT = 5.0\n"
+        "from pixcrawler.cli import main; main(sys.argv[1:])"
+    )
+    with private_ray_tmpdir() as tmp:
+        start = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, "-c", code, "download", "demo", "--base-url", store.as_uri(),
+             "--output-dir", str(tmp_path), "--format", "parquet", "--ray", f"127.0.0.1:{port}"],
+            env={**os.environ, "RAY_TMPDIR": tmp}, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 1
+        assert time.monotonic() - start < 40
+        assert f"the Ray cluster at 127.0.0.1:{port} did not answer within 5 s" in result.stderr
+        assert not processes_using(tmp)
+    assert not (tmp_path / "demo").exists()

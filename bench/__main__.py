@@ -12,6 +12,7 @@ SUITES = {
     "decode": ["-m", "bench.decode_compare", "--out", "{out}/decode.json"],
     "parquet": ["-m", "bench.parquet_export", "--out", "{out}/parquet.json"],
     "artefact": ["-m", "bench.artefact_bench", "--out", "{out}/artefact.json"],
+    "ray": ["-m", "bench.ray_bench", "--out", "{out}/ray.json"],
 }
 
 

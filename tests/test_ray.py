@@ -45,6 +45,7 @@ ray = require_ray()
 pytestmark = pytest.mark.timeout(120)
 
 SIZE = (32, 32)
+SLOW = os.environ.get("PIXCRAWLER_SLOW_TESTS") == "1"
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +111,53 @@ def test_torch_batches_of_image_and_label(ray_local: str, store: Path) -> None:
     batch = next(iter(ds.iter_torch_batches(batch_size=16)))
     assert batch["image"].shape == (16, *SIZE, 3) and batch["image"].dtype == torch.uint8
     assert batch["label"].dtype == torch.int64
+
+
+def test_ray_writes_the_tensor_column_to_parquet_as_it_is(
+    ray_local: str, store: Path, tmp_path: Path
+) -> None:
+    import pyarrow.parquet as pq
+
+    dataset = _store_dataset(store, image_size=SIZE)
+    dataset.to_ray().write_parquet(str(tmp_path / "out"))
+    table = pq.read_table(tmp_path / "out")
+    assert isinstance(table.schema.field("image").type, pa.FixedShapeTensorType)
+    assert sorted(table.column("key").to_pylist()) == sorted(expected_keys(store))
+
+
+@pytest.mark.skipif(not SLOW, reason="set PIXCRAWLER_SLOW_TESTS=1 (a TorchTrainer run, ~30 s)")
+def test_readme_ray_train_recipe(ray_local: str, store: Path, tmp_path: Path) -> None:
+    """The README's ray.train recipe, on one training worker: two epochs see every row."""
+    import ray.train
+    import torch
+    from ray.train.torch import TorchTrainer
+
+    dataset = _store_dataset(store, image_size=SIZE)
+    out = tmp_path / "seen.txt"
+
+    def train_loop(config: dict[str, Any]) -> None:
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(SIZE[0] * SIZE[1] * 3, 15))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        shard = ray.train.get_dataset_shard("train")
+        seen = 0
+        for _epoch in range(config["epochs"]):
+            for batch in shard.iter_torch_batches(batch_size=64):
+                x = batch["image"].permute(0, 3, 1, 2).float() / 255
+                loss = torch.nn.functional.cross_entropy(model(x), batch["label"])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                seen += len(batch["label"])
+        out.write_text(str(seen))
+
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"epochs": 2},
+        datasets={"train": dataset.to_ray().select_columns(["image", "label"])},
+        scaling_config=ray.train.ScalingConfig(num_workers=1),
+    )
+    trainer.fit()
+    assert out.read_text() == str(2 * dataset.num_images)
 
 
 def test_job_api_with_a_key_that_never_shows(ray_local: str, server: Any) -> None:

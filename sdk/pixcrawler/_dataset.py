@@ -349,29 +349,24 @@ class Dataset:
         return to_tensorflow(self)
 
     def to_ray(self, *, decode: bool = True, **read_args: Any) -> ray.data.Dataset:
-        """Convert to a Ray Dataset: one Ray read task per chunk, on every node of the cluster.
+        """Convert to a Ray Dataset: one Ray read task per chunk (see `pixcrawler.ray`).
 
-        Each task decodes its chunk as the engine does (this dataset's `image_size`, `resize`,
-        `color` and `on_error`); rows come in dataset order (or the seeded shuffle order of
-        `shuffle=True`) when Ray's `DataContext.get_current().execution_options.preserve_order`
-        is set. Columns: `image` (a `fixed_shape_tensor`, uint8 H x W x C), `label` (class
-        index when the job lists its classes, else the label as JSON), `key`, `chunk`,
-        `index`, `orig_width`, `orig_height`, `metadata` (JSON); see `pixcrawler.ray`.
+        Tasks decode as the engine does (`image_size`, `resize`, `color`, `on_error`); rows
+        come in dataset (or seeded shuffle) order under Ray's `preserve_order`. Columns:
+        `image` (fixed_shape_tensor, uint8 H x W x C), `label` (class index when the job lists
+        its classes), `key`, `chunk`, `index`, `orig_width`, `orig_height`, `metadata`.
 
         Args:
-            decode: decode the images, which must have one shape (pass `image_size=` to
-                `load_dataset`); False gives the files as stored (a binary `image` column).
+            decode: decode the images, which must have one shape (`image_size=`); False
+                gives the files as stored (a binary `image` column).
             read_args: passed to `ray.data.read_datasource` (`concurrency`, `num_cpus`, ...).
-
-        Returns:
-            `ray.data.Dataset`; Ray starts a local instance if none is running.
 
         Raises:
             ImportError: Ray Data is not installed (`pip install 'pixcrawler-sdk[ray]'`).
             ValueError: decoded images would differ in shape (the message says what to pass).
 
         Example:
-            >>> ds = dataset.to_ray()
+            >>> ds = dataset.to_ray().select_columns(["image", "label"])
             >>> for batch in ds.iter_torch_batches(batch_size=64): ...
         """
         try:

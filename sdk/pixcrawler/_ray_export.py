@@ -54,25 +54,29 @@ def ray_runner(
     *,
     base_url: str,
     api_key: str | None,
-    manifest: Any,
     config: Any,
-    cache_dir: str | None,
+    cache: Any,
     format: str,
     policy: DecodePolicy | None,
 ) -> Iterator[RayRunner]:
-    """Connected to Ray (see `connect`), a runner for `export_job(..., runner=...)`."""
+    """Connected to Ray (see `connect`), a runner for `export_job(..., runner=...)`.
+
+    Args:
+        address: `--ray`'s value (see `connect`).
+        base_url: the job API or store.
+        api_key: the key (it reaches the tasks inside them, see `_ray_tasks`).
+        config: the engine settings (`timeout`, `verify_ssl`, `batch_rows`).
+        cache: the command's `ChunkCache`, or None.
+        format: the export format (`parquet`).
+        policy: the decode policy, or None for the stored files.
+    """
     runner = RayRunner(
-        JobRef(
-            base_url=base_url,
-            credential=Credential(api_key),
-            timeout=config.timeout,
-            verify_ssl=config.verify_ssl,
-            manifest=manifest,
-            cache_dir=cache_dir,
-        ),
+        base_url=base_url,
+        credential=Credential(api_key),
+        config=config,
+        cache_dir=None if cache is None else str(cache.root),
         format=format,
         policy=policy,
-        rows=config.batch_rows,
     )
     disconnect = connect(address)
     try:
@@ -171,30 +175,58 @@ class RayRunner:
     """Writes an export's parts with one Ray task per chunk (a `ChunkRunner` of `export_job`).
 
     Args:
-        ref: the job (its address, key and manifest).
+        base_url: the job API or store.
+        credential: the API key.
+        config: the engine settings (`timeout`, `verify_ssl`, `batch_rows`).
+        cache_dir: the shared chunk cache, or None.
         format: the export format (`parquet`).
         policy: the decode policy, or None for the stored files.
-        rows: samples per piece (`EngineConfig.batch_rows`, as the local export uses).
     """
 
-    def __init__(self, ref: JobRef, *, format: str, policy: DecodePolicy | None, rows: int) -> None:
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        credential: Credential,
+        config: Any,
+        cache_dir: str | None,
+        format: str,
+        policy: DecodePolicy | None,
+    ) -> None:
         if format != "parquet":
             raise ValueError(f"--ray writes --format parquet only, not {format!r}")
-        self.ref = ref
+        self.base_url = base_url
+        self.credential = credential
+        self.config = config
+        self.cache_dir = cache_dir
         self.format = format
         self.policy = policy
-        self.rows = rows
 
     def __call__(
-        self, ws: Workspace, todo: Sequence[ChunkPlan], done: Callable[[int], None]
+        self,
+        ws: Workspace,
+        manifest: Any,
+        todo: Sequence[ChunkPlan],
+        done: Callable[[int], None],
     ) -> None:
         import ray
 
+        ref = JobRef(
+            base_url=self.base_url,
+            credential=self.credential,
+            timeout=self.config.timeout,
+            verify_ssl=self.config.verify_ssl,
+            manifest=manifest,
+            cache_dir=self.cache_dir,
+        )
         chunks = list(todo)
-        sealed, key = seal(self.ref)
+        sealed, key = seal(ref)
         shared = ray.put(sealed)
         spec = _PartSpec(
-            target=str(ws.target), format=self.format, policy=self.policy, rows=self.rows
+            target=str(ws.target),
+            format=self.format,
+            policy=self.policy,
+            rows=self.config.batch_rows,
         )
         if "label_kind" not in ws.state:
             # The first samples written fix the label column's type (see the parquet writer);

@@ -149,7 +149,7 @@ def export_job(
                 counter = _Counter(total - sum(p.num_records for p in todo), total, progress)
                 counter.report()
                 if runner is not None:
-                    runner(ws, todo, counter.add)
+                    runner(ws, manifest, todo, counter.add)
                 elif writer.decoded:
                     assert policy is not None
                     _write_decoded(writer, fetcher, todo, config, policy, counter)

@@ -40,15 +40,20 @@ class ChunkRunner(Protocol):
     """Writes the parts of some chunks somewhere else than the exporting process.
 
     Called by `export_job` with its open work folder (`ws.state` holds the options and
-    whatever the format saved, like the Parquet label kind), the chunks without a committed
-    part, in dataset order, and `done(n)` to call as n more images are written. It returns
+    whatever the format saved, like the Parquet label kind), the job's manifest, the chunks
+    without a committed part, in dataset order, and `done(n)` to call as n more images are
+    written. It returns
     when every chunk's part is committed, and raises if one could not be written (the parts
     committed so far stay: the next run resumes). State a task returns is the runner's to
     merge into `ws.state` and save.
     """
 
     def __call__(
-        self, ws: Workspace, todo: Sequence[ChunkPlan], done: Callable[[int], None]
+        self,
+        ws: Workspace,
+        manifest: Any,
+        todo: Sequence[ChunkPlan],
+        done: Callable[[int], None],
     ) -> None: ...
 
 

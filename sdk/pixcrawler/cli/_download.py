@@ -97,6 +97,17 @@ def _engine_config(**overrides: Any) -> Any:
     return EngineConfig.from_toml(path, **given) if path.is_file() else EngineConfig(**given)
 
 
+def _ray_runner(address: str | None, **options: Any) -> contextlib.AbstractContextManager[Any]:
+    """`--ray`: connected to Ray, the runner whose tasks write the parts; None without it."""
+    if address is None:
+        return contextlib.nullcontext()
+    if options["format"] != "parquet":
+        raise click.BadOptionUsage("ray_address", "--ray writes --format parquet only")
+    from pixcrawler._ray_export import ray_runner
+
+    return ray_runner(address, **options)
+
+
 @main.command()
 @click.argument("job_id")
 @_api_options
@@ -198,8 +209,6 @@ def download(
         raise click.BadOptionUsage(
             "resize", "--resize fit gives images of different sizes, which numpy cannot stack"
         )
-    if ray_address is not None and fmt != "parquet":
-        raise click.BadOptionUsage("ray_address", "--ray writes --format parquet only")
     if fmt == "numpy" and image_size is None:
         image_size = DEFAULT_NUMPY_SIZE
     mode = cast(ResizeMode, resize)
@@ -210,20 +219,13 @@ def download(
         cache = ChunkCache(cache_dir, limit_bytes=config.cache_limit_bytes)
     from tqdm import tqdm
 
-    with _client(api_key, base_url, config) as client, contextlib.ExitStack() as stack:
+    ray_options = {"base_url": base_url, "api_key": api_key, "config": config, "cache": cache}
+    with (
+        _client(api_key, base_url, config) as client,
+        _ray_runner(ray_address, format=fmt, policy=policy, **ray_options) as runner,
+    ):
         manifest = client.get_job(job_id)
         target = output_dir / safe_name(manifest.job_id)
-        runner = None
-        if ray_address is not None:  # the parts are written by Ray tasks, one per chunk
-            from pixcrawler._ray_export import ray_runner
-
-            runner = stack.enter_context(
-                ray_runner(
-                    ray_address, base_url=base_url, api_key=api_key, manifest=manifest,
-                    config=config, cache_dir=None if cache is None else str(cache.root),
-                    format=fmt, policy=policy,
-                )
-            )  # fmt: skip
         bars: list[Any] = []  # opened on the first report: a refused export shows no bar
 
         def progress(done: int, total: int) -> None:

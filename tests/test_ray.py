@@ -25,6 +25,7 @@ import pyarrow as pa
 import pytest
 from artefact_data import build as build_artefact
 from engine_helpers import corrupt_one_sample, expected_keys
+from faults._proxy import Fault, proxied
 from ray_helpers import (
     ObjectStoreWatch,
     engine_rows,
@@ -184,6 +185,18 @@ def test_job_api_with_a_key_that_never_shows(ray_local: str, server: Any) -> Non
                 pass  # exited meanwhile
     logs = [p for p in Path(ray_local).rglob("*") if p.is_file() and "logs" in p.parts]
     assert logs and not [p for p in logs if key in p.read_bytes()]
+
+
+def test_downloads_keep_the_clients_retries(ray_local: str, server: Any) -> None:
+    """Two 503s on one chunk: the read task's client retries, no Ray retry is involved."""
+    with proxied(server.url, Fault("status", match="/chunks/2", status=503, times=2)) as proxy:
+        dataset = load_dataset(
+            "demo", api_key=server.api_key, base_url=proxy.url, image_size=SIZE, progress=False
+        )
+        got = ray_rows(dataset.to_ray())
+        statuses = [s.status for s in proxy.seen("/chunks/2")]
+    assert statuses == [503, 503, 200]
+    assert len(got.keys) == 120 and len(set(got.keys)) == 120
 
 
 def test_parquet_shards(ray_local: str, store: Path, tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ SUITES = {
     "startup": ["-m", "bench.startup_bench", "--out", "{out}/startup.json"],
     "overhead": ["-m", "bench.overhead_bench", "--out", "{out}/overhead.json"],
     "adapters": ["-m", "bench.adapters_bench", "--out", "{out}/adapters.json"],
+    "ray": ["-m", "bench.ray_bench", "--out", "{out}/ray.json"],
 }
 
 

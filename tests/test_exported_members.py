@@ -6,6 +6,8 @@ import subprocess
 import sys
 import types
 
+import pytest
+
 import pixcrawler
 import pixcrawler.exceptions
 
@@ -134,3 +136,16 @@ def test_engine_all_is_pinned_and_resolves() -> None:
     for name in engine.__all__:  # lazy names: each one imports
         assert getattr(engine, name) is not None
     assert sorted(dir(engine)) == sorted(ENGINE_PUBLIC)
+
+
+def test_ray_module_exports() -> None:
+    pytest.importorskip("ray", reason="Ray is not installed: pip install '.[ray]'")
+    import pixcrawler.ray
+
+    assert pixcrawler.ray.__all__ == ["PixCrawlerDatasource", "RaySource", "read_dataset"]
+    defined = {
+        name
+        for name, value in vars(pixcrawler.ray).items()
+        if getattr(value, "__module__", None) == "pixcrawler.ray" and not name.startswith("_")
+    }
+    assert defined == set(pixcrawler.ray.__all__)  # what it defines is what it exports

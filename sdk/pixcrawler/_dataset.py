@@ -28,6 +28,7 @@ from pixcrawler_engine.sources._base import Source
 
 if TYPE_CHECKING:
     import pandas as pd
+    import ray.data
     import tensorflow as tf
 
     from pixcrawler._torch import TorchDataset, TorchIterableDataset
@@ -377,6 +378,38 @@ class Dataset:
         from pixcrawler._preview import draw_preview
 
         return draw_preview([(self._info.job_id, self)], path, n=n, tile=tile)
+
+    def to_ray(self, *, decode: bool = True, **read_args: Any) -> ray.data.Dataset:
+        """Convert to a Ray Dataset: one Ray read task per chunk (see `pixcrawler.ray`).
+
+        Tasks decode as the engine does (`image_size`, `resize`, `color`, `on_error`); rows
+        come in dataset (or seeded shuffle) order under Ray's `preserve_order`. Columns:
+        `image` (fixed_shape_tensor, uint8 H x W x C), `label` (class index when the job lists
+        its classes), `key`, `chunk`, `index`, `orig_width`, `orig_height`, `metadata`.
+
+        Args:
+            decode: decode the images, which must have one shape (`image_size=`); False
+                gives the files as stored (a binary `image` column).
+            read_args: passed to `ray.data.read_datasource` (`concurrency`, `num_cpus`, ...).
+
+        Raises:
+            ImportError: Ray Data is not installed (`pip install 'pixcrawler-sdk[ray]'`).
+            ValueError: decoded images would differ in shape (the message says what to pass).
+
+        Example:
+            >>> ds = dataset.to_ray().select_columns(["image", "label"])
+            >>> for batch in ds.iter_torch_batches(batch_size=64): ...
+        """
+        try:
+            from pixcrawler import ray as pixcrawler_ray
+        except ImportError as exc:
+            if exc.name is None or exc.name.split(".")[0] != "ray":
+                raise
+            raise ImportError(
+                "to_ray() needs Ray Data, which is not installed: pip install "
+                "'pixcrawler-sdk[ray]' (or pip install 'ray[data]')"
+            ) from exc
+        return pixcrawler_ray.read_dataset(self, decode=decode, **read_args)
 
     # ---- for the adapters -------------------------------------------------------------
     @property

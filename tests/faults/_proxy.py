@@ -71,6 +71,7 @@ class Seen:
     fault: str | None
     status: int
     body_bytes: int = 0
+    client_port: int = 0  # the client's end of the connection (which process asked)
 
 
 class _Server(ThreadingHTTPServer):
@@ -122,6 +123,7 @@ class _Handler(BaseHTTPRequestHandler):
             headers={k.lower(): v for k, v in headers.items()},
             fault=fault.kind if fault else None,
             status=0,
+            client_port=self.client_address[1],
         )
         with proxy._lock:
             proxy.requests.append(seen)

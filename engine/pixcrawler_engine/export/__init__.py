@@ -5,6 +5,7 @@
     _writers.py  what every format shares: `Piece`, `FormatWriter`, PNG encoding
     _files.py    the numpy, images and zip formats
     _parquet.py  the parquet format (Hugging Face `datasets` reads it as an Image feature)
+    _part.py     `write_part`: one chunk's part, written by another process (a Ray task)
     _images.py   `export_images`: a segmentation dataset to PNG folders (ARTeFACT-style)
 
 Public names are re-exported by `pixcrawler_engine`.

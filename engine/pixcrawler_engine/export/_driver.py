@@ -14,6 +14,8 @@ NOTE [resumable export]: an export is a sequence of per-chunk parts (see `_expor
                          chunk files also land in .pixcrawler/download/; a chunk's part is
                          committed when its last sample arrives (or the next chunk starts)
                      a committed chunk's download is deleted
+                     with a `ChunkRunner` (`_part`): the runner has each todo chunk's part
+                         written elsewhere (one Ray task per chunk) and returns when all are
                      -> phase finalizing (saved)
     phase finalizing: the format moves its parts into place (idempotent) -> phase complete
 
@@ -33,9 +35,8 @@ from typing import Any
 
 from pixcrawler_engine._config import DecodePolicy, EngineConfig
 from pixcrawler_engine.export._fetch import KeepDownloads, fetch_in_order, release
-from pixcrawler_engine.export._files import ImagesWriter, NumpyWriter, ZipWriter
 from pixcrawler_engine.export._order import SelectedSource, Selection
-from pixcrawler_engine.export._parquet import ParquetWriter
+from pixcrawler_engine.export._part import WRITERS, ChunkRunner
 from pixcrawler_engine.export._size import common_size
 from pixcrawler_engine.export._state import Workspace
 from pixcrawler_engine.export._writers import FormatWriter, Piece
@@ -45,12 +46,6 @@ from pixcrawler_engine.sources._cache import CachedSource, ChunkCache
 __all__ = ["EXPORT_FORMATS", "ExportResult", "export_job"]
 
 EXPORT_FORMATS = ("numpy", "images", "zip", "parquet")
-_WRITERS: dict[str, type[FormatWriter]] = {
-    "numpy": NumpyWriter,
-    "images": ImagesWriter,
-    "zip": ZipWriter,
-    "parquet": ParquetWriter,
-}
 Progress = Callable[[int, int], None]
 
 
@@ -91,6 +86,7 @@ def export_job(
     progress: Progress | None = None,
     selection: Selection | None = None,
     force: bool = False,
+    runner: ChunkRunner | None = None,
 ) -> ExportResult:
     """Exports a job to `target`, resuming an interrupted export of the same job and options.
 
@@ -110,6 +106,8 @@ def export_job(
             dataset order by default.
         force: start over when `target` holds an export of other options, another job
             version or another job, instead of refusing.
+        runner: writes the parts of the chunks to do elsewhere (one Ray task per chunk, see
+            `_part`); None writes them in this process. `cache` does not apply to it.
 
     Returns:
         What was done.
@@ -121,7 +119,7 @@ def export_job(
             what is committed stays, and the same call resumes.
         OSError: the target cannot be written.
     """
-    if format not in _WRITERS:
+    if format not in WRITERS:
         raise ValueError(f"unknown export format {format!r}; use one of {EXPORT_FORMATS}")
     selection = selection or Selection()
     if format == "zip" and policy is not None:
@@ -130,7 +128,12 @@ def export_job(
         raise ValueError(
             "the zip format keeps whole chunk files: it takes no shuffle or max_samples"
         )
-    _WRITERS[format].check(policy)  # before anything is written
+    if runner is not None and selection != Selection():
+        raise ValueError(
+            "a distributed export (--ray) writes every sample in dataset order: it takes no "
+            "shuffle or max_samples"
+        )
+    WRITERS[format].check(policy)  # before anything is written
     config = (config or EngineConfig()).replace(shuffle=False)
     manifest = source.manifest
     ws = Workspace(Path(target))
@@ -164,7 +167,7 @@ def export_job(
         if format == "numpy" and policy is not None and policy.image_size is None:
             policy = _with_common_size(policy, ws, fetcher, plans, config)
         threads = config.workers  # PNG encoding: numpy and zlib release the GIL
-        writer = _WRITERS[format](ws, manifest, policy=policy, threads=threads)
+        writer = WRITERS[format](ws, manifest, policy=policy, threads=threads)
         writer.order = selected
         ws.sweep_temps()
         done = ws.done_chunks()
@@ -175,7 +178,10 @@ def export_job(
             if todo:
                 counter = _Counter(total - sum(p.num_records for p in todo), total, progress)
                 counter.report()
-                if writer.decoded:
+                if runner is not None:
+                    runner(ws, manifest, todo, counter.add)
+                    written = len(todo)
+                elif writer.decoded:
                     assert policy is not None
                     written = _write_decoded(writer, fetcher, todo, config, policy, counter)
                 else:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pixcrawler_engine._config import EngineConfig
 from pixcrawler_engine.runtime._protocol import ExceptionWrapper, Failed
-from pixcrawler_engine.runtime._schedule import Chunk, Done, State
+from pixcrawler_engine.runtime._schedule import Chunk, Done, State, record_order
 from pixcrawler_engine.sources._base import ChunkPlan, Source
 from pixcrawler_engine.sources._record import Record
 
@@ -76,9 +76,7 @@ class Prefetcher:
         path, owned = self.source.fetch(chunk, self.workdir)
         records = self.source.records(chunk, path)
         if self.config.shuffle:
-            import numpy as np
-
-            perm = np.random.default_rng([self.config.seed, chunk]).permutation(len(records))
+            perm = record_order(len(records), seed=self.config.seed, chunk=chunk)
             records = [records[i] for i in perm]
         return path, owned, records
 

@@ -23,12 +23,34 @@ __all__ = [
     "Done",
     "State",
     "WorkerSlot",
+    "chunk_order",
+    "record_order",
     "slot_bytes_for",
 ]
 
 # Room in a slot for the IPC framing and the non-pixel columns of one batch.
 SLOT_OVERHEAD = 1 << 16
 ROW_OVERHEAD = 4096
+
+
+def chunk_order(num_chunks: int, *, shuffle: bool, seed: int) -> list[int]:
+    """The positions of a run's chunks (in its plan) in delivery order.
+
+    The plan's order, or with `shuffle` the permutation seeded by `seed` alone; other runtimes
+    (`pixcrawler.ray`) call this to deliver the engine's order.
+    """
+    if not shuffle:
+        return list(range(num_chunks))
+    import numpy as np  # only here: the supervisor stays light
+
+    return [int(i) for i in np.random.default_rng(seed).permutation(num_chunks)]
+
+
+def record_order(num_records: int, *, seed: int, chunk: int) -> list[int]:
+    """The order of a chunk's records in a shuffled run: seeded by the seed and the chunk id."""
+    import numpy as np
+
+    return [int(i) for i in np.random.default_rng([seed, chunk]).permutation(num_records)]
 
 
 def slot_bytes_for(config: EngineConfig, policy: DecodePolicy) -> int:

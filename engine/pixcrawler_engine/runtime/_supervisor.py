@@ -56,7 +56,13 @@ from pixcrawler_engine.runtime._protocol import (
     TaskFailed,
     Workers,
 )
-from pixcrawler_engine.runtime._schedule import Done, State, WorkerSlot, slot_bytes_for
+from pixcrawler_engine.runtime._schedule import (
+    Done,
+    State,
+    WorkerSlot,
+    chunk_order,
+    slot_bytes_for,
+)
 from pixcrawler_engine.runtime._shm import (
     Beats,
     OwnerLock,
@@ -107,12 +113,7 @@ class Supervisor:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.lock.release()
             raise
-        self.order = list(range(len(self.plans)))
-        if config.shuffle:
-            import numpy as np  # only here: the supervisor stays light
-
-            rng = np.random.default_rng(config.seed)
-            self.order = [int(i) for i in rng.permutation(len(self.plans))]
+        self.order = chunk_order(len(self.plans), shuffle=config.shuffle, seed=config.seed)
         self.state = State()
         self.task_ids = 0
         self.restarts: dict[tuple[int, int], int] = {}

@@ -6,6 +6,7 @@ usage error, 130 interrupted (`download` resumes when run again).
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Any, cast
@@ -21,6 +22,17 @@ FORMATS = ("numpy", "images", "zip", "parquet")
 RESIZE_MODES = ("stretch", "crop", "pad", "fit")
 COLOR_MODES = ("RGB", "L", "keep")
 ON_ERROR = ("raise", "skip", "warn")
+
+
+def _ray_runner(address: str | None, **options: Any) -> contextlib.AbstractContextManager[Any]:
+    """`--ray`: connected to Ray, the runner whose tasks write the parts; None without it."""
+    if address is None:
+        return contextlib.nullcontext()
+    if options["format"] != "parquet":
+        raise click.BadOptionUsage("ray_address", "--ray writes --format parquet only")
+    from pixcrawler._ray_export import ray_runner
+
+    return ray_runner(address, **options)
 
 
 @main.command()
@@ -122,6 +134,16 @@ ON_ERROR = ("raise", "skip", "warn")
     "--cache", "use_cache", is_flag=True, help="Use the default cache ($XDG_CACHE_HOME/pixcrawler)."
 )
 @click.option("--no-progress", is_flag=True, help="Disable the progress bar.")
+@click.option(
+    "--ray",
+    "ray_address",
+    is_flag=False,
+    flag_value="",
+    default=None,
+    metavar="[ADDRESS]",
+    help="Write a parquet export with Ray: one task per chunk on the cluster at ADDRESS "
+    "(no value: RAY_ADDRESS, else a local instance). The output folder must be shared.",
+)
 def download(
     job_id: str,
     api_key: str | None,
@@ -143,6 +165,7 @@ def download(
     cache_dir: Path | None,
     use_cache: bool,
     no_progress: bool,
+    ray_address: str | None,
 ) -> None:
     """Download dataset JOB_ID to <output-dir>/<JOB_ID>/ in the chosen format.
 
@@ -171,7 +194,12 @@ def download(
         cache = ChunkCache(cache_dir, limit_bytes=config.cache_limit_bytes)
     from tqdm import tqdm
 
-    with client(api_key, base_url, config) as jobs, sample_lines("download"):
+    ray_options = {"base_url": base_url, "api_key": api_key, "config": config, "cache": cache}
+    with (
+        client(api_key, base_url, config) as jobs,
+        sample_lines("download"),
+        _ray_runner(ray_address, format=fmt, policy=policy, **ray_options) as runner,
+    ):
         manifest = jobs.get_job(job_id)
         target = output_dir / safe_name(manifest.job_id)
         bars: list[Any] = []  # opened on the first report: a refused export shows no bar
@@ -192,6 +220,7 @@ def download(
                 progress=progress,
                 selection=selection,
                 force=force,
+                runner=runner,
             )
         except KeyboardInterrupt:
             for bar in bars:

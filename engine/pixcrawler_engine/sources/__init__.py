@@ -13,3 +13,12 @@
 
 Public names are re-exported by `pixcrawler_engine`.
 """
+
+import sys
+import types
+
+# `import httpx` imports httpx's own command line (`httpx._main`: rich, pygments, click) when
+# those are installed (keras brings rich): 200 ms at every start of a stream, for a program the
+# engine never runs. A placeholder module makes httpx take its fallback instead.
+if "httpx" not in sys.modules:
+    sys.modules.setdefault("httpx._main", types.ModuleType("httpx._main"))

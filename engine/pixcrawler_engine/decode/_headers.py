@@ -27,6 +27,7 @@ from typing import Any
 
 from PIL import Image, ImageFile, TiffImagePlugin
 
+from pixcrawler_engine.decode._formats import FORMAT_EXTENSIONS, SUPPORTED_FORMATS
 from pixcrawler_engine.decode._orientation import (
     EXIF_ORIENTATION,
     orientation_from_info,
@@ -45,19 +46,7 @@ __all__ = [
 
 # Formats a dataset may hold. Pillow's exotic plugins (EPS runs Ghostscript, TGA and others have
 # weak magic numbers) are deliberately not tried on untrusted bytes.
-FORMAT_EXTENSIONS = {
-    "JPEG": ".jpg",
-    "PNG": ".png",
-    "WEBP": ".webp",
-    "GIF": ".gif",
-    "BMP": ".bmp",
-    "TIFF": ".tif",
-    "JPEG2000": ".jp2",
-    "PPM": ".ppm",  # the whole family: PBM, PGM, PPM, PNM, PFM
-    "AVIF": ".avif",
-}
-"""Every format the decoder reads (and so `pack` packs), with its file extension."""
-SUPPORTED_FORMATS = tuple(FORMAT_EXTENSIONS)
+
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _XMP_JPEG = b"http://ns.adobe.com/xap/1.0/\x00"

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
 from pixcrawler_engine._errors import DownloadError, NotFoundError
-from pixcrawler_engine.decode._headers import FORMAT_EXTENSIONS
+from pixcrawler_engine.decode._formats import FORMAT_EXTENSIONS
 from pixcrawler_engine.sources._download import file_matches
 from pixcrawler_engine.sources._http import redact_url
 from pixcrawler_engine.sources._manifest import ChunkInfo

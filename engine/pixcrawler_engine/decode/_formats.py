@@ -1,6 +1,8 @@
-"""The image formats the decoder reads (and `pack` packs): one list, with no import of Pillow.
+"""The image formats the decoder reads, and the file extension each gets: one list for all.
 
-`pack`'s store and the supervisor read it; importing Pillow there would cost every stream.
+The decoder (`_headers`), `pack` (which accepts what the decoder reads) and the exports (which
+name files by format) share it. It imports nothing, so that processes that never decode (the
+supervisor) can know the formats without loading Pillow.
 """
 
 from __future__ import annotations
@@ -19,4 +21,5 @@ FORMAT_EXTENSIONS = {
     "AVIF": ".avif",
 }
 """Every format the decoder reads (and so `pack` packs), with its file extension."""
+
 SUPPORTED_FORMATS = tuple(FORMAT_EXTENSIONS)

@@ -47,6 +47,7 @@ __all__ = [
 # Formats a dataset may hold. Pillow's exotic plugins (EPS runs Ghostscript, TGA and others have
 # weak magic numbers) are deliberately not tried on untrusted bytes.
 
+
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _XMP_JPEG = b"http://ns.adobe.com/xap/1.0/\x00"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

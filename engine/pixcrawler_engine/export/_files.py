@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from pixcrawler_engine._config import DecodePolicy
-from pixcrawler_engine.decode._headers import FORMAT_EXTENSIONS
+from pixcrawler_engine.decode._formats import FORMAT_EXTENSIONS
 from pixcrawler_engine.export._state import Workspace, safe_name
 from pixcrawler_engine.export._writers import FormatWriter, Piece, label_text
 from pixcrawler_engine.sources._record import Record

@@ -26,7 +26,7 @@ from typing import Literal
 from pixcrawler_engine._config import DecodePolicy
 from pixcrawler_engine._errors import DecodeError, UnsupportedImageError
 from pixcrawler_engine.decode._chatter import collect, summary
-from pixcrawler_engine.decode._headers import FORMAT_EXTENSIONS
+from pixcrawler_engine.decode._formats import FORMAT_EXTENSIONS
 from pixcrawler_engine.decode._image import decode_image, probe
 
 __all__ = ["Refused", "Verify", "check_file", "refusal_message", "write_report"]

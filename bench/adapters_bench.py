@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -221,11 +222,13 @@ def copy_cost(repeats: int = 50) -> dict[str, float]:
 
 
 def fresh(case: str, photo_set: str, work: Path) -> dict[str, Any]:
+    """One case in a fresh process, with the machine's load average when it started."""
     cmd = [sys.executable, "-m", "bench.adapters_bench", "--case", case, "--set", photo_set]
+    load = os.getloadavg()[0]
     res = subprocess.run([*cmd, "--work", str(work)], capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise RuntimeError(f"{case} on {photo_set} failed:\n{res.stderr[-3000:]}")
-    return dict(json.loads(res.stdout.strip().splitlines()[-1]))
+    return dict(json.loads(res.stdout.strip().splitlines()[-1]), load_avg_1min=load)
 
 
 def summarise(runs: dict[str, list[dict[str, Any]]], images: int) -> dict[str, Any]:
@@ -236,6 +239,7 @@ def summarise(runs: dict[str, list[dict[str, Any]]], images: int) -> dict[str, A
             summary[case] = {
                 "epoch_s": epochs,
                 "epoch_images_per_s": [images / s for s in epochs],
+                "cpu_ms_per_image": statistics.median(r["cpu_s"] for r in rs) * 1e3 / (2 * images),
                 "runs": rs,
             }
             continue
@@ -294,8 +298,10 @@ def main() -> None:
                 runs[case].append(fresh(case, photo_set, work))
                 print(f"   {case:14s} {json.dumps(runs[case][-1])[:110]}", flush=True)
         summary = summarise(runs, images)
+        loads = [r["load_avg_1min"] for rs in runs.values() for r in rs]
         result["sets"][photo_set] = {
             "images": images,
+            "load_avg_1min_median": statistics.median(loads),
             "summary": summary,
             "ratios": ratios(summary),
             "quality": quality(store, job, files),
@@ -308,21 +314,26 @@ def main() -> None:
 
 
 def table(result: dict[str, Any]) -> str:
-    """The README's table: one row per case, one column group per photo set."""
+    """The README's table: one row per case, a group of columns per photo set."""
     sets = list(result["sets"])
-    lines = ["| path | " + " | ".join(f"{s} img/s | {s} first batch" for s in sets) + " |"]
-    lines.append("|---|" + "---|---|" * len(sets))
+    head = " | ".join(f"{s} img/s | {s} first batch | {s} CPU ms/img" for s in sets)
+    lines = [f"| path | {head} |", "|---|" + "---|---|---|" * len(sets)]
     for case in PASS_CASES:
         cells = []
         for s in sets:
             row = result["sets"][s]["summary"][case]
-            cells += [f"{row['images_per_s']:.0f}", f"{row['first_batch_s']:.2f} s"]
+            cells += [
+                f"{row['images_per_s']:.0f}",
+                f"{row['first_batch_s']:.2f} s",
+                f"{row['cpu_ms_per_image']:.2f}",
+            ]
         lines.append(f"| {case} | " + " | ".join(cells) + " |")
     for case in KERAS_CASES:
         cells = []
         for s in sets:
-            epochs = result["sets"][s]["summary"][case]["epoch_s"]
-            cells += [f"epoch 1: {epochs[0]:.1f} s", f"epoch 2: {epochs[1]:.1f} s"]
+            row = result["sets"][s]["summary"][case]
+            epochs = " / ".join(f"{v:.1f}" for v in row["epoch_s"])
+            cells += [f"epochs {epochs} s", "", f"{row['cpu_ms_per_image']:.2f}"]
         lines.append(f"| {case} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

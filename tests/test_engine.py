@@ -18,7 +18,7 @@ from engine_helpers import (
     wait_gone,
 )
 
-from pixcrawler_engine import DecodePolicy, EngineConfig, SampleWarning, Stream, decode_chunk
+from pixcrawler_engine import DecodePolicy, SampleWarning, Stream, decode_chunk
 from pixcrawler_engine.sources._pack import pack
 
 
@@ -189,16 +189,3 @@ def test_a_mask_of_another_size_is_a_per_sample_error() -> None:
     batch, covered, errors = decode_records([record], blobs.__getitem__, policy, chunk=0)
     assert batch.num_rows == 0 and covered == 1
     assert "must match its image" in errors[0][1]
-
-
-def test_the_first_batch_is_split_across_the_workers(store: Path) -> None:
-    from pixcrawler_engine.runtime._prefetch import task_bounds
-
-    assert task_bounds(500, 64, 2, 0)[:3] == [(0, 32), (32, 64), (64, 128)]
-    assert task_bounds(500, 64, 2, 1)[:2] == [(0, 64), (64, 128)]  # only the run's first chunk
-    assert task_bounds(5, 64, 4, 0) == [(0, 2), (2, 4), (4, 5)]
-    config = EngineConfig(num_workers=2, batch_rows=8, max_workers=1)
-    with Stream(job_source(store), config=config, policy=POLICY) as stream:
-        sizes = [len(batch) for batch in stream]
-    assert sizes[:3] == [4, 4, 8]
-    assert sum(sizes) == len(expected_keys(store))

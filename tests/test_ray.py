@@ -252,7 +252,7 @@ def test_on_error_skip_and_warn_leave_the_sample_out(ray_local: str, bad_store: 
 def test_a_bad_sample_raises_naming_chunk_and_sample(ray_local: str, bad_store: Path) -> None:
     ds = _store_dataset(bad_store, image_size=SIZE).to_ray()
     start = time.monotonic()
-    with pytest.raises(Exception, match=r"chunk 0, sample 'broken\.png'") as info:
+    with pytest.raises(Exception, match=r"chunk 0, sample .*broken\.png") as info:
         ray_rows(ds)
     assert "DecodeError" in str(info.value) and time.monotonic() - start < 60
 

@@ -106,9 +106,8 @@ def test_resources_stay_flat_under_a_slow_consumer(tmp_path: Path, n_chunks: int
     tally(samples=len(expected))
     assert keys == expected
     assert stats["worker_restarts"] == 0 and stats["slots_added"] == 0
-    # A chunk of `batch_rows` images is one task and one batch, not two; only the first
-    # chunk's first batch is split across the workers (a sooner first batch).
-    assert batches == n_chunks + config.workers - 1, f"{batches} batches for {n_chunks} chunks"
+    # A chunk of `batch_rows` images is one task and one batch, not two.
+    assert batches == n_chunks, f"{batches} batches for {n_chunks} chunks of batch_rows images"
     assert took < 60 * n_chunks / 1000, f"the run took {took:.0f} s"
     head, tail = _quarters(monitor.samples, first, last)
 

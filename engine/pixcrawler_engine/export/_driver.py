@@ -180,7 +180,7 @@ def export_job(
                 counter.report()
                 if runner is not None:
                     runner(ws, manifest, todo, counter.add)
-                    written = len(todo)
+                    written = sum(p.num_records for p in todo)
                 elif writer.decoded:
                     assert policy is not None
                     written = _write_decoded(writer, fetcher, todo, config, policy, counter)

@@ -20,22 +20,7 @@ from pixcrawler_engine.runtime._schedule import Chunk, Done, State, record_order
 from pixcrawler_engine.sources._base import ChunkPlan, Source
 from pixcrawler_engine.sources._record import Record
 
-__all__ = ["Prefetcher", "task_bounds"]
-
-
-def task_bounds(n: int, rows: int, workers: int, pos: int) -> list[tuple[int, int]]:
-    """The tasks a chunk of `n` records is cut into: `rows` records each.
-
-    The run's first batch is what a user waits for at start, so the first chunk's first
-    `rows` records are split into one task per worker: they decode side by side and the
-    first (smaller) batch arrives in a fraction of the time.
-    """
-    bounds = [(start, min(start + rows, n)) for start in range(0, n, rows)]
-    if pos == 0 and bounds and workers > 1:
-        end = bounds[0][1]
-        step = -(-end // workers)
-        bounds[:1] = [(s, min(s + step, end)) for s in range(0, end, step)]
-    return bounds
+__all__ = ["Prefetcher"]
 
 
 class Prefetcher:
@@ -102,8 +87,9 @@ class Prefetcher:
             if chunk.path is not None and chunk.owned:
                 st.stats["bytes_downloaded"] += chunk.path.stat().st_size
             n = len(chunk.records)
-            for start, end in task_bounds(n, self.config.batch_rows, self.config.workers, pos):
-                heapq.heappush(st.pending, (pos, start, end, -1))
+            rows = self.config.batch_rows
+            for start in range(0, n, rows):
+                heapq.heappush(st.pending, (pos, start, min(start + rows, n), -1))
             if n == 0:
                 st.done[(pos, 0)] = Done(None, 0)
         self.fetched = still

@@ -341,15 +341,17 @@ class Supervisor:
 
         Idempotent. The lock goes last: until then a sweep cannot mistake the run for dead.
         """
+        # Names first: unlinking leaves every mapping valid, and a slow stop below must not
+        # keep the segments listed in /dev/shm.
+        if self.slots is not None:
+            self.slots.close()
+        if self.beats is not None:
+            self.beats.close()
         if self.pool is not None:
             self.pool.stop()
         self.zygote.close()
         self.prefetch.close()
         self.waiter.close()
-        if self.slots is not None:
-            self.slots.close()
-        if self.beats is not None:
-            self.beats.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
         with contextlib.suppress(Exception):
             self.source.close()

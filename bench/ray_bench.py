@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import subprocess
 import sys
@@ -184,6 +185,8 @@ def main() -> None:
         args.out.write_text(json.dumps(result, indent=2))
         print(result["skipped"])
         return
+    # Other jobs share the machine: the load around the runs says how much to trust them.
+    result["load_average_start"] = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="pxc-ray-bench-"))
     store, job = build_bench_store(work, copies=args.copies, n_photos=args.photos)
     cases = ["a_loop", "b_engine_2", "ray_1", "ray_2"]
@@ -202,6 +205,7 @@ def main() -> None:
         / summary["b_engine_2"]["steady_images_per_s"],
     }
     result["artefact"] = run_artefact(args.cache)
+    result["load_average_end"] = os.getloadavg()
     args.out.write_text(json.dumps(result, indent=2))
     print(json.dumps({k: result[k] for k in ("ratios", "artefact")}, indent=2))
     for name, s in summary.items():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner, Result
+from engine_helpers import corrupt_one_sample
 from faults._proxy import Fault, proxied
 from ray_helpers import local_ray, private_ray_tmpdir, processes_using, require_ray
 
@@ -86,6 +88,39 @@ def test_ray_export_is_the_local_export(
     assert isinstance(ds.features["image"], datasets.Image) and len(ds) == 120
     assert isinstance(ds.features["label"], datasets.ClassLabel)
     assert np.array(ds[0]["image"]).dtype == np.uint8
+
+
+@pytest.mark.parametrize(
+    ("flags", "rows"),
+    [
+        (["--shuffle", "--seed", "3", "--max-samples", "50", "--on-error", "skip",
+          "--image-size", "16x16", "--color", "L"], (49, 50)),
+        (["--shuffle", "--max-samples", "37"], (37,)),  # the files as stored, shuffled
+        # The broken image and every photo over 100,000 pixels skipped: 59 digits, 5 photos left
+        (["--on-error", "skip", "--image-size", "16x16", "--max-pixels", "100000"], (64,)),
+    ],
+    ids=["shuffled-cut-grey", "stored-shuffled-cut", "skip"],
+)  # fmt: skip
+def test_the_download_flags_give_the_same_files_with_ray(
+    ray_local: str, bad_store: Path, tmp_path: Path, flags: list[str], rows: tuple[int, ...]
+) -> None:
+    url = bad_store.as_uri()  # chunk 0 holds a truncated image: skipped, or stored as it is
+    local = _download(url, tmp_path / "local", *flags)
+    assert local.exit_code == 0, local.output
+    result = _download(url, tmp_path / "ray", *flags, "--ray")
+    assert result.exit_code == 0, result.output
+    want, got = _files(tmp_path / "local" / "demo"), _files(tmp_path / "ray" / "demo")
+    assert got and got == want
+    assert pq.read_table(tmp_path / "ray" / "demo" / "data").num_rows in rows
+
+
+@pytest.fixture(scope="module")
+def bad_store(tmp_path_factory: pytest.TempPathFactory, store: Path) -> Path:
+    """A copy of the demo job whose chunk 0 holds one truncated image (`broken.png`)."""
+    root = tmp_path_factory.mktemp("ray-export-bad") / "store"
+    shutil.copytree(store / "jobs" / "demo", root / "jobs" / "demo")
+    corrupt_one_sample(root, "demo")
+    return root
 
 
 def test_labels_without_a_class_list_are_fixed_by_the_first_chunk(

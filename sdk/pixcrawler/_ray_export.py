@@ -281,6 +281,7 @@ def _export_task(
             format=spec.format,
             policy=spec.policy,
             chunk=int(row["chunk"]),
+            keep=int(row["images"]),
             rows=spec.rows,
         )
     except PixCrawlerError as exc:

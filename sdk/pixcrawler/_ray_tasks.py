@@ -268,6 +268,7 @@ def export_part(
     format: str,
     policy: DecodePolicy | None,
     chunk: int,
+    keep: int,
     rows: int,
 ) -> dict[str, Any]:
     """Writes one chunk's part of an export in progress (see `pixcrawler_engine` `write_part`).
@@ -289,6 +290,7 @@ def export_part(
             chunk=chunk,
             path=Path(cache.path(chunk)),
             records=records,
+            keep=keep,
             reader=reader,
             rows=rows,
         )

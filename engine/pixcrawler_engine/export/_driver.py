@@ -128,11 +128,6 @@ def export_job(
         raise ValueError(
             "the zip format keeps whole chunk files: it takes no shuffle or max_samples"
         )
-    if runner is not None and selection != Selection():
-        raise ValueError(
-            "a distributed export (--ray) writes every sample in dataset order: it takes no "
-            "shuffle or max_samples"
-        )
     WRITERS[format].check(policy)  # before anything is written
     config = (config or EngineConfig()).replace(shuffle=False)
     manifest = source.manifest

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from pixcrawler_engine.runtime._schedule import chunk_order, record_order
 from pixcrawler_engine.sources._base import ChunkPlan, Source, SourceWrapper
 from pixcrawler_engine.sources._record import Record
 
@@ -57,6 +58,24 @@ class Selection:
             "max_samples": self.max_samples,
         }
 
+    @classmethod
+    def from_identity(cls, identity: dict[str, Any]) -> Selection:
+        """The selection an export's state records (the keys `identity()` gives)."""
+        seed = identity.get("shuffle_seed")
+        return cls(
+            shuffle=seed is not None, seed=seed or 0, max_samples=identity.get("max_samples")
+        )
+
+    def records(self, chunk: int, records: list[Record], keep: int) -> list[Record]:
+        """A chunk's records as an export writes them: in the shuffled order, the first `keep`.
+
+        `keep` is the chunk's `num_records` in the selected plan (`SelectedSource.plan()`).
+        """
+        if self.shuffle:
+            # The engine's within-chunk shuffle (runtime._schedule.record_order).
+            records = [records[i] for i in record_order(len(records), seed=self.seed, chunk=chunk)]
+        return records[:keep]
+
 
 class SelectedSource(SourceWrapper):
     """A source whose plan and records follow a `Selection`; chunks in output order."""
@@ -65,9 +84,7 @@ class SelectedSource(SourceWrapper):
         super().__init__(source)
         self.selection = selection
         plans = source.plan()
-        order = np.arange(len(plans))
-        if selection.shuffle:
-            order = np.random.default_rng(selection.seed).permutation(len(plans))
+        order = chunk_order(len(plans), shuffle=selection.shuffle, seed=selection.seed)
         left = selection.max_samples if selection.max_samples is not None else -1
         self._plans: list[ChunkPlan] = []
         self._offsets: dict[int, int] = {}
@@ -97,12 +114,8 @@ class SelectedSource(SourceWrapper):
         return list(self._plans)
 
     def records(self, chunk: int, path: Path) -> list[Record]:
-        records = self.source.records(chunk, path)
-        if self.selection.shuffle:
-            perm = self._permutation(chunk, len(records))
-            records = [records[i] for i in perm]
         keep = next(p.num_records for p in self._plans if p.index == chunk)
-        return records[:keep]
+        return self.selection.records(chunk, self.source.records(chunk, path), keep)
 
     def rows(self, chunk: int, indices: np.ndarray) -> np.ndarray:
         """The output rows of samples of `chunk`, given by their dataset `indices`."""
@@ -118,5 +131,5 @@ class SelectedSource(SourceWrapper):
         return within + self._offsets[chunk]
 
     def _permutation(self, chunk: int, n: int) -> np.ndarray:
-        # The engine's within-chunk shuffle (runtime._prefetch): the same seed, the same order.
-        return np.random.default_rng([self.selection.seed, chunk]).permutation(n)
+        # The engine's within-chunk shuffle: the same seed, the same order.
+        return np.asarray(record_order(n, seed=self.selection.seed, chunk=chunk))

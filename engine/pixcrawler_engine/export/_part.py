@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from pixcrawler_engine._config import DecodePolicy
 from pixcrawler_engine.export._files import ImagesWriter, NumpyWriter, ZipWriter
+from pixcrawler_engine.export._order import Selection
 from pixcrawler_engine.export._parquet import ParquetWriter
 from pixcrawler_engine.export._state import Workspace
 from pixcrawler_engine.export._writers import FormatWriter, Piece
@@ -82,6 +83,7 @@ def write_part(
     chunk: int,
     path: Path,
     records: Sequence[Record],
+    keep: int,
     reader: ChunkReader,
     rows: int,
 ) -> dict[str, Any]:
@@ -95,7 +97,10 @@ def write_part(
         policy: the decode policy (None: the stored bytes, as for `export_job`).
         chunk: the chunk.
         path: its local file.
-        records: its records, in dataset order.
+        records: its records, in dataset order; the export's selection (its seeded shuffle,
+            recorded in `state`) orders them as a local export does.
+        keep: how many of them the export writes (the chunk's `num_records` in the export's
+            plan: fewer than all for the last chunk under `max_samples`).
         reader: an open reader of `path` (the caller closes it).
         rows: samples per piece (`EngineConfig.batch_rows`, as the local export uses).
 
@@ -110,6 +115,7 @@ def write_part(
     from pixcrawler_engine.runtime._chunk import decode_records
     from pixcrawler_engine.runtime._stream import SampleWarning
 
+    records = Selection.from_identity(state).records(chunk, list(records), keep)
     ws = TaskWorkspace(Path(target), state)
     writer = WRITERS[format](ws, manifest, policy=policy, threads=1)
     try:

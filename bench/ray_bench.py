@@ -9,7 +9,8 @@ job: 640x480-class real-photo JPEGs decoded to 224x224, chunks of 500.
     ray_N       a local Ray instance of N CPUs (`ray.init(num_cpus=N)`), `to_ray()`,
                 `iter_batches(batch_size=64, batch_format="numpy")`: `ray.init` time, first
                 batch, images/s after `ray.init`, peak RSS over the process tree (Ray's
-                raylet, GCS, agents and workers included)
+                raylet, GCS, agents and workers included), CPU ms per image over that tree
+                (which other jobs on the machine do not inflate)
 
 Then the ARTeFACT-shaped shards (a 133 MP JPEG and a 100 MP PNG with full-size masks) are read
 at 1024x1024 through a 200 MiB object store: its peak use, spills and fallback allocations.
@@ -30,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench._util import TreeRss, build_bench_store, describe_machine
+from bench._util import TreeCpu, TreeRss, build_bench_store, describe_machine
 
 SIZE = (224, 224)
 TESTS = Path(__file__).resolve().parent.parent / "tests"
@@ -65,15 +66,16 @@ def run_ray(store: Path, job: str, cpus: int) -> dict[str, Any]:
         init = _ray_init(cpus, 512 << 20, tmp)
         try:
             dataset = load_dataset(job, base_url=store.as_uri(), image_size=SIZE, progress=False)
-            start = time.perf_counter()
-            first, first_n, n, checksum = None, 0, 0, 0
-            for batch in dataset.to_ray().iter_batches(batch_size=64, batch_format="numpy"):
-                images = batch["image"]
-                checksum += int(images[:, 0, 0, 0].sum())  # touch the pixels
-                n += len(images)
-                if first is None:
-                    first, first_n = time.perf_counter() - start, n
-            seconds = time.perf_counter() - start
+            with TreeCpu() as cpu:
+                start = time.perf_counter()
+                first, first_n, n, checksum = None, 0, 0, 0
+                for batch in dataset.to_ray().iter_batches(batch_size=64, batch_format="numpy"):
+                    images = batch["image"]
+                    checksum += int(images[:, 0, 0, 0].sum())  # touch the pixels
+                    n += len(images)
+                    if first is None:
+                        first, first_n = time.perf_counter() - start, n
+                seconds = time.perf_counter() - start
         finally:
             ray.shutdown()
     first = first or seconds
@@ -86,6 +88,7 @@ def run_ray(store: Path, job: str, cpus: int) -> dict[str, Any]:
         "steady_images_per_s": (n - first_n) / (seconds - first) if seconds > first else 0.0,
         "end_to_end_images_per_s": n / (seconds + init),
         "peak_rss": rss.peak,
+        "cpu_ms_per_image": cpu.seconds * 1000 / n,
     }
 
 
@@ -130,13 +133,19 @@ def run_artefact(cache: Path, store_mib: int = 200) -> dict[str, Any]:
 def _one(case: str, store: Path, job: str) -> dict[str, Any]:
     from bench.engine_bench import run_engine, run_loop
 
-    if case == "a_loop":
-        return run_loop(store, job)
-    if case.startswith("b_engine_"):
-        return run_engine(store, job, int(case.rsplit("_", 1)[1]))
+    load = os.getloadavg()[0]  # what else the machine was doing
     if case.startswith("ray_"):
-        return run_ray(store, job, int(case.rsplit("_", 1)[1]))
-    raise ValueError(case)
+        result = run_ray(store, job, int(case.rsplit("_", 1)[1]))
+    else:
+        with TreeCpu() as cpu:
+            if case == "a_loop":
+                result = run_loop(store, job)
+            elif case.startswith("b_engine_"):
+                result = run_engine(store, job, int(case.rsplit("_", 1)[1]))
+            else:
+                raise ValueError(case)
+        result["cpu_ms_per_image"] = cpu.seconds * 1000 / result["images"]
+    return {**result, "load_average": load}
 
 
 def run_case(case: str, store: Path, job: str) -> dict[str, Any]:
@@ -149,7 +158,13 @@ def run_case(case: str, store: Path, job: str) -> dict[str, Any]:
 
 
 def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    keys = ("images_per_s", "steady_images_per_s", "first_batch_s", "ray_init_s")
+    keys = (
+        "images_per_s",
+        "steady_images_per_s",
+        "first_batch_s",
+        "ray_init_s",
+        "cpu_ms_per_image",
+    )
     summary: dict[str, Any] = {}
     for name, rs in runs.items():
         summary[name] = {k: statistics.median(r[k] for r in rs) for k in keys if k in rs[0]}
@@ -213,7 +228,7 @@ def main() -> None:
         print(
             f"{name:12s} steady {s['steady_images_per_s']:7.1f} img/s, "
             f"{s['images_per_s']:7.1f} img/s, first batch {s['first_batch_s']:.2f} s{init}, "
-            f"peak RSS {s['peak_rss_mb']:.0f} MB"
+            f"peak RSS {s['peak_rss_mb']:.0f} MB, CPU {s['cpu_ms_per_image']:.2f} ms/img"
         )
 
 

@@ -153,7 +153,8 @@ def test_shuffle_is_the_order_load_dataset_gives(
     images = np.load(tmp_path / "digits" / "images.npy")
     lines = (tmp_path / "digits" / "metadata.jsonl").read_text().splitlines()
     keys = [json.loads(x)["key"] for x in lines]
-    with load_dataset("digits", shuffle=True, seed=seed, progress=False,
+    # An export's shuffle is the chunk-level one: epoch 0 with shuffle_window=1.
+    with load_dataset("digits", shuffle=True, seed=seed, shuffle_window=1, progress=False,
                       api_key=digit_server.api_key, base_url=digit_server.url) as ds:  # fmt: skip
         order, parts = [], []
         for batch in ds.iter_engine_batches():
@@ -176,7 +177,7 @@ def test_max_samples_with_and_without_shuffle(digit_server: ServerProcess, tmp_p
                  "--max-samples", "11", "--shuffle", "--seed", "3", "--no-progress",
                  env=env)  # fmt: skip
     assert mixed.exit_code == 0, mixed.output
-    with load_dataset("digits", shuffle=True, seed=3, progress=False,
+    with load_dataset("digits", shuffle=True, seed=3, shuffle_window=1, progress=False,
                       api_key=digit_server.api_key, base_url=digit_server.url) as ds:  # fmt: skip
         order = [k for b in ds.iter_engine_batches() for k in b.keys][:11]
     shards = sorted((tmp_path / "b" / "digits" / "data").glob("*.parquet"))

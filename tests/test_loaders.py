@@ -195,22 +195,22 @@ def test_iterable_shards_over_workers_without_duplicates(demo: Any) -> None:
 
 
 def test_iterable_shards_over_distributed_ranks(demo: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pixcrawler import _torch
-
-    ds = demo.to_torch(iterable=True)
+    ds = demo.to_torch(iterable=True, metadata=True)
+    monkeypatch.setenv("WORLD_SIZE", "3")
     shards = []
     for rank in range(3):
-        monkeypatch.setattr(_torch, "_distributed", lambda rank=rank: (rank, 3))
-        shards.append(ds._rank_chunks(rank, 3))
-        assert len(ds) == sum(
-            c.num_images for c in demo.ref.manifest.chunks if c.index in shards[-1]
-        )
-    assert sorted(c for s in shards for c in s) == list(range(8))
-    # Rank 1 of 3, read by two DataLoader workers: exactly its chunks' images.
-    monkeypatch.setattr(_torch, "_distributed", lambda: (1, 3))
-    got = sum(len(y) for _, y in DataLoader(ds, batch_size=4, num_workers=2))
-    sizes = {c.index: c.num_images for c in demo.ref.manifest.chunks}
-    assert got == sum(sizes[c] for c in shards[1]) == 40
+        monkeypatch.setenv("RANK", str(rank))
+        keys = [meta["key"] for _, _, meta in DataLoader(ds, batch_size=None)]
+        assert len(keys) == len(ds)
+        shards.append(keys)
+    # 120 images, less than one turn of 3 x 64 (batch_rows): the last turn, 40 each.
+    assert [len(s) for s in shards] == [40] * 3
+    assert len({k for s in shards for k in s}) == 120
+    # Rank 1 of 3, read by two DataLoader workers: exactly its share's images.
+    monkeypatch.setenv("RANK", "1")
+    got = sum(len(y) for _, y in DataLoader(demo.to_torch(iterable=True), batch_size=4,
+                                             num_workers=2))  # fmt: skip
+    assert got == 40
 
 
 def test_iterable_shuffle_changes_with_the_epoch(server: Any) -> None:

@@ -99,8 +99,13 @@ class EngineConfig:
         heartbeat_timeout: seconds the consumer waits for any sign of life from the
             supervisor (it pings after a second of silence) before raising `WorkerError`.
         verify_ssl: verify TLS certificates (a path to a CA bundle is accepted too).
-        shuffle: shuffle chunk order and samples within each chunk.
-        seed: seed of the shuffle; the same seed gives the same order for any num_workers.
+        shuffle: shuffle the order each epoch: a block shuffle that mixes the samples of
+            `shuffle_window` chunks (see NOTE [epoch order] in `runtime._epoch`).
+        seed: seed of the shuffle; the same seed and epoch give the same order for any
+            num_workers, DataLoader workers or world size.
+        shuffle_window: chunks whose samples the shuffle mixes together; they are on disk at
+            once (their compressed files, not decoded pixels), and the first batch of an
+            epoch waits for all of them. 1 shuffles chunk order and within chunks only.
         cache_dir: where downloaded chunks are kept between runs; None downloads into a
             temporary folder removed at the end of the run.
         cache_limit_bytes: size above which the least recently used cached chunks go.
@@ -121,6 +126,7 @@ class EngineConfig:
     verify_ssl: bool | str = True
     shuffle: bool = False
     seed: int = 0
+    shuffle_window: int = 8
     cache_dir: str | None = None
     cache_limit_bytes: int = 10 * 2**30
 
@@ -134,6 +140,9 @@ class EngineConfig:
         positive("max_workers", self.max_workers)
         positive("prefetch_chunks", self.prefetch_chunks)
         positive("batch_rows", self.batch_rows)
+        positive("shuffle_window", self.shuffle_window)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
         positive("retries", self.retries)
         if self.num_slots is not None:
             positive("num_slots", self.num_slots)

@@ -50,9 +50,10 @@ __all__ = ["Credential", "JobRef", "LocalChunks"]
 _ENV_KEY = "PIXCRAWLER_API_KEY"
 _TMP_PREFIX = "pixcrawler-chunks-"
 _TMP_NAME = re.compile(re.escape(_TMP_PREFIX) + r"(\d+)-")
-# Open chunk archives kept per process: enough for a shuffled DataLoader to hit open files
-# often, few enough that file descriptors never run short.
-OPEN_CHUNKS = 4
+# Open chunk archives kept per process: enough for a batch of a shuffled epoch, which draws on
+# a block of up to 2 x shuffle_window - 1 chunks, and few enough that file descriptors never
+# run short.
+OPEN_CHUNKS = 32
 
 
 class Credential:

@@ -1,8 +1,10 @@
 """The user facade: the lazy `Dataset` that iterates and converts a job (see `_load`).
 
 Every pass over the data (`__iter__`, `iter_batches`, `to_arrays`, a TensorFlow epoch...) is
-one engine `Stream` (see `_passes`). Images handed out by `__iter__` and `iter_batches` are
-read-only views of the engine's shared memory where possible: copy what you keep for long.
+one engine `Stream` (see `_passes`) and one epoch: with `shuffle=True` each has its own order
+(see NOTE [epoch order] in `pixcrawler_engine.runtime._epoch`). Images handed out by
+`__iter__` and `iter_batches` are read-only views of the engine's shared memory where possible
+(`copy=True` makes them private, writable arrays): copy what you keep for long.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pixcrawler._parquet_ref import ParquetRef
 from pixcrawler._passes import run_pass
 from pixcrawler._rebatch import check_batch_size, rebatch
 from pixcrawler_engine._config import DecodePolicy, EngineConfig
+from pixcrawler_engine.runtime._epoch import Share
 from pixcrawler_engine.runtime._stream import Batch, Stream
 from pixcrawler_engine.sources._base import Source
 
@@ -36,8 +39,9 @@ class Dataset(Frameworks):
     """A PixCrawler dataset, loaded lazily: iterate it, batch it, or convert it.
 
     Created by `load_dataset`. Usable as a context manager; `close()` stops passes still
-    running. Each pass over the data decodes it afresh, in dataset order (or the seeded
-    shuffle order).
+    running. Each pass over the data decodes it afresh and is one epoch: in dataset order, or
+    with `shuffle=True` in the order of (seed, epoch). The epoch advances by one per pass;
+    `set_epoch(n)` sets the next pass's.
     """
 
     def __init__(
@@ -47,8 +51,11 @@ class Dataset(Frameworks):
         config: EngineConfig,
         policy: DecodePolicy,
         progress: bool = True,
+        copy: bool = False,
     ) -> None:
         self._ref = ref
+        self._copy = copy
+        self._epoch = 0
         self._config = config
         self._policy = policy
         self._progress = progress
@@ -90,6 +97,26 @@ class Dataset(Frameworks):
     def __len__(self) -> int:
         return self._info.num_images
 
+    @property
+    def epoch(self) -> int:
+        """The epoch of the next pass (it seeds the shuffle's order)."""
+        return self._epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Sets the epoch of the next pass; later passes go on from it, one each.
+
+        As with `DistributedSampler.set_epoch`: call it with the same value on every rank
+        (and in every process) so that all agree on the order.
+        """
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        self._epoch = epoch
+
+    def next_epoch(self) -> int:
+        """The epoch for a pass starting now; the next pass gets the one after."""
+        epoch, self._epoch = self._epoch, self._epoch + 1
+        return epoch
+
     def __repr__(self) -> str:
         return (
             f"Dataset(job_id={self._info.job_id!r}, num_images={self.num_images}, "
@@ -120,29 +147,40 @@ class Dataset(Frameworks):
 
         Yields:
             Tuple of (image, label) where:
-            - image: numpy array (H, W, C), uint8, read-only (copy it to modify or keep it)
+            - image: numpy array (H, W, C), uint8, read-only (copy it to modify or keep it,
+              or load the dataset with `copy=True`)
             - label: label data (str, int, dict, etc.)
 
         Example:
             >>> for image, label in dataset:
             ...     process(image, label)
         """
+        copy = self._copy
         for batch in self.iter_engine_batches(desc="images"):
             images = batch.images
             for i, label in enumerate(batch.labels):
-                yield images[i], label
+                yield (np.array(images[i]) if copy else images[i]), label
 
     def iter_batches(
-        self, batch_size: int = 32, drop_last: bool = False
+        self,
+        batch_size: int = 32,
+        drop_last: bool = False,
+        *,
+        start: int = 0,
+        copy: bool | None = None,
     ) -> Iterator[tuple[np.ndarray, list[Any]]]:
         """Iterate through dataset in batches.
 
-        Batches are views of the engine's memory when they lie inside one engine batch
-        (`batch_rows`), else copied once.
+        Batches are read-only views of the engine's memory when they lie inside one engine
+        batch (`batch_rows`), else copied once.
 
         Args:
             batch_size: Number of images per batch.
             drop_last: Drop last incomplete batch.
+            start: Skip the first `start` images of this epoch's order without decoding them
+                (resume a pass: `set_epoch(epoch)`, then `start=` the images already used).
+            copy: Hand out private, writable arrays (one copy per batch); default the
+                dataset's `copy` (False: zero-copy views).
 
         Yields:
             Tuple of (images, labels) where:
@@ -157,17 +195,27 @@ class Dataset(Frameworks):
             ...     train_model(images, labels)
         """
         check_batch_size(batch_size)
-        batches = self.iter_engine_batches(desc="images")
+        copy = self._copy if copy is None else copy
+        batches = self.iter_engine_batches(desc="images", start=start)
         for rows in rebatch(batches, batch_size, drop_last=drop_last, shape=None, extract=_labels):
-            yield rows.images, rows.columns[0]
+            owned = rows.owner is not None  # assembled from pieces: already a private copy
+            yield (np.array(rows.images) if copy and not owned else rows.images), rows.columns[0]
 
-    def iter_engine_batches(self, *, desc: str | None = None) -> Iterator[Batch]:
-        """The engine's batches of one pass, as they arrive (see `pixcrawler_engine.Batch`).
+    def iter_engine_batches(
+        self, *, desc: str | None = None, start: int = 0, share: Share | None = None
+    ) -> Iterator[Batch]:
+        """The engine's batches of one pass (one epoch), as they arrive.
 
         Args:
             desc: the progress bar's label; None shows no bar.
+            start: images of the epoch's order to skip (see `iter_batches`).
+            share: the part of an epoch to deliver (ranks, resume: see
+                `pixcrawler_engine.runtime._epoch.Share`); default this pass's epoch from
+                `start` on. Given, the dataset's epoch does not advance.
         """
-        yield from self._run(self._ref.source(), self._config, desc=desc)
+        if share is None:
+            share = Share(epoch=self.next_epoch(), start=start)
+        return self._run(self._ref.source(), self._config, desc=desc, share=share)
 
     def _run(
         self,
@@ -176,13 +224,15 @@ class Dataset(Frameworks):
         *,
         desc: str | None,
         policy: DecodePolicy | None = None,
+        share: Share | None = None,
     ) -> Iterator[Batch]:
         if self._closed:
             raise ValueError("this dataset is closed; load it again with load_dataset()")
-        yield from run_pass(
+        return run_pass(
             source,
             config,
             policy or self._policy,
+            share or Share(),
             self._streams,
             lambda total: self.progress_bar(total, desc),
         )

@@ -46,11 +46,13 @@ def load_dataset(
     color: ColorMode = "RGB",
     shuffle: bool = False,
     seed: int = 0,
+    shuffle_window: int = 8,
     on_error: OnError = "raise",
     progress: bool = True,
     cache_dir: str | os.PathLike[str] | None = None,
     batch_rows: int = 64,
     source: Literal["job", "parquet"] | None = None,
+    copy: bool = False,
 ) -> Dataset:
     """Load a PixCrawler dataset (or Hugging Face-style Parquet shards) with lazy loading.
 
@@ -78,14 +80,21 @@ def load_dataset(
         resize: How images reach `image_size`: `stretch`, `crop` (cover and centre-crop),
             `pad` (fit inside, zero padding) or `fit` (fit inside, keep the aspect ratio).
         color: `RGB` (3 channels), `L` (grayscale, 1 channel) or `keep` (as stored).
-        shuffle: Shuffle chunk order and samples within chunks, on every pass.
+        shuffle: Shuffle every pass (epoch) in its own order: a block shuffle that mixes the
+            samples of `shuffle_window` chunks at a time. The order depends only on the seed
+            and the epoch (`Dataset.set_epoch`), not on num_workers or ranks.
         seed: Seed of the shuffle.
+        shuffle_window: Chunks whose samples the shuffle mixes: their files are on disk
+            together (about `shuffle_window` x the chunk size, compressed), and an epoch's
+            first batch waits for all of them. 1 mixes only within each chunk.
         on_error: A corrupt image `raise`s (default), is `skip`ped, or skipped with a `warn`ing.
         progress: Show a progress bar for whole passes over the data.
         cache_dir: Keep downloaded chunks here between runs; default: a temporary folder.
         batch_rows: Images per engine batch (the unit of transfer from the decoders).
         source: `"job"` or `"parquet"` to say what `job_id` is; default: a job id unless
             it is a Parquet address as described above.
+        copy: Hand out private, writable arrays from iteration (one copy per batch) instead
+            of read-only views of the engine's shared memory (zero-copy, the default).
 
     Returns:
         Dataset object for iteration and conversion.
@@ -124,13 +133,14 @@ def load_dataset(
         verify_ssl=verify_ssl,
         shuffle=shuffle,
         seed=seed,
+        shuffle_window=shuffle_window,
         cache_dir=os.fspath(cache_dir) if cache_dir is not None else None,
     )
     if parquet:
         ref: JobRef | ParquetRef = ParquetRef.open(
             job_id, token=api_key, timeout=config.timeout, verify_ssl=verify_ssl
         )
-        return Dataset(ref, config=config, policy=policy, progress=progress)
+        return Dataset(ref, config=config, policy=policy, progress=progress, copy=copy)
     if not isinstance(job_id, str):
         raise ValueError(f"job_id must be a job id string or a Parquet address, got {job_id!r}")
     if key is None and scheme != "file" and not is_loopback(urlsplit(url).hostname or ""):
@@ -155,7 +165,7 @@ def load_dataset(
         manifest=manifest,
         cache_dir=config.cache_dir,
     )
-    return Dataset(ref, config=config, policy=policy, progress=progress)
+    return Dataset(ref, config=config, policy=policy, progress=progress, copy=copy)
 
 
 def _image_size(value: int | tuple[int, int] | None) -> tuple[int, int] | None:

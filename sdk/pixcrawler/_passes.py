@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from pixcrawler_engine._config import DecodePolicy, EngineConfig
+from pixcrawler_engine.runtime._epoch import Share
 from pixcrawler_engine.runtime._stream import Batch, Stream
 from pixcrawler_engine.sources._base import Source
 
@@ -21,17 +22,18 @@ def run_pass(
     source: Source,
     config: EngineConfig,
     policy: DecodePolicy,
+    share: Share,
     streams: weakref.WeakSet[Stream],
     progress_bar: Callable[[int], Any],
 ) -> Iterator[Batch]:
     """The batches of one engine pass over `source`, counted on a bar (None: no bar)."""
-    total = sum(p.num_records for p in source.plan())
+    total = share.count(sum(p.num_records for p in source.plan()))
     if total == 0:
         source.close()
         return
     bar = progress_bar(total)
     try:
-        stream = Stream(source, config=config, policy=policy)
+        stream = Stream(source, config=config, policy=policy, share=share)
     finally:
         # The supervisor got its own copy of the source; this one's connection can go.
         source.close()

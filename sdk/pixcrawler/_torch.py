@@ -1,4 +1,5 @@
-"""PyTorch datasets over a PixCrawler job: map-style (random access) and iterable (streamed).
+"""PyTorch datasets over a PixCrawler job: map-style (random access) here, and the iterable
+(streamed: epochs, ranks, resume) in `_torch_iterable`.
 
 This module imports torch at the top; only `Dataset.to_torch` and the
 unpickling of these datasets in DataLoader workers import it, so `import pixcrawler` stays
@@ -14,8 +15,7 @@ pipes only (see `Credential`).
 from __future__ import annotations
 
 import os
-import warnings
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -24,17 +24,14 @@ import torch.utils.data
 
 from pixcrawler._chunks import JobRef, LocalChunks, record_metadata
 from pixcrawler._info import class_index
-from pixcrawler._labels import LabelCoder
 from pixcrawler._parquet_ref import ParquetRef
-from pixcrawler._rebatch import check_batch_size, count_batches, rebatch
-from pixcrawler._torch_tensors import alloc, can_pin, images_tensor, pinned_alloc
-from pixcrawler_engine._config import DecodePolicy, EngineConfig
+from pixcrawler._torch_iterable import TorchIterableDataset
+from pixcrawler_engine._config import DecodePolicy
 from pixcrawler_engine._errors import DecodeError
 from pixcrawler_engine.decode._image import decode_image
-from pixcrawler_engine.runtime._chunk import decode_records
-from pixcrawler_engine.runtime._stream import Batch, SampleWarning, Stream
+from pixcrawler_engine.runtime._stream import Batch
 
-__all__ = ["TorchDataset", "TorchIterableDataset", "shard_chunks", "torch_dataset"]
+__all__ = ["TorchDataset", "TorchIterableDataset", "torch_dataset"]
 
 Transform = Callable[[Any], Any]  # an (H, W, C) array, or a (B, H, W, C) tensor for batches
 
@@ -133,181 +130,6 @@ class TorchDataset(torch.utils.data.Dataset[tuple[Any, ...]]):
         return state
 
 
-def shard_chunks(chunks: list[int], shard: int, num_shards: int) -> list[int]:
-    """The chunks of one shard: every `num_shards`-th, starting at `shard`."""
-    return chunks[shard::num_shards]
-
-
-def _distributed() -> tuple[int, int]:
-    """(rank, world size) of `torch.distributed`, or (0, 1) outside a process group."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-class TorchIterableDataset(torch.utils.data.IterableDataset[Any]):
-    """An iterable dataset streamed by the engine, sharded so that no image is decoded twice.
-
-    The job's chunks are split over `torch.distributed` ranks, then over the DataLoader
-    workers of each rank. In the main process (`num_workers=0`) a shard streams through the
-    engine's decode processes; inside a DataLoader worker it is decoded in that worker
-    (DataLoader already provides the processes). Call `set_epoch(epoch)` before each epoch
-    to reshuffle (with `shuffle=True`), as with `DistributedSampler`.
-
-    With `batch_size`, each item is a whole batch `(images, labels)`: images a uint8
-    (B, H, W, C) tensor, labels an int64 (B,) tensor of class indices (a list where labels are
-    neither class names nor ints); read it with `DataLoader(dataset, batch_size=None)`. A batch
-    that lies inside one engine batch shares the engine's shared-memory slot (no copy; the
-    slot stays leased while the tensor lives, so it stays valid after the next batch), one
-    that spans engine batches is copied once. Inside DataLoader workers each worker batches its
-    own chunks, so an epoch may end with up to one short batch per worker.
-
-    Attributes:
-        class_to_idx: class name -> label index, in the job's `labels` order.
-        classes: the class names, index order.
-    """
-
-    def __init__(
-        self,
-        ref: JobRef | ParquetRef,
-        config: EngineConfig,
-        policy: DecodePolicy,
-        transform: Transform | None,
-        *,
-        batch_size: int | None = None,
-        drop_last: bool = False,
-        pin_memory: bool = False,
-        metadata: bool = False,
-    ) -> None:
-        check_batch_size(batch_size, optional=True)
-        self.ref = ref
-        self.config = config
-        self.policy = policy
-        self.transform = transform
-        self.batch_size = batch_size
-        self.drop_last = drop_last
-        self.pin_memory = pin_memory
-        self.metadata = metadata
-        self.epoch = 0
-        self._output = _Output(ref, transform)
-        self.class_to_idx = self._output.class_to_idx
-        self.classes = self._output.classes
-
-    def set_epoch(self, epoch: int) -> None:
-        """Sets the epoch that seeds the shuffle (the same on every rank)."""
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        """Images (or batches, with `batch_size`) of this rank's shard, read in one process.
-
-        Fewer come out when bad images are skipped; with DataLoader workers and `batch_size`,
-        up to one short batch more per worker.
-        """
-        rank, world = _distributed()
-        mine = set(self._rank_chunks(rank, world))
-        images = sum(c.num_images for c in self.ref.manifest.chunks if c.index in mine)
-        batches = count_batches(images, self.batch_size, self.drop_last)
-        return images if batches is None else batches
-
-    def __iter__(self) -> Iterator[Any]:
-        rank, world = _distributed()
-        chunks = self._rank_chunks(rank, world)
-        info = torch.utils.data.get_worker_info()
-        if info is None:
-            batches = self._stream(chunks)
-        else:
-            batches = self._decode_here(shard_chunks(chunks, info.id, info.num_workers))
-        try:
-            if self.batch_size is None:
-                yield from self._samples(batches)
-            else:
-                yield from self._batches(batches, pin=self.pin_memory and info is None)
-        finally:
-            batches.close()  # stops the engine pass now, not when the generator is collected
-
-    def _rank_chunks(self, rank: int, world: int) -> list[int]:
-        chunks = [c.index for c in self.ref.manifest.chunks if c.num_images]
-        if self.config.shuffle:
-            # Every rank draws the same permutation, so the shards stay disjoint.
-            rng = np.random.default_rng([self.config.seed, self.epoch])
-            chunks = [chunks[i] for i in rng.permutation(len(chunks))]
-        return shard_chunks(chunks, rank, world)
-
-    def _rows(self) -> int:
-        # Engine batches no bigger than the requested ones: then every requested batch that
-        # does not cross a chunk boundary is one engine batch, handed out without a copy.
-        rows = self.config.batch_rows
-        return rows if self.batch_size is None else min(rows, self.batch_size)
-
-    def _samples(self, batches: Iterator[Batch]) -> Iterator[tuple[Any, ...]]:
-        for batch in batches:
-            images = batch.images
-            meta = _metadata(batch)[0] if self.metadata else None
-            for i, label in enumerate(batch.labels):
-                item = self._output(images[i], label)
-                yield item if meta is None else (*item, meta[i])
-
-    def _batches(self, batches: Iterator[Batch], *, pin: bool) -> Iterator[tuple[Any, ...]]:
-        pin = pin and can_pin()
-        coder = LabelCoder(self.class_to_idx)
-
-        def extract(batch: Batch) -> tuple[Any, ...]:
-            labels = coder(batch)
-            return (labels, *_metadata(batch)) if self.metadata else (labels,)
-
-        for rows in rebatch(
-            batches,
-            self.batch_size,
-            drop_last=self.drop_last,
-            shape=self.policy.fixed_shape,
-            extract=extract,
-            alloc=pinned_alloc if pin else alloc,
-        ):
-            images = images_tensor(rows, pin=pin)
-            labels = rows.columns[0]
-            if isinstance(labels, np.ndarray):
-                labels = torch.from_numpy(labels)
-                if pin:
-                    labels = labels.pin_memory()
-            if self.transform is not None:
-                images = self.transform(images)
-            yield (images, labels, *rows.columns[1:])
-
-    def _stream(self, chunks: list[int]) -> Generator[Batch, None, None]:
-        if not chunks:
-            return
-        source = self.ref.source(chunks)
-        config = self.config.replace(seed=self.config.seed + self.epoch, batch_rows=self._rows())
-        try:
-            stream = Stream(source, config=config, policy=self.policy)
-        finally:
-            source.close()  # the supervisor has its own copy
-        with stream:
-            yield from stream
-
-    def _decode_here(self, chunks: list[int]) -> Generator[Batch, None, None]:
-        cache = LocalChunks(self.ref)
-        rows = self._rows()
-        try:
-            for chunk in chunks:
-                reader, records = cache.open(chunk)
-                if self.config.shuffle:
-                    rng = np.random.default_rng([self.config.seed, self.epoch, chunk])
-                    records = [records[i] for i in rng.permutation(len(records))]
-                # A batch of rows at a time bounds the memory of variable-size images.
-                for start in range(0, len(records), rows):
-                    batch, _, errors = decode_records(
-                        records[start : start + rows], reader.read, self.policy, chunk=chunk
-                    )
-                    if self.policy.on_error == "warn":
-                        for _key, message in errors:
-                            warnings.warn(message, SampleWarning, stacklevel=2)
-                    yield Batch(batch)
-        finally:
-            cache.discard()
-
-
 def torch_dataset(
     dataset: Any,
     transform: Transform | None,
@@ -322,15 +144,18 @@ def torch_dataset(
     if transform is not None and not callable(transform):
         raise TypeError(f"transform must be callable, got {type(transform).__name__}")
     if iterable:
+        output = _Output(dataset.ref, transform)
         return TorchIterableDataset(
             dataset.ref,
             dataset.config,
             dataset.policy,
+            output,
+            output.class_to_idx,
             transform,
             batch_size=batch_size,
             drop_last=drop_last,
             pin_memory=pin_memory,
-            metadata=metadata,
+            metadata=_metadata if metadata else None,
         )
     options = {"batch_size": batch_size, "drop_last": drop_last, "pin_memory": pin_memory}
     asked = [name for name, value in options.items() if value not in (None, False)]

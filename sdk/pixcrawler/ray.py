@@ -11,10 +11,11 @@ Every source works: the job API, a `file://` store, Parquet shards. Each read ta
 chunk as the engine does (the job API client's retries; `DownloadError` names the chunk) and
 decodes it with the engine's `decode_records` under the dataset's decode policy, `on_error`
 included, in the engine's order: read tasks come in dataset order, or with `shuffle=True` in the
-engine's seeded permutation (chunks, then samples within each chunk), so with Ray's
-`DataContext.get_current().execution_options.preserve_order = True` the rows arrive exactly as
-`Dataset.iter_batches` gives them. Ray places and streams the tasks, and runs a task again when
-its worker dies.
+engine's chunk-level permutation (chunks, then samples within each chunk: epoch 0 with
+`shuffle_window=1`), so with Ray's `DataContext.get_current().execution_options.preserve_order
+= True` the rows arrive exactly as `Dataset.iter_batches` gives them. A task reads one chunk,
+so samples of several chunks mix only through Ray's own `random_shuffle()`. Ray places and
+streams the tasks, and runs a task again when its worker dies.
 
 Columns are listed in `pixcrawler._ray_tasks`: `image` is a `fixed_shape_tensor` (Ray keeps it as
 is, in blocks and in Parquet), labels are class indices when the job lists its classes, and a
@@ -101,7 +102,7 @@ class PixCrawlerDatasource(Datasource):
         policy: the decode policy, whose images must have one shape; None reads the files
             as stored.
         on_error: what a sample that cannot be read does, when `policy` is None.
-        shuffle: read in the engine's seeded shuffle order.
+        shuffle: read in the engine's chunk-level shuffle order (`shuffle_window=1`, epoch 0).
         seed: the shuffle's seed.
         batch_rows: the most samples in one block.
 

@@ -560,15 +560,18 @@ CHUNK_CASES = {
     "manifest-not-utf8": ChunkCase(
         _manifest(b'{"file": "a.png", "label": "\xff\xfe"}'), DecompressionError, "utf-8"
     ),
+    # These say they hold one image: a chunk the job calls empty is never fetched.
     "no-manifest": ChunkCase(
         lambda: RawZip().add(member("a.png", digit_png(0))).bytes(),
         DecompressionError,
         "no manifest.jsonl",
+        _chunk1(num_images=1),
     ),
     "manifest-declared-too-big": ChunkCase(
         lambda: RawZip().add(Member("manifest.jsonl", b"{}", size=100 << 20)).bytes(),
         DecompressionError,
         "over the cap",
+        _chunk1(num_images=1),
     ),
     # Declares 1,000 bytes but inflates to 512 MiB, in the supervisor that reads it.
     "manifest-lying-deflate-size": ChunkCase(
@@ -584,9 +587,13 @@ CHUNK_CASES = {
         lambda: b"<!DOCTYPE html><html><body>502 Bad Gateway</body></html>",
         DecompressionError,
         "cannot be read as a zip",
+        _chunk1(num_images=1),
     ),
     "chunk-cut-short": ChunkCase(
-        lambda: good_chunk("cut")[0][:300], DecompressionError, "cannot be read as a zip"
+        lambda: good_chunk("cut")[0][:300],
+        DecompressionError,
+        "cannot be read as a zip",
+        _chunk1(num_images=1),
     ),
     "job-says-more-images": ChunkCase(
         None, DecompressionError, "lists 3 samples but the job says 5", _chunk1(num_images=5)

@@ -1,10 +1,11 @@
 """Which samples an export writes and in which order: the seeded shuffle and the first-N cut.
 
 `Selection` is the policy (`shuffle`, `seed`, `max_samples`); `SelectedSource` applies it to a
-source. The shuffled order is the engine's own (see `runtime._supervisor` and
-`runtime._prefetch`): chunks in `default_rng(seed).permutation`, the samples of each chunk in
+source. The shuffled order is the engine's chunk-level one (NOTE [epoch order] in
+`runtime._epoch`): chunks in `default_rng(seed).permutation`, the samples of each chunk in
 `default_rng([seed, chunk]).permutation`, so `download --shuffle --seed S` writes the samples
-in the order `load_dataset(..., shuffle=True, seed=S)` yields them. The cut keeps the first
+in the order `load_dataset(..., shuffle=True, seed=S, shuffle_window=1)` yields them in its
+first epoch (an export writes chunk by chunk, so it cannot mix chunks). The cut keeps the first
 `max_samples` samples of that order: whole chunks, then the head of one more.
 
 An export's output row of a sample (its row of `images.npy`, its place in the shards) is a

@@ -38,7 +38,7 @@ def decode_records(
     read: Any,
     policy: DecodePolicy,
     *,
-    chunk: int,
+    chunk: int | Sequence[int],
     byte_limit: int | None = None,
     notes: list[tuple[str, str]] | None = None,
     on_sample: Callable[[], None] | None = None,
@@ -47,9 +47,11 @@ def decode_records(
 
     Args:
         records: the samples, in output order.
-        read: `read(record.ref) -> bytes`, the encoded bytes of one sample.
+        read: `read(record.ref) -> bytes`, the encoded bytes of one sample; or one such
+            function per record (records drawn from several chunks).
         policy: the decode policy.
-        chunk: the chunk id, for the batch's `chunk` column and for error messages.
+        chunk: the chunk id, for the batch's `chunk` column and for error messages; or one
+            per record.
         byte_limit: the most bytes the batch may take as Arrow IPC; decoding stops early
             (before the record that would not fit) when it is reached.
         notes: receives (key, message) for samples decoded fine while the decoder said
@@ -71,15 +73,17 @@ def decode_records(
     errors: list[tuple[str, str]] = []
     covered = 0
     used = SLOT_OVERHEAD
-    for record in records:
+    chunks: Sequence[int] = [chunk] * len(records) if isinstance(chunk, int) else chunk
+    reads: Sequence[Any] = [read] * len(records) if callable(read) else read
+    for record, chunk_id, read_one in zip(records, chunks, reads, strict=True):
         if on_sample is not None:
             on_sample()
         started = bool(len(builder) or errors)
         with collect() as said:
-            outcome = _decode_one(record, read, policy, builder, byte_limit - used
+            outcome = _decode_one(record, read_one, policy, builder, byte_limit - used
                                   if byte_limit is not None else None, started)  # fmt: skip
         if said and not isinstance(outcome, DecodeError):
-            note = f"chunk {chunk}, sample {_name(record)}: the decoder said: {summary(said)}"
+            note = f"chunk {chunk_id}, sample {_name(record)}: the decoder said: {summary(said)}"
             if notes is None:
                 logger.warning("%s", note)
             else:
@@ -90,8 +94,8 @@ def decode_records(
             kind = (
                 UnsupportedImageError if isinstance(outcome, UnsupportedImageError) else DecodeError
             )
-            error = kind(f"chunk {chunk}, sample {_name(record)}: {outcome}", chunk_id=chunk,
-                         key=record.key)  # fmt: skip
+            message = f"chunk {chunk_id}, sample {_name(record)}: {outcome}"
+            error = kind(message, chunk_id=chunk_id, key=record.key)
             if policy.on_error == "raise":
                 raise error from outcome
             errors.append((record.key, str(error)))
@@ -103,7 +107,7 @@ def decode_records(
             image,
             label=record.label,
             key=record.key,
-            chunk=chunk,
+            chunk=chunk_id,
             index=record.index,
             orig_size=(header.width, header.height)
             if header.orientation < 5

@@ -17,6 +17,7 @@ from pixcrawler_engine.runtime._zygote import Zygote
 
 if TYPE_CHECKING:
     from pixcrawler_engine._config import DecodePolicy, EngineConfig
+    from pixcrawler_engine.runtime._epoch import Share
     from pixcrawler_engine.sources._base import Source
 
 __all__ = ["bootstrap", "supervisor_main"]
@@ -38,11 +39,11 @@ def bootstrap() -> None:
     zygote.start()
     try:
         sys.path[:] = conn.recv()
-        token, source, config, policy = conn.recv()
+        token, source, config, policy, share = conn.recv()
     except (EOFError, OSError):
         zygote.close()
         os._exit(0)  # the consumer went away before the run began
-    supervisor_main(conn, release, zygote, token, source, config, policy)
+    supervisor_main(conn, release, zygote, token, source, config, policy, share)
 
 
 def supervisor_main(
@@ -53,6 +54,7 @@ def supervisor_main(
     source: Source,
     config: EngineConfig,
     policy: DecodePolicy,
+    share: Share,
 ) -> None:
     """The body of the supervisor process."""
     from pixcrawler_engine.runtime._protocol import ExceptionWrapper, Failed
@@ -63,7 +65,7 @@ def supervisor_main(
     code = 0
     try:
         sweep_stale()
-        supervisor = Supervisor(conn, release, zygote, token, source, config, policy)
+        supervisor = Supervisor(conn, release, zygote, token, source, config, policy, share)
         supervisor.run()
     except (_Delivered, SystemExit):
         pass

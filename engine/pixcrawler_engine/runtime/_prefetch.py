@@ -3,20 +3,20 @@
 The pool runs `Source.fetch` and `Source.records` (blocking I/O) for up to `max_workers`
 chunks at a time, `prefetch_chunks` ahead of delivery. A finished download writes one byte to
 a pipe (`wake_fd`) so that the supervisor's `wait` wakes; only the supervisor's thread reads
-the results and changes the `State`.
+the results and changes the `State`. Sources refuse a chunk whose records do not match its
+plan's count: the epoch's order is computed from those counts (NOTE [epoch order] in `_epoch`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import heapq
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from pixcrawler_engine._config import EngineConfig
-from pixcrawler_engine.runtime._protocol import ExceptionWrapper, Failed
-from pixcrawler_engine.runtime._schedule import Chunk, Done, State, record_order
+from pixcrawler_engine.runtime._protocol import ExceptionWrapper
+from pixcrawler_engine.runtime._schedule import Chunk, State
 from pixcrawler_engine.sources._base import ChunkPlan, Source
 from pixcrawler_engine.sources._record import Record
 
@@ -24,14 +24,18 @@ __all__ = ["Prefetcher"]
 
 
 class Prefetcher:
-    """Downloads the chunks of a run in delivery order, a bounded number ahead."""
+    """Downloads the chunks of a run in delivery order, a bounded number ahead.
+
+    `order[i]` is (plan position, group) of the run's i-th chunk download (a chunk appears
+    again when padding repeats it).
+    """
 
     def __init__(
         self,
         source: Source,
         config: EngineConfig,
         plans: list[ChunkPlan],
-        order: list[int],
+        order: list[tuple[int, int]],
         workdir: Path,
     ) -> None:
         self.source = source
@@ -44,55 +48,47 @@ class Prefetcher:
         self.wake_fd, self._wake_w = os.pipe()
         os.set_blocking(self.wake_fd, False)
 
-    def start(self, st: State) -> None:
-        """Starts the downloads that the window and the pool allow."""
-        limit = min(len(self.order), st.deliver_pos + self.config.prefetch_chunks)
+    def start(self, st: State, limit: int) -> None:
+        """Starts the downloads before position `limit` that the pool allows."""
+        limit = min(len(self.order), limit)
         while st.next_download < limit and st.downloads < self.config.max_workers:
             pos = st.next_download
-            plan_index = self.order[pos]
-            st.chunks[pos] = Chunk(plan_index)
-            future = self.executor.submit(self._fetch, self.plans[plan_index].index)
+            plan_index, group = self.order[pos]
+            st.chunks[pos] = Chunk(plan_index, group)
+            future = self.executor.submit(self._fetch, self.plans[plan_index])
             future.add_done_callback(lambda _f: os.write(self._wake_w, b"x"))
             self.fetched.append((pos, future))
             st.next_download += 1
             st.downloads += 1
 
-    def _fetch(self, chunk: int) -> tuple[Path, bool, list[Record]]:
-        path, owned = self.source.fetch(chunk, self.workdir)
-        records = self.source.records(chunk, path)
-        if self.config.shuffle:
-            perm = record_order(len(records), seed=self.config.seed, chunk=chunk)
-            records = [records[i] for i in perm]
+    def _fetch(self, plan: ChunkPlan) -> tuple[Path, bool, list[Record]]:
+        path, owned = self.source.fetch(plan.index, self.workdir)
+        records = self.source.records(plan.index, path)
         return path, owned, records
 
-    def collect(self, st: State) -> None:
-        """Turns finished downloads into pending tasks (or a failure to deliver in order)."""
+    def collect(self, st: State) -> list[int]:
+        """Records finished downloads in the state; returns their positions."""
         with contextlib.suppress(BlockingIOError):
             os.read(self.wake_fd, 4096)
-        still = []
+        still, finished = [], []
         for pos, future in self.fetched:
             if not future.done():
                 still.append((pos, future))
                 continue
             st.downloads -= 1
+            finished.append(pos)
             chunk = st.chunks[pos]
             plan = self.plans[chunk.plan_index]
             try:
                 chunk.path, chunk.owned, chunk.records = future.result()
             except Exception as exc:
                 chunk.error = ExceptionWrapper.wrap(exc, f"downloading chunk {plan.index}")
-                st.done[(pos, 0)] = Done(None, plan.num_records, Failed(chunk.error))
                 continue
             st.stats["chunks"] += 1
             if chunk.path is not None and chunk.owned:
                 st.stats["bytes_downloaded"] += chunk.path.stat().st_size
-            n = len(chunk.records)
-            rows = self.config.batch_rows
-            for start in range(0, n, rows):
-                heapq.heappush(st.pending, (pos, start, min(start + rows, n), -1))
-            if n == 0:
-                st.done[(pos, 0)] = Done(None, 0)
         self.fetched = still
+        return finished
 
     def close(self) -> None:
         """Cancels downloads not started; idempotent.

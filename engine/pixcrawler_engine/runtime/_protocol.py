@@ -135,11 +135,18 @@ class Finished:
 # supervisor -> worker
 @dataclass(frozen=True)
 class Task:
+    """Records to decode into `slot`, drawn from one chunk or (shuffled) from several.
+
+    `parts[i]` is the position in `chunks`/`paths` of record i's chunk; None when all come
+    from the first.
+    """
+
     task_id: int
-    chunk: int
-    chunk_path: str
+    chunks: tuple[int, ...]
+    paths: tuple[str, ...]
     records: tuple[Record, ...]
     slot: int
+    parts: tuple[int, ...] | None = None
 
 
 # worker -> supervisor

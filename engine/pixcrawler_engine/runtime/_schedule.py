@@ -1,5 +1,9 @@
 """The supervisor's bookkeeping: chunks in flight, worker handles, finished tasks, slot size.
 
+Tasks are keyed (group, position): a group of the epoch's order (see NOTE [epoch order] in
+`_epoch`) and a position in its order; chunks are keyed by their place in the run's download
+order.
+
 Plain data, owned and mutated by the supervisor's one thread (see NOTE [scheduling] in
 `_supervisor`); the prefetcher's threads never touch it.
 """
@@ -34,10 +38,10 @@ ROW_OVERHEAD = 4096
 
 
 def chunk_order(num_chunks: int, *, shuffle: bool, seed: int) -> list[int]:
-    """The positions of a run's chunks (in its plan) in delivery order.
+    """The positions of a run's chunks (in its plan) in the chunk-level shuffle's order.
 
-    The plan's order, or with `shuffle` the permutation seeded by `seed` alone; other runtimes
-    (`pixcrawler.ray`) call this to deliver the engine's order.
+    The plan's order, or with `shuffle` the permutation seeded by `seed` alone: epoch 0 of the
+    engine's order with `shuffle_window=1`, which exports and `pixcrawler.ray` deliver.
     """
     if not shuffle:
         return list(range(num_chunks))
@@ -47,7 +51,8 @@ def chunk_order(num_chunks: int, *, shuffle: bool, seed: int) -> list[int]:
 
 
 def record_order(num_records: int, *, seed: int, chunk: int) -> list[int]:
-    """The order of a chunk's records in a shuffled run: seeded by the seed and the chunk id."""
+    """A chunk's records in the chunk-level shuffle (see `chunk_order`): seeded by the seed and
+    the chunk id."""
     import numpy as np
 
     return [int(i) for i in np.random.default_rng([seed, chunk]).permutation(num_records)]
@@ -67,6 +72,7 @@ def slot_bytes_for(config: EngineConfig, policy: DecodePolicy) -> int:
 @dataclass
 class Chunk:
     plan_index: int
+    group: int
     records: list[Record] | None = None
     path: Path | None = None
     owned: bool = False
@@ -80,7 +86,7 @@ class WorkerSlot:
     seat: int
     conn: Connection
     pid: int | None = None  # reported by the zygote once forked
-    task: tuple[int, int, int, int] | None = None  # (pos, start, end, slot)
+    task: tuple[int, int, int, int] | None = None  # (group, start, end, slot)
     task_id: int = 0
     ready: bool = False  # imports done (WorkerReady); only then it gets tasks
     born: float = field(default_factory=time.monotonic)
@@ -102,8 +108,8 @@ class State:
     pending: list[tuple[int, int, int, int]] = field(default_factory=list)  # heap
     done: dict[tuple[int, int], Done] = field(default_factory=dict)
     free_slots: list[int] = field(default_factory=list)
-    deliver_pos: int = 0
-    deliver_row: int = 0
+    deliver_group: int = 0  # the group delivering now, and the position it delivers next
+    deliver_at: int = 0
     next_download: int = 0
     downloads: int = 0
     stats: dict[str, int] = field(

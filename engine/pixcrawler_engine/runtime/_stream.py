@@ -37,6 +37,7 @@ from pixcrawler_engine.runtime._batch import (
     metadata_of,
     read_batch,
 )
+from pixcrawler_engine.runtime._epoch import Share
 from pixcrawler_engine.runtime._launch import BOOTSTRAP
 from pixcrawler_engine.runtime._protocol import (
     RELEASE,
@@ -180,7 +181,23 @@ class Stream:
         ...         use(batch.images, batch.labels)
     """
 
-    def __init__(self, source: Source, *, config: EngineConfig, policy: DecodePolicy) -> None:
+    def __init__(
+        self,
+        source: Source,
+        *,
+        config: EngineConfig,
+        policy: DecodePolicy,
+        share: Share | None = None,
+    ) -> None:
+        """Starts the run: its supervisor, which starts the workers.
+
+        Args:
+            source: the dataset's chunks.
+            config: the engine's knobs (its `shuffle`, `seed` and `shuffle_window` too).
+            policy: how images are decoded.
+            share: which part of which epoch's order to deliver (see NOTE [epoch order] in
+                `runtime._epoch`); default all of epoch 0.
+        """
         from multiprocess.connection import Pipe
 
         self.config = config
@@ -202,7 +219,7 @@ class Stream:
         self._state.release_conn, self._state.release_fd = release_w, release_w.fileno()
         try:
             conn.send(list(sys.path))
-            conn.send((self._state.token, source, config, policy))
+            conn.send((self._state.token, source, config, policy, share or Share()))
         except OSError:
             pass  # it died at once; the first receive says how
         self.pid = proc.pid

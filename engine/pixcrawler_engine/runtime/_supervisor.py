@@ -4,10 +4,12 @@ It owns every OS resource of a run (its owner lock, the shared-memory slots and 
 the download folder, the zygote and, through it, the workers) and is the only process that
 unlinks or deletes them (see NOTE [ownership] in `_shm`).
 
-NOTE [scheduling]: a chunk's records are cut into tasks of `batch_rows` records; a task is
-keyed (chunk position, first record) and dispatched in key order, each with a free slot
-reserved for it. Results are delivered to the consumer in key order only, so the output
-order is the dataset order (or the seeded shuffle) whatever the number of workers. Since
+NOTE [scheduling]: the run delivers its share of an epoch's order, a list of groups (one
+chunk each, or a shuffled block of chunks: NOTE [epoch order] in `_epoch`). Once all chunks of
+a group are downloaded, its selected positions are cut into tasks of `batch_rows`; a task is
+keyed (group, first position) and dispatched in key order, each with a free slot reserved for
+it. Results are delivered to the consumer in key order only, so the output order is the
+epoch's order whatever the number of workers. Since
 every task earlier than a dispatched one was dispatched first, the next task to deliver
 always has, or gets, a slot; the exceptions (a task cut short because its slot filled up, a
 consumer holding every slot) are handled by evicting a later finished task or growing the
@@ -38,6 +40,7 @@ from typing import Any
 
 from pixcrawler_engine._config import DecodePolicy, EngineConfig
 from pixcrawler_engine._errors import SharedMemoryError, WorkerError
+from pixcrawler_engine.runtime._epoch import Group, Share, epoch_groups
 from pixcrawler_engine.runtime._pool import Death, WorkerPool
 from pixcrawler_engine.runtime._prefetch import Prefetcher
 from pixcrawler_engine.runtime._protocol import (
@@ -60,7 +63,6 @@ from pixcrawler_engine.runtime._schedule import (
     Done,
     State,
     WorkerSlot,
-    chunk_order,
     slot_bytes_for,
 )
 from pixcrawler_engine.runtime._shm import (
@@ -92,6 +94,7 @@ class Supervisor:
         source: Source,
         config: EngineConfig,
         policy: DecodePolicy,
+        share: Share,
     ) -> None:
         self.conn = conn
         self.release = release
@@ -109,20 +112,42 @@ class Supervisor:
         self.pool: WorkerPool | None = None
         try:
             self.plans = source.plan()
+            self.groups = epoch_groups(
+                [p.num_records for p in self.plans],
+                chunk_ids=[p.index for p in self.plans],
+                shuffle=config.shuffle,
+                seed=config.seed,
+                window=config.shuffle_window,
+                share=share,
+            )
         except BaseException:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.lock.release()
             raise
-        self.order = chunk_order(len(self.plans), shuffle=config.shuffle, seed=config.seed)
+        # The downloads in order: each group's chunks, at positions first[g] .. first[g + 1].
+        order = [(i, g) for g, group in enumerate(self.groups) for i in group.chunks]
+        self.first = [0]
+        for group in self.groups:
+            self.first.append(self.first[-1] + len(group.chunks))
+        self.collected = [0] * len(self.groups)
         self.state = State()
+        if self.groups:
+            self.state.deliver_at = self.groups[0].ranges[0][0]
         self.task_ids = 0
         self.restarts: dict[tuple[int, int], int] = {}
-        self.prefetch = Prefetcher(source, config, self.plans, self.order, self.workdir)
+        self.prefetch = Prefetcher(source, config, self.plans, order, self.workdir)
         self.waiter = Waiter()
 
     # ---- set-up -------------------------------------------------------------------------
+    def _prefetch(self) -> None:
+        """Downloads the delivering group's chunks, and `prefetch_chunks` beyond its first."""
+        g = min(self.state.deliver_group, len(self.groups) - 1)
+        limit = max(self.first[g + 1], self.first[g] + self.config.prefetch_chunks)
+        self.prefetch.start(self.state, limit)
+
     def start(self) -> None:
-        self.prefetch.start(self.state)  # the first chunks download while the workers boot
+        if self.groups:
+            self._prefetch()  # the first chunks download while the workers boot
         slot_bytes = slot_bytes_for(self.config, self.policy)
         self.slots = SlotPool(self.token, self.config.slots, slot_bytes)
         self.state.free_slots = list(range(len(self.slots)))
@@ -140,11 +165,11 @@ class Supervisor:
         self.start()
         assert self.pool is not None
         st = self.state
-        while st.deliver_pos < len(self.order):
-            self.prefetch.start(self.state)
+        while st.deliver_group < len(self.groups):
+            self._prefetch()
             self._dispatch()
             self._deliver()
-            if st.deliver_pos >= len(self.order):
+            if st.deliver_group >= len(self.groups):
                 break
             if self.pool.changed:
                 self.conn.send(Workers(self.pool.pids()))
@@ -159,7 +184,8 @@ class Supervisor:
                 self._on_result(worker, result)
             for death in deaths:
                 self._on_death(death)
-            self.prefetch.collect(self.state)
+            for pos in self.prefetch.collect(self.state):
+                self._on_chunk(pos)
             self.pool.check()
             if os.getppid() != self.consumer:
                 return  # the consumer is gone and nobody will read what we make
@@ -214,40 +240,75 @@ class Supervisor:
         self.state.free_slots.append(slot)
 
     # ---- decoding -------------------------------------------------------------------------
+    def _on_chunk(self, pos: int) -> None:
+        """A download finished: once its group has all its chunks, the group's tasks queue."""
+        st = self.state
+        g = st.chunks[pos].group
+        self.collected[g] += 1
+        group = self.groups[g]
+        if self.collected[g] < len(group.chunks):
+            return
+        chunks = [st.chunks[p] for p in range(self.first[g], self.first[g + 1])]
+        failed = next((c.error for c in chunks if c.error is not None), None)
+        if failed is not None:
+            st.done[(g, group.ranges[0][0])] = Done(None, group.ranges[-1][1], Failed(failed))
+            return
+        rows = self.config.batch_rows
+        for lo, hi in group.ranges:
+            for start in range(lo, hi, rows):
+                heapq.heappush(st.pending, (g, start, min(start + rows, hi), -1))
+
     def _dispatch(self) -> None:
         assert self.pool is not None
         st = self.state
         idle = self.pool.idle()
         while idle and st.pending:
-            pos, start, end, slot = st.pending[0]
+            g, start, end, slot = st.pending[0]
             if slot < 0:
                 if not st.free_slots:
-                    if not self.pool.busy() and not self._evict(pos, start):
+                    if not self.pool.busy() and not self._evict(g, start):
                         break
                     if not st.free_slots:
                         break
                 slot = st.free_slots.pop()
             heapq.heappop(st.pending)
             worker = idle.pop()
-            chunk = st.chunks[pos]
-            assert chunk.records is not None and chunk.path is not None
             self.task_ids += 1
-            task = Task(
-                self.task_ids,
-                self.plans[chunk.plan_index].index,
-                str(chunk.path),
-                tuple(chunk.records[start:end]),
-                slot,
-            )
-            worker.task, worker.task_id = (pos, start, end, slot), task.task_id
+            task = self._task(self.groups[g], self.first[g], start, end, slot)
+            worker.task, worker.task_id = (g, start, end, slot), task.task_id
             death = self.pool.send(worker, task)
             if death is not None:
                 self._on_death(death)
 
-    def _evict(self, pos: int, start: int) -> bool:
-        """Frees the slot of the latest finished task that waits behind (pos, start)."""
+    def _task(self, group: Group, first: int, start: int, end: int, slot: int) -> Task:
+        """The task of positions [start, end) of a group, its chunks downloaded."""
+        chunks = [self.state.chunks[first + i] for i in range(len(group.chunks))]
+        if len(chunks) == 1 and group.key is None:  # the dataset order: a slice of one chunk
+            chunk = chunks[0]
+            assert chunk.records is not None and chunk.path is not None
+            ids, paths = (self.plans[chunk.plan_index].index,), (str(chunk.path),)
+            return Task(self.task_ids, ids, paths, tuple(chunk.records[start:end]), slot)
+        rows = group.rows(start, end)
+        used = sorted({part for part, _ in rows})
+        at = {part: i for i, part in enumerate(used)}
+        records = []
+        for part, record in rows:
+            listed = chunks[part].records
+            assert listed is not None
+            records.append(listed[record])
+        return Task(
+            self.task_ids,
+            tuple(self.plans[chunks[i].plan_index].index for i in used),
+            tuple(str(chunks[i].path) for i in used),
+            tuple(records),
+            slot,
+            tuple(at[part] for part, _ in rows) if len(used) > 1 else None,
+        )
+
+    def _evict(self, g: int, start: int) -> bool:
+        """Frees the slot of the latest finished task that waits behind (g, start)."""
         st = self.state
-        later = [k for k, d in st.done.items() if k > (pos, start) and d.slot is not None]
+        later = [k for k, d in st.done.items() if k > (g, start) and d.slot is not None]
         if not later:
             return False
         key = max(later)
@@ -260,22 +321,21 @@ class Supervisor:
     def _on_result(self, worker: WorkerSlot, result: TaskDone | TaskFailed) -> None:
         if worker.task is None or result.task_id != worker.task_id:
             return
-        pos, start, end, slot = worker.task
+        g, start, end, slot = worker.task
         worker.task = None
         st = self.state
-        chunk = st.chunks[pos]
-        plan_index = self.plans[chunk.plan_index].index
+        chunk_id = self.plans[self.groups[g].chunks[0]].index
         if isinstance(result, TaskFailed):
             st.free_slots.append(slot)
-            st.done[(pos, start)] = Done(None, end, Failed(result.error))
+            st.done[(g, start)] = Done(None, end, Failed(result.error))
             return
         covered_end = start + result.covered
         if covered_end < end:  # the slot filled up: the rest is a task of its own
-            heapq.heappush(st.pending, (pos, covered_end, end, -1))
-        st.done[(pos, start)] = Done(
+            heapq.heappush(st.pending, (g, covered_end, end, -1))
+        st.done[(g, start)] = Done(
             slot,
             covered_end,
-            BatchReady(slot, result.nbytes, result.rows, plan_index, result.errors, result.notes),
+            BatchReady(slot, result.nbytes, result.rows, chunk_id, result.errors, result.notes),
         )
 
     def _on_death(self, death: Death) -> None:
@@ -293,28 +353,29 @@ class Supervisor:
                 exitcode=death.exitcode,
             )
         if worker.task is not None:
-            pos, start, end, slot = worker.task
-            tries = self.restarts.get((pos, start), 0) + 1
-            self.restarts[(pos, start)] = tries
+            g, start, end, slot = worker.task
+            tries = self.restarts.get((g, start), 0) + 1
+            self.restarts[(g, start)] = tries
             if tries > MAX_TASK_RESTARTS:
-                chunk_id = self.plans[self.state.chunks[pos].plan_index].index
+                ids = [self.plans[i].index for i in self.groups[g].chunks]
+                where = f"chunk {ids[0]}" if len(ids) == 1 else f"a task drawing on chunks {ids}"
                 raise WorkerError(
-                    f"worker {death.pid} {death.describe()} on chunk {chunk_id} (records "
+                    f"worker {death.pid} {death.describe()} on {where} (records "
                     f"{start}-{end}), {tries} times; the chunk may hold an image that crashes "
                     "the decoder (or, when hung, one that takes longer than worker_timeout="
                     f"{self.config.worker_timeout:g} s)",
                     pid=death.pid,
                     exitcode=death.exitcode,
                 )
-            heapq.heappush(self.state.pending, (pos, start, end, slot))
+            heapq.heappush(self.state.pending, (g, start, end, slot))
         self.pool.respawn(worker.seat)
 
     # ---- delivery -------------------------------------------------------------------------
     def _deliver(self) -> None:
         st = self.state
-        while st.deliver_pos < len(self.order):
-            key = (st.deliver_pos, st.deliver_row)
-            done = st.done.pop(key, None)
+        while st.deliver_group < len(self.groups):
+            g = st.deliver_group
+            done = st.done.pop((g, st.deliver_at), None)
             if done is None:
                 return
             if isinstance(done.message, Failed):
@@ -324,16 +385,20 @@ class Supervisor:
                 st.stats["samples"] += done.message.rows
                 st.stats["skipped"] += len(done.message.errors)
                 self.conn.send(done.message)
-            st.deliver_row = done.end
-            chunk = st.chunks[st.deliver_pos]
-            if chunk.records is not None and st.deliver_row >= len(chunk.records):
-                # Delivered whole: no task can need the file again (evictions redo only
-                # tasks of undelivered chunks).
-                if chunk.owned and chunk.path is not None:
+            after = self.groups[g].next_start(done.end)
+            if after is not None:
+                st.deliver_at = after
+                continue
+            # Delivered whole: no task can need its files again (evictions redo only tasks
+            # of undelivered groups).
+            gone = [st.chunks.pop(pos) for pos in range(self.first[g], self.first[g + 1])]
+            kept = {c.path for c in st.chunks.values()}  # padding may hold the same files
+            for chunk in gone:
+                if chunk.owned and chunk.path is not None and chunk.path not in kept:
                     chunk.path.unlink(missing_ok=True)
-                del st.chunks[st.deliver_pos]
-                st.deliver_pos += 1
-                st.deliver_row = 0
+            st.deliver_group += 1
+            if st.deliver_group < len(self.groups):
+                st.deliver_at = self.groups[st.deliver_group].ranges[0][0]
 
     # ---- teardown -------------------------------------------------------------------------
     def close(self) -> None:

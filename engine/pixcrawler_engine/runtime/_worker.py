@@ -1,4 +1,4 @@
-"""The worker loop: tasks of a chunk in, one Arrow RecordBatch in a shared-memory slot out.
+"""The worker loop: tasks of records in, one Arrow RecordBatch in a shared-memory slot out.
 
 `worker_main` is the body of a worker process, forked by the zygote (see NOTE [zygote]); the
 decoding itself is the plain function `_chunk.decode_records`. A worker talks only to the
@@ -31,8 +31,13 @@ from pixcrawler_engine.sources._record import Record
 __all__ = ["worker_main"]
 
 
+# Chunk files a worker keeps open: a shuffled task draws from a block of chunks (see NOTE
+# [epoch order] in `_epoch`), and reopening a zip reads its whole directory again.
+OPEN_CHUNKS = 32
+
+
 class _Worker:
-    """State of one worker process: attached slots and the chunk it last opened."""
+    """State of one worker process: attached slots and the chunks it has open."""
 
     def __init__(
         self,
@@ -48,7 +53,7 @@ class _Worker:
         self.slot_prefix = slot_prefix
         self.slot_bytes = slot_bytes
         self.slots: dict[int, Any] = {}
-        self.reader: tuple[str, ChunkReader] | None = None
+        self.readers: dict[str, ChunkReader] = {}  # by path, least recently used first
         self.beats = attach(beats_name)
         self.counts = self.beats.buf.cast("Q")
         self.seat = seat
@@ -57,24 +62,31 @@ class _Worker:
         """One more sample started: the supervisor measures silence per sample with this."""
         self.counts[self.seat] += 1
 
-    def _reader(self, path: str) -> ChunkReader:
-        if self.reader is None or self.reader[0] != path:
-            if self.reader is not None:
-                self.reader[1].close()
-            self.reader = (path, self.opener.open(path))
-        return self.reader[1]
+    def _open(self, paths: tuple[str, ...]) -> list[Any]:
+        """The `read` of each path's chunk, opened or reused; closes the least recent others."""
+        for path in paths:
+            reader = self.readers.pop(path, None)
+            self.readers[path] = reader if reader is not None else self.opener.open(path)
+        while len(self.readers) > max(OPEN_CHUNKS, len(paths)):
+            self.readers.pop(next(iter(self.readers))).close()
+        return [self.readers[path].read for path in paths]
 
     def run(self, task: Task) -> TaskDone:
         if task.slot not in self.slots:
             self.slots[task.slot] = attach(f"{self.slot_prefix}{task.slot}")
         buf = self.slots[task.slot].buf
-        reader = self._reader(task.chunk_path)
+        readers = self._open(task.paths)
+        read: Any = readers[0]
+        chunk: int | list[int] = task.chunks[0]
+        if task.parts is not None:
+            read = [readers[part] for part in task.parts]
+            chunk = [task.chunks[part] for part in task.parts]
         notes: list[tuple[str, str]] = []
         batch, covered, errors = decode_records(
             task.records,
-            reader.read,
+            read,
             self.policy,
-            chunk=task.chunk,
+            chunk=chunk,
             byte_limit=self.slot_bytes,
             notes=notes,
             on_sample=self.beat,
@@ -91,8 +103,8 @@ class _Worker:
         return TaskDone(task.task_id, nbytes, batch.num_rows, covered, tuple(errors), tuple(notes))
 
     def close(self) -> None:
-        if self.reader is not None:
-            self.reader[1].close()
+        for reader in self.readers.values():
+            reader.close()
         for shm in self.slots.values():
             shm.close()
         self.counts.release()
@@ -148,7 +160,8 @@ def worker_main(
             try:
                 result: TaskDone | TaskFailed = worker.run(task)
             except Exception as exc:  # a bad sample or chunk must never kill the worker
-                where = f"in worker {os.getpid()}, chunk {task.chunk}"
+                chunks = ", ".join(map(str, task.chunks))
+                where = f"in worker {os.getpid()}, chunk{'s' * (len(task.chunks) > 1)} {chunks}"
                 result = TaskFailed(task.task_id, ExceptionWrapper.wrap(exc, where))
             try:
                 conn.send(result)

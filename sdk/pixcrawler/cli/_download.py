@@ -110,7 +110,10 @@ def _ray_runner(address: str | None, **options: Any) -> contextlib.AbstractConte
     "--seed",
     type=click.IntRange(min=0),
     default=None,
-    help="Seed of --shuffle [default: 0]; the order load_dataset(shuffle=True, seed=...) gives.",
+    help=(
+        "Seed of --shuffle [default: 0]; the order of load_dataset(shuffle=True, seed=..., "
+        "shuffle_window=1)'s first epoch."
+    ),
 )
 @click.option(
     "--max-samples",

@@ -1,0 +1,307 @@
+"""The iterable PyTorch dataset: epochs, ranks and exact mid-epoch resume over the engine.
+
+Every rank, DataLoader worker and resumed run computes the same global order of an epoch
+from (job version, seed, epoch) alone (NOTE [epoch order] in `pixcrawler_engine.runtime._epoch`)
+and takes its share of it: at each step the W ranks take the next W x B samples, rank r the
+B after the first r x B. Inside DataLoader workers, worker k of K takes the rank's batches
+k, k + K, ..., which DataLoader hands out round robin: the rank's order again.
+
+The state (`state_dict`) is plain JSON: the job, the order's parameters, the epoch and how
+many samples of the epoch's global order all ranks together have consumed; a run restored
+from it (at any world size) starts the epoch there and decodes nothing before it.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Generator, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.utils.data
+
+from pixcrawler._chunks import JobRef, LocalChunks
+from pixcrawler._labels import LabelCoder
+from pixcrawler._parquet_ref import ParquetRef
+from pixcrawler._rebatch import check_batch_size, count_batches, rebatch
+from pixcrawler._torch_tensors import alloc, can_pin, images_tensor, pinned_alloc
+from pixcrawler_engine._config import DecodePolicy, EngineConfig
+from pixcrawler_engine.runtime._chunk import decode_records
+from pixcrawler_engine.runtime._epoch import Share, epoch_groups, units
+from pixcrawler_engine.runtime._stream import Batch, SampleWarning, Stream
+
+__all__ = ["TorchIterableDataset", "world"]
+
+STATE_VERSION = 1
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size): `torch.distributed`'s when initialised, else `RANK`/`WORLD_SIZE`.
+
+    Raises:
+        ValueError: `RANK`/`WORLD_SIZE` are not ints, or the rank is not below the size.
+    """
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        rank, size = dist.get_rank(), dist.get_world_size()
+    else:
+        try:
+            rank, size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        except ValueError as exc:
+            raise ValueError(
+                f"RANK={os.environ.get('RANK')!r} and WORLD_SIZE={os.environ.get('WORLD_SIZE')!r} "
+                "must be ints (torchrun sets both); unset them for a single process"
+            ) from exc
+    if not 0 <= rank < size:
+        raise ValueError(
+            f"rank {rank} is not in 0 .. world_size - 1 = {size - 1}: check RANK and WORLD_SIZE "
+            "(or the process group)"
+        )
+    return rank, size
+
+
+class TorchIterableDataset(torch.utils.data.IterableDataset[Any]):
+    """An iterable dataset streamed by the engine: epochs, ranks, resume.
+
+    Each `iter()` is an epoch: `set_epoch(n)` sets it, else it advances by one per pass
+    (inside DataLoader workers the dataset is a copy made each epoch: call `set_epoch`, or
+    use `persistent_workers=True`). With `shuffle=True` the order depends only on the seed
+    and the epoch. Under `torch.distributed` (or `RANK`/`WORLD_SIZE`) the ranks share each
+    epoch without overlap, all with the same number of batches: the last, incomplete step is
+    padded with samples from the epoch's start (or dropped with `drop_last=True`). In the
+    main process (`num_workers=0`) the rank's share streams through the engine's decode
+    processes; inside DataLoader workers each worker decodes its batches itself.
+
+    With `batch_size`, each item is a whole batch `(images, labels)`: images a uint8
+    (B, H, W, C) tensor, labels an int64 (B,) tensor of class indices (a list where labels are
+    neither class names nor ints); read it with `DataLoader(dataset, batch_size=None)`. A batch
+    that lies inside one engine batch shares the engine's shared-memory slot (no copy; the
+    slot stays leased while the tensor lives, so it stays valid after the next batch), one
+    that spans engine batches is copied once.
+
+    `state_dict()` / `load_state_dict()` save and restore the position in the epoch, for
+    torchdata's `StatefulDataLoader` (see the module docstring).
+
+    Attributes:
+        class_to_idx: class name -> label index, in the job's `labels` order.
+        classes: the class names, index order.
+    """
+
+    def __init__(
+        self,
+        ref: JobRef | ParquetRef,
+        config: EngineConfig,
+        policy: DecodePolicy,
+        output: Callable[[np.ndarray, Any], tuple[Any, Any]],
+        class_to_idx: dict[str, int],
+        transform: Callable[[Any], Any] | None,
+        *,
+        batch_size: int | None = None,
+        drop_last: bool = False,
+        pin_memory: bool = False,
+        metadata: Callable[[Batch], tuple[list[dict[str, Any]]]] | None = None,
+    ) -> None:
+        check_batch_size(batch_size, optional=True)
+        self.ref = ref
+        self.config = config
+        self.policy = policy
+        self.transform = transform
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.pin_memory = pin_memory
+        self.metadata = metadata
+        self.epoch = 0
+        self._output = output
+        self.class_to_idx = class_to_idx
+        self.classes = list(class_to_idx)
+        self._start = 0  # where the next pass starts in its epoch (a loaded state)
+        self._pass: tuple[int, int, int, int] | None = None  # epoch, start, world, items out
+
+    # ---- epochs and state -------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """Sets the epoch of the next pass (the same on every rank), from its start."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        self.epoch, self._start = epoch, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the current pass stands, as plain JSON data (see `load_state_dict`)."""
+        epoch, consumed = self.epoch, self._start
+        if self._pass is not None:
+            epoch, start, size, items = self._pass
+            consumed = min(self._total(), start + self._consumed(items, size))
+        return {**self._identity(), "epoch": epoch, "consumed": consumed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Makes the next pass continue the saved epoch where it stood, at any world size.
+
+        Raises:
+            ValueError: the state belongs to another job, job version, order or dataset
+                size; the message names what differs.
+        """
+        mine = self._identity()
+        if not isinstance(state, dict) or state.get("state_version") != STATE_VERSION:
+            raise ValueError(
+                f"not a state of this dataset ({state!r:.80}); pass what state_dict() returned"
+            )
+        differ = [k for k in mine if state.get(k) != mine[k]]
+        if differ:
+            said = ", ".join(f"{k}={state.get(k)!r} (now {mine[k]!r})" for k in differ)
+            raise ValueError(
+                f"this state was saved for another dataset or order: {said}; load the dataset "
+                "as it was saved, or start the epoch afresh with set_epoch()"
+            )
+        epoch, consumed = state.get("epoch"), state.get("consumed")
+        if not isinstance(epoch, int) or not isinstance(consumed, int) or consumed < 0:
+            raise ValueError(f"a state needs int 'epoch' and 'consumed', got {state!r:.120}")
+        if consumed >= self._total():
+            epoch, consumed = epoch + 1, 0  # saved at the end of the epoch: the next one
+        self.epoch, self._start, self._pass = epoch, consumed, None
+
+    def _identity(self) -> dict[str, Any]:
+        manifest = self.ref.manifest
+        return {
+            "state_version": STATE_VERSION,
+            "job_id": manifest.job_id,
+            "version": manifest.version,
+            "num_images": self._total(),
+            "shuffle": self.config.shuffle,
+            "seed": self.config.seed,
+            "shuffle_window": self.config.shuffle_window,
+        }
+
+    def _total(self) -> int:
+        return sum(c.num_images for c in self.ref.manifest.chunks)
+
+    def _step(self) -> int:
+        """Samples a rank takes per step: its batch size (engine batches when per sample)."""
+        return self.batch_size or self.config.batch_rows
+
+    def _share(self, size: int, rank: int) -> Share:
+        step = self._step()
+        return Share(epoch=self.epoch, start=self._start, rank=rank, world_size=size,
+                     step=step, drop_last=self.drop_last and size > 1)  # fmt: skip
+
+    def _consumed(self, items: int, size: int) -> int:
+        """Samples of the global order consumed once every rank has handed out `items`."""
+        if size == 1:
+            return items * (self.batch_size or 1)
+        step = self._step()
+        per_step = 1 if self.batch_size else step  # items per step of one rank
+        return (items // per_step) * size * step
+
+    # ---- iteration ----------------------------------------------------------------------
+    def __len__(self) -> int:
+        """Images (or batches, with `batch_size`) of this rank's share of the next epoch.
+
+        Fewer come out when bad images are skipped.
+        """
+        rank, size = world()
+        images = self._share(size, rank).count(self._total())
+        if size > 1 and self.batch_size is not None:
+            return len(self._share(size, rank).ranges(self._total()))  # one batch per step
+        batches = count_batches(images, self.batch_size, self.drop_last)
+        return images if batches is None else batches
+
+    def __iter__(self) -> Iterator[Any]:
+        rank, size = world()
+        share = self._share(size, rank)
+        self.epoch, self._start = share.epoch + 1, 0  # the next pass: the next epoch
+        self._pass = (share.epoch, share.start, size, 0)
+        info = torch.utils.data.get_worker_info()
+        if info is None:
+            batches = self._stream(share)
+        else:
+            batches = self._decode_here(share, info.id, info.num_workers)
+        items = self._batches(batches) if self.batch_size else self._samples(batches)
+        try:
+            for n, item in enumerate(items, 1):
+                self._pass = (share.epoch, share.start, size, n)  # handed out: consumed
+                yield item
+        finally:
+            batches.close()  # stops the engine pass now, not when the generator is collected
+
+    def _samples(self, batches: Iterator[Batch]) -> Iterator[tuple[Any, ...]]:
+        for batch in batches:
+            images = batch.images
+            meta = self.metadata(batch)[0] if self.metadata else None
+            for i, label in enumerate(batch.labels):
+                item = self._output(images[i], label)
+                yield item if meta is None else (*item, meta[i])
+
+    def _batches(self, batches: Iterator[Batch]) -> Iterator[tuple[Any, ...]]:
+        pin = self.pin_memory and torch.utils.data.get_worker_info() is None and can_pin()
+        coder = LabelCoder(self.class_to_idx)
+        metadata = self.metadata
+
+        def extract(batch: Batch) -> tuple[Any, ...]:
+            labels = coder(batch)
+            return (labels, *metadata(batch)) if metadata else (labels,)
+
+        assert self.batch_size is not None
+        for rows in rebatch(
+            batches,
+            self.batch_size,
+            drop_last=self.drop_last,
+            shape=self.policy.fixed_shape,
+            extract=extract,
+            alloc=pinned_alloc if pin else alloc,
+        ):
+            images = images_tensor(rows, pin=pin)
+            labels = rows.columns[0]
+            if isinstance(labels, np.ndarray):
+                labels = torch.from_numpy(labels)
+                if pin:
+                    labels = labels.pin_memory()
+            if self.transform is not None:
+                images = self.transform(images)
+            yield (images, labels, *rows.columns[1:])
+
+    def _stream(self, share: Share) -> Generator[Batch, None, None]:
+        if not share.count(self._total()):
+            return
+        source = self.ref.source()
+        # Engine batches no bigger than a step: then a batch that does not cross a block of
+        # the order is one engine batch, handed out without a copy.
+        config = self.config.replace(batch_rows=min(self.config.batch_rows, self._step()))
+        try:
+            stream = Stream(source, config=config, policy=self.policy, share=share)
+        finally:
+            source.close()  # the supervisor has its own copy
+        with stream:
+            yield from stream
+
+    def _decode_here(self, share: Share, worker: int, workers: int) -> Generator[Batch, None, None]:
+        """Worker `worker` of `workers`: the rank's batches worker, worker + workers, ..."""
+        chunks = self.ref.manifest.chunks
+        groups = epoch_groups(
+            [c.num_images for c in chunks],
+            chunk_ids=[c.index for c in chunks],
+            shuffle=self.config.shuffle,
+            seed=self.config.seed,
+            window=self.config.shuffle_window,
+            share=share,
+        )
+        cache = LocalChunks(self.ref)
+        try:
+            for n, pieces in enumerate(units(groups, self._step())):
+                if n % workers != worker:
+                    continue
+                records, reads, ids = [], [], []
+                for g, lo, hi in pieces:
+                    group = groups[g]
+                    for part, row in group.rows(lo, hi):
+                        chunk = chunks[group.chunks[part]].index
+                        reader, listed = cache.open(chunk)
+                        records.append(listed[row])
+                        reads.append(reader.read)
+                        ids.append(chunk)
+                batch, _, errors = decode_records(records, reads, self.policy, chunk=ids)
+                if self.policy.on_error == "warn":
+                    for key, message in errors:
+                        warnings.warn(SampleWarning(message, key), stacklevel=2)
+                yield Batch(batch)
+        finally:
+            cache.discard()

@@ -1,16 +1,19 @@
 """The fast decode + resize path: OpenCV's resize after a reduced-scale JPEG decode, OpenCV's
 PNG/WebP decoders; the general (Pillow) path in `_image` takes whatever this one declines.
 
-Measured side by side in one process on one core (`python -m bench.decode_compare`,
-2026-11-29, 2-core AMD EPYC VM shared with other jobs; 640x480-class real photos to 224x224;
-PSNR against a full decode + Pillow LANCZOS):
+Measured side by side in one process on one core (2026-11-29, 2-core AMD EPYC VM shared with
+other jobs; 640x480-class real photos to 224x224, `decode_image` end to end, medians of 3
+interleaved rounds; PSNR against a full decode + Pillow LANCZOS, mean (worst image)):
 
-    JPEG  simplejpeg n/8 + Pillow BILINEAR (the general path)   1.00x   39.4 dB (min 35.1)
-          simplejpeg n/8 + cv2.resize INTER_LINEAR              1.9x    37.0 dB (min 28.4)
-          simplejpeg n/8 + cv2.warpAffine linear, exact box     1.35x   41.2 dB (min 34.8)
-    PNG   Pillow decode + Pillow BILINEAR                        1.00x   39.7 dB
-          cv2.imdecode + cv2.resize INTER_AREA                   1.13x   42.4 dB
-    WebP  the same                                               1.21x   42.5 dB
+    JPEG stretch  general (simplejpeg n/8 + Pillow)  676/s  39.4 dB (35.1)   fast  812/s  40.9 dB (36.1)
+    JPEG crop  general       667/s  40.2 dB (34.7)   fast  983/s  41.1 dB (34.8)
+    PNG  stretch  general (Pillow)       130/s  39.6 dB (37.0)   fast  141/s  42.9 dB (37.0)
+    WebP stretch  general (Pillow)       201/s  39.7 dB (37.1)   fast  229/s  42.9 dB (37.1)
+
+(a crop of a full-size PNG/WebP is resized by Pillow from OpenCV's pixels: within noise.)
+The resize alone after a JPEG's n/8 decode: Pillow 1,540/s, cv2.resize INTER_LINEAR 8,400/s
+but 37.0 dB (28.4), cv2.warpAffine with the exact box 3,300/s, 40.4 dB (31.4), and with the
+Gaussian below 2,300/s, 40.2 dB (34.0).
 
 `cv2.resize` is the fastest resize, but it maps the whole decoded image onto the output: a
 JPEG decoded at n/8 is ceil(size * n / 8) pixels, of which size * n / 8 are the image, and

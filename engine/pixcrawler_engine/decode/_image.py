@@ -148,7 +148,11 @@ def decode_image(
     if _decode_vips(view, header, plan, target):
         return target
     pixels = decode_other(view, header, plan)
-    if pixels is not None and _fast_finish(pixels, 1.0, plan, target):
+    if pixels is not None:
+        if not _fast_finish(pixels, 1.0, plan, target):
+            # The same pixels Pillow decodes (an exact decode), resized as Pillow's path does.
+            im = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
+            _write(to_mode(_finish(im, 1, plan, 1.0), plan.mode), plan, target)
         return target
     what = f"{header.format} image ({header.width}x{header.height}, {header.mode})"
     with library_errors(what):

@@ -5,11 +5,13 @@ Measured side by side in one process on one core (2026-11-29, 2-core AMD EPYC VM
 other jobs; 640x480-class real photos to 224x224, `decode_image` end to end, medians of 3
 interleaved rounds; PSNR against a full decode + Pillow LANCZOS, mean (worst image)):
 
-    JPEG stretch  general (simplejpeg n/8 + Pillow)  676/s  39.4 dB (35.1)   fast  812/s  40.9 dB (36.1)
-    JPEG crop  general       667/s  40.2 dB (34.7)   fast  983/s  41.1 dB (34.8)
-    PNG  stretch  general (Pillow)       130/s  39.6 dB (37.0)   fast  141/s  42.9 dB (37.0)
-    WebP stretch  general (Pillow)       201/s  39.7 dB (37.1)   fast  229/s  42.9 dB (37.1)
+    case           general path                     fast path
+    JPEG stretch   676/s  39.4 dB (35.1)            812/s  40.9 dB (36.1)   1.20x
+    JPEG crop      667/s  40.2 dB (34.7)            983/s  41.1 dB (34.8)   1.47x
+    PNG  stretch   130/s  39.6 dB (37.0)            141/s  42.9 dB (37.0)   1.08x
+    WebP stretch   201/s  39.7 dB (37.1)            229/s  42.9 dB (37.1)   1.14x
 
+The general path is simplejpeg n/8 + Pillow for JPEG, Pillow for PNG/WebP.
 (a crop of a full-size PNG/WebP is resized by Pillow from OpenCV's pixels: within noise.)
 The resize alone after a JPEG's n/8 decode: Pillow 1,540/s, cv2.resize INTER_LINEAR 8,400/s
 but 37.0 dB (28.4), cv2.warpAffine with the exact box 3,300/s, 40.4 dB (31.4), and with the

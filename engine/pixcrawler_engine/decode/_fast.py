@@ -1,7 +1,7 @@
 """The fast decode + resize path: OpenCV's resize after a reduced-scale JPEG decode, OpenCV's
 PNG/WebP decoders; the general (Pillow) path in `_image` takes whatever this one declines.
 
-Measured side by side in one process on one core (2026-11-29, 2-core AMD EPYC VM shared with
+Measured side by side in one process on one core (2026-11-29, 2-core Intel Xeon VM shared with
 other jobs; 640x480-class real photos to 224x224, `decode_image` end to end, medians of 3
 interleaved rounds; PSNR against a full decode + Pillow LANCZOS, mean (worst image)):
 

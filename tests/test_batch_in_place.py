@@ -9,7 +9,6 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pixcrawler_engine.runtime import _batch
 from pixcrawler_engine.runtime._batch import (
     BatchBuilder,
     image_views,
@@ -17,6 +16,7 @@ from pixcrawler_engine.runtime._batch import (
     read_batch,
     write_batch,
 )
+from pixcrawler_engine.runtime._sink import InPlaceSink, write_stream
 
 SHAPE = (32, 48, 3)
 
@@ -32,8 +32,8 @@ def _fill(builder: BatchBuilder, n: int, *, masks: bool = False) -> None:
 
 
 def _copied(batch: pa.RecordBatch, slot: memoryview) -> tuple[int, pa.RecordBatch]:
-    sink = _batch._InPlaceSink(slot)
-    _batch._write(batch, sink)
+    sink = InPlaceSink(slot)
+    write_stream(batch, sink)
     return sink.copied, read_batch(pa.py_buffer(slot[: sink.position]))
 
 

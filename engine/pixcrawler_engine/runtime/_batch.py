@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from pixcrawler_engine.runtime._sink import InPlaceSink, write_stream
+
 __all__ = [
     "BatchBuilder",
     "image_views",
@@ -216,56 +218,6 @@ def ipc_size(batch: pa.RecordBatch) -> int:
     return int(sink.size())
 
 
-class _InPlaceSink:
-    """A file for Arrow's IPC writer over `buf`: a buffer already at its place is not copied.
-
-    Arrow hands body buffers over as `pa.Buffer`s (zero-copy, with their address); metadata
-    comes as small bytes. Writes past the end raise, as `FixedSizeBufferWriter`'s do.
-    """
-
-    closed = False
-
-    def __init__(self, buf: memoryview | None) -> None:
-        self.dest = None if buf is None else np.frombuffer(buf, np.uint8)
-        self.base = 0 if self.dest is None else self.dest.ctypes.data
-        self.position = 0
-        self.copied = 0
-        self.marks: dict[int, int] = {}  # address of a body buffer -> where it was written
-
-    def write(self, data: Any) -> int:
-        view = np.frombuffer(data, np.uint8)
-        size = view.size
-        if isinstance(data, pa.Buffer):
-            self.marks[data.address] = self.position
-        if self.dest is not None:
-            if self.position + size > self.dest.size:
-                raise ValueError(
-                    f"the batch needs more than the {self.dest.size} bytes of its buffer"
-                )
-            if size and view.ctypes.data != self.base + self.position:
-                np.copyto(self.dest[self.position : self.position + size], view)
-                self.copied += size
-        self.position += size
-        return size
-
-    def tell(self) -> int:
-        return self.position
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def writable(self) -> bool:
-        return True
-
-
-def _write(batch: pa.RecordBatch, sink: _InPlaceSink) -> None:
-    with pa.PythonFile(sink, mode="w") as file, pa.ipc.new_stream(file, batch.schema) as writer:
-        writer.write_batch(batch)
-
-
 def write_batch(batch: pa.RecordBatch, buf: memoryview) -> int:
     """Writes `batch` as an Arrow IPC stream into `buf`; returns the bytes written.
 
@@ -274,16 +226,16 @@ def write_batch(batch: pa.RecordBatch, buf: memoryview) -> int:
     """
     dest = np.frombuffer(buf, np.uint8)
     low, high = dest.ctypes.data, dest.ctypes.data + dest.size
-    layout = _InPlaceSink(None)  # where each buffer goes, nothing written (~13 calls)
-    _write(batch, layout)
+    layout = InPlaceSink(None)  # where each buffer goes, nothing written (~13 calls)
+    write_stream(batch, layout)
     if any(low <= a < high and a != low + at for a, at in layout.marks.items()):
         # A buffer lies in `buf` but not where the stream puts it (a batch with masks has a
         # longer schema): the writes before it would overwrite it. Move the batch out first.
         heap = memoryview(bytearray(layout.position))
-        _write(batch, _InPlaceSink(heap))
+        write_stream(batch, InPlaceSink(heap))
         batch = read_batch(pa.py_buffer(heap))
-    sink = _InPlaceSink(buf)
-    _write(batch, sink)
+    sink = InPlaceSink(buf)
+    write_stream(batch, sink)
     return sink.position
 
 
@@ -303,8 +255,8 @@ def pixels_offset(fixed_shape: tuple[int, int, int], masks: bool = False) -> int
         metadata=None,
         mask=mask,
     )
-    sink = _InPlaceSink(None)
-    _write(builder.build(), sink)
+    sink = InPlaceSink(None)
+    write_stream(builder.build(), sink)
     return sink.marks[builder.pixels.ctypes.data]
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 SUITES = {
     "engine": ["-m", "bench.engine_bench", "--out", "{out}"],
     "decode": ["-m", "bench.decode_compare", "--out", "{out}/decode.json"],
+    "speed": ["-m", "bench.speed_bench", "--out", "{out}/speed.json"],
     "parquet": ["-m", "bench.parquet_export", "--out", "{out}/parquet.json"],
     "artefact": ["-m", "bench.artefact_bench", "--out", "{out}/artefact.json"],
     "startup": ["-m", "bench.startup_bench", "--out", "{out}/startup.json"],

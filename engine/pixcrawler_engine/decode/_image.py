@@ -63,6 +63,7 @@ import simplejpeg
 from PIL import Image, ImageFile, JpegImagePlugin, TiffImagePlugin
 
 from pixcrawler_engine._config import DecodePolicy
+from pixcrawler_engine.decode._fast import decode_other, resize_into
 from pixcrawler_engine.decode._headers import (
     ImageHeader,
     as_view,
@@ -146,6 +147,13 @@ def decode_image(
         return target
     if _decode_vips(view, header, plan, target):
         return target
+    pixels = decode_other(view, header, plan)
+    if pixels is not None:
+        if not _fast_finish(pixels, 1.0, plan, target):
+            # The same pixels Pillow decodes (an exact decode), resized as Pillow's path does.
+            im = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
+            _write(to_mode(_finish(im, 1, plan, 1.0), plan.mode), plan, target)
+        return target
     what = f"{header.format} image ({header.width}x{header.height}, {header.mode})"
     with library_errors(what):
         im = opened or open_pillow(view)
@@ -196,6 +204,8 @@ def _decode_jpeg(view: memoryview, header: ImageHeader, plan: Plan, target: np.n
         return False
     if pixels.shape[:2] != (dh, dw):  # a scale other than ours: leave it to Pillow
         return False
+    if header.orientation == 1 and _fast_finish(pixels, n / 8, plan, target):
+        return True
     with library_errors("JPEG image"):
         im = Image.fromarray(pixels[:, :, 0] if colorspace == "GRAY" else pixels)
         _write(_finish(im, header.orientation, plan, n / 8), plan, target)
@@ -294,6 +304,40 @@ def _finish(im: Image.Image, orientation: int, plan: Plan, scale: float) -> Imag
     return im.resize(plan.size, RESAMPLE, box=box, reducing_gap=REDUCING_GAP)
 
 
+def _fast_finish(pixels: np.ndarray, scale: float, plan: Plan, target: np.ndarray) -> bool:
+    """The fast path's resize (see `_fast`) of an upright image decoded at `scale` of its size,
+    into `target` as `_write` places it; False (nothing written): Pillow's path finishes."""
+    if plan.size is None:
+        if pixels.shape[:2] != target.shape[:2]:
+            return False
+        np.copyto(target, pixels)  # a grey image is repeated into RGB
+        return True
+    sw, sh = plan.source
+    left, top, right, bottom = plan.box or (0.0, 0.0, float(sw), float(sh))
+    height, width = pixels.shape[:2]
+    box = (
+        max(0.0, left * scale),
+        max(0.0, top * scale),
+        min(float(width), right * scale),
+        min(float(height), bottom * scale),
+    )
+    if (plan.size[1], plan.size[0]) == target.shape[:2]:
+        return resize_into(pixels, box, plan.size, target)
+    # On False, Pillow's path writes the whole target again, border included.
+    return resize_into(pixels, box, plan.size, _region(plan, target, plan.size))
+
+
+def _region(plan: Plan, target: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The part of `target` an image of `size` (w, h) goes to, the border around it zeroed."""
+    width, height = size
+    top, left = plan.offset
+    target[:top] = 0
+    target[top + height :] = 0
+    target[top : top + height, :left] = 0
+    target[top : top + height, left + width :] = 0
+    return target[top : top + height, left : left + width]
+
+
 def _write(im: Image.Image, plan: Plan, target: np.ndarray) -> None:
     """Copies the pixels into `target`, centred with a zero border when smaller (pad)."""
     pixels = np.asarray(im)
@@ -303,9 +347,4 @@ def _write(im: Image.Image, plan: Plan, target: np.ndarray) -> None:
     if (height, width) == target.shape[:2]:
         np.copyto(target, pixels)
         return
-    top, left = plan.offset
-    target[:top] = 0
-    target[top + height :] = 0
-    target[top : top + height, :left] = 0
-    target[top : top + height, left + width :] = 0
-    target[top : top + height, left : left + width] = pixels
+    _region(plan, target, (width, height))[...] = pixels

@@ -16,10 +16,19 @@ A decoded batch is one Arrow RecordBatch with these columns:
 
 Batches travel as Arrow IPC streams written into shared-memory slots; `read_batch` maps one in
 place, so every array handed out is a view of the slot.
+
+NOTE [pixels in place]: a worker decodes fixed-size images straight into the slot. The image
+column's values are the first buffer of the IPC body, so they start at a fixed offset of the
+stream (`pixels_offset`: the schema message and the batch's metadata, whose flatbuffers hold
+only fixed-size fields), whatever the number of rows and the other columns. `BatchBuilder`
+given the slot (`out=`) places its pixel array there, and `write_batch` skips every buffer
+that already lies where the stream puts it, so the pixels are never copied; anything else (or
+a layout that ever differs) is copied as before.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,6 +37,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from pixcrawler_engine.runtime._sink import InPlaceSink, write_stream
+
 __all__ = [
     "BatchBuilder",
     "image_views",
@@ -35,6 +46,7 @@ __all__ = [
     "label_value_set",
     "labels_of",
     "mask_views",
+    "pixels_offset",
     "read_batch",
     "schema_for",
     "write_batch",
@@ -104,12 +116,15 @@ class BatchBuilder:
     """Collects decoded samples of one batch and turns them into a RecordBatch.
 
     With a fixed shape, images are decoded straight into `pixels`, a preallocated
-    (rows, H, W, C) array, through `next_image()`; no per-image allocation.
+    (rows, H, W, C) array, through `next_image()`; no per-image allocation. Given `out`, the
+    buffer the batch will be written to (a shared-memory slot), `pixels` lies in it, where
+    `write_batch` would copy them (see NOTE [pixels in place]).
     """
 
     fixed_shape: tuple[int, int, int] | None
     capacity: int
     pixels: np.ndarray | None = None
+    out: memoryview | None = None
     images: list[np.ndarray] = field(default_factory=list)
     masks: list[np.ndarray] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)
@@ -122,7 +137,13 @@ class BatchBuilder:
 
     def __post_init__(self) -> None:
         if self.fixed_shape is not None and self.pixels is None:
-            self.pixels = np.empty((self.capacity, *self.fixed_shape), dtype=np.uint8)
+            shape = (self.capacity, *self.fixed_shape)
+            size = int(np.prod(shape))
+            start = 0 if self.out is None else pixels_offset(self.fixed_shape)
+            if self.out is not None and start + size <= len(self.out):
+                self.pixels = np.frombuffer(self.out, np.uint8, size, start).reshape(shape)
+            else:
+                self.pixels = np.empty(shape, dtype=np.uint8)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -198,11 +219,45 @@ def ipc_size(batch: pa.RecordBatch) -> int:
 
 
 def write_batch(batch: pa.RecordBatch, buf: memoryview) -> int:
-    """Writes `batch` as an Arrow IPC stream into `buf`; returns the bytes written."""
-    sink = pa.FixedSizeBufferWriter(pa.py_buffer(buf))
-    with pa.ipc.new_stream(sink, batch.schema) as writer:
-        writer.write_batch(batch)
-    return int(sink.tell())
+    """Writes `batch` as an Arrow IPC stream into `buf`; returns the bytes written.
+
+    Buffers of `batch` that already lie in `buf` where the stream puts them (the pixels of a
+    `BatchBuilder(out=buf)`) are left as they are.
+    """
+    dest = np.frombuffer(buf, np.uint8)
+    low, high = dest.ctypes.data, dest.ctypes.data + dest.size
+    layout = InPlaceSink(None)  # where each buffer goes, nothing written (~13 calls)
+    write_stream(batch, layout)
+    if any(low <= a < high and a != low + at for a, at in layout.marks.items()):
+        # A buffer lies in `buf` but not where the stream puts it (a batch with masks has a
+        # longer schema): the writes before it would overwrite it. Move the batch out first.
+        heap = memoryview(bytearray(layout.position))
+        write_stream(batch, InPlaceSink(heap))
+        batch = read_batch(pa.py_buffer(heap))
+    sink = InPlaceSink(buf)
+    write_stream(batch, sink)
+    return sink.position
+
+
+@functools.cache
+def pixels_offset(fixed_shape: tuple[int, int, int], masks: bool = False) -> int:
+    """Where the image values of a fixed-shape batch start in its IPC stream (`write_batch`)."""
+    builder = BatchBuilder(fixed_shape, capacity=1)
+    assert builder.pixels is not None
+    mask = np.zeros(fixed_shape[:2], np.uint8) if masks else None
+    builder.add(
+        builder.pixels[0],
+        label=0,
+        key="",
+        chunk=0,
+        index=0,
+        orig_size=(1, 1),
+        metadata=None,
+        mask=mask,
+    )
+    sink = InPlaceSink(None)
+    write_stream(builder.build(), sink)
+    return sink.marks[builder.pixels.ctypes.data]
 
 
 def read_batch(buf: pa.Buffer) -> pa.RecordBatch:

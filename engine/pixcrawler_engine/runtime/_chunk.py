@@ -42,6 +42,7 @@ def decode_records(
     byte_limit: int | None = None,
     notes: list[tuple[str, str]] | None = None,
     on_sample: Callable[[], None] | None = None,
+    out: memoryview | None = None,
 ) -> tuple[pa.RecordBatch, int, list[tuple[str, str]]]:
     """Decodes records into one RecordBatch, following `policy.on_error` for bad samples.
 
@@ -58,6 +59,8 @@ def decode_records(
             something (libtiff's warnings, Pillow's; see `decode._chatter`): one line each,
             naming the sample. None logs them instead.
         on_sample: called after each record (decoded or skipped): the worker's heartbeat.
+        out: the buffer the batch will be written to with `write_batch` (a free slot):
+            fixed-size images are decoded into their place there (NOTE [pixels in place]).
 
     Returns:
         (batch, covered, errors): `covered` is how many leading records were consumed
@@ -69,7 +72,7 @@ def decode_records(
             names the chunk and the sample.
     """
     fixed = policy.fixed_shape
-    builder = BatchBuilder(fixed, capacity=len(records))
+    builder = BatchBuilder(fixed, capacity=len(records), out=out)
     errors: list[tuple[str, str]] = []
     covered = 0
     used = SLOT_OVERHEAD

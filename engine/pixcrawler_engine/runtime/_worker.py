@@ -90,6 +90,7 @@ class _Worker:
             byte_limit=self.slot_bytes,
             notes=notes,
             on_sample=self.beat,
+            out=buf,  # pixels decoded into the slot itself (NOTE [pixels in place])
         )
         # The estimate above is generous; if labels or metadata are huge, hand back rows.
         while batch.num_rows > 1 and ipc_size(batch) > self.slot_bytes:

@@ -1,0 +1,213 @@
+"""The fast decode path (`decode._fast`: OpenCV) against the general one (Pillow).
+
+What the fast path declines (CMYK, 16-bit, palettes, alpha, EXIF orientation, formats other
+than JPEG/PNG/WebP, ...) must come out of the general path pixel for pixel as before: the
+general path's outputs are made here by running it with OpenCV switched off, and compared
+with the default path's. What the fast path takes is held to a quality bound instead.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+
+import numpy as np
+import odd_images
+import pytest
+from PIL import Image
+from skimage import data as skdata
+
+from pixcrawler_engine._config import DecodePolicy
+from pixcrawler_engine._errors import DecodeError
+from pixcrawler_engine.decode import _fast
+from pixcrawler_engine.decode._image import decode_image, probe
+from pixcrawler_engine.decode._plan import make_plan
+
+
+def _save(im: Image.Image, fmt: str, **params: object) -> bytes:
+    out = io.BytesIO()
+    im.save(out, fmt, **params)
+    return out.getvalue()
+
+
+def _oriented(im: Image.Image, fmt: str, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return _save(im, fmt, exif=exif.tobytes())
+
+
+def corpus() -> dict[str, bytes]:
+    """Real photos in every form the decoders meet: fast-path ones and declined ones."""
+    rgb = Image.fromarray(skdata.chelsea())  # 451x300
+    grey = Image.fromarray(skdata.camera()).resize((300, 211))
+    wide = Image.fromarray(skdata.astronaut()).resize((600, 90))
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(rgb.size))
+    palette = rgb.convert("P", palette=Image.Palette.ADAPTIVE)
+    palette_t = palette.copy()
+    palette_t.info["transparency"] = 3
+    items: dict[str, Callable[[], bytes]] = {
+        "jpeg_rgb": lambda: _save(rgb, "JPEG", quality=90),
+        "jpeg_grey": lambda: _save(grey, "JPEG", quality=90),
+        "jpeg_wide": lambda: _save(wide, "JPEG", quality=90),
+        "jpeg_progressive": lambda: _save(rgb, "JPEG", quality=85, progressive=True),
+        "jpeg_444": lambda: _save(rgb, "JPEG", quality=95, subsampling=0),
+        "jpeg_cmyk": lambda: _save(rgb.convert("CMYK"), "JPEG"),
+        "jpeg12": odd_images.jpeg12,
+        "cmyk_broken_exif": odd_images.cmyk_jpeg_with_broken_exif,
+        "jpeg_xmp": lambda: odd_images.jpeg_with_xmp(rgb, 6),
+        "png_rgb": lambda: _save(rgb, "PNG"),
+        "png_grey": lambda: _save(grey, "PNG"),
+        "png_grey_2bit": lambda: _save(
+            grey.convert("L").point(lambda v: v // 64 * 85), "PNG", bits=2
+        ),
+        "png_rgba": lambda: _save(rgba, "PNG"),
+        "png_la": lambda: _save(grey.convert("LA"), "PNG"),
+        "png_1": lambda: _save(grey.convert("1"), "PNG"),
+        "png_p": lambda: _save(palette, "PNG"),
+        "png_p_transparent": lambda: _save(palette_t, "PNG"),
+        "png_16": lambda: _save(Image.fromarray(skdata.camera().astype(np.uint16) * 257), "PNG"),
+        "bmp_argb4444": odd_images.bmp_argb4444,
+        "png_xmp": lambda: odd_images.png_with_xmp(rgb, 3),
+        "png_raw_profile": lambda: odd_images.png_with_raw_profile(rgb, 8),
+        "webp_rgb": lambda: _save(rgb, "WEBP", quality=90),
+        "webp_lossless": lambda: _save(rgb, "WEBP", lossless=True),
+        "webp_rgba": lambda: _save(rgba, "WEBP", quality=90),
+        "webp_xmp": lambda: odd_images.webp_with_xmp(rgb, 6),
+        "gif": lambda: _save(palette, "GIF"),
+        "bmp": lambda: _save(rgb, "BMP"),
+        "tiff": lambda: _save(rgb, "TIFF"),
+        "webp_tiff": odd_images.webp_tiff,
+    }
+    out = {name: build() for name, build in items.items()}
+    for orientation in range(2, 9):
+        out[f"jpeg_exif{orientation}"] = _oriented(rgb, "JPEG", orientation)
+        out[f"png_exif{orientation}"] = _oriented(rgb, "PNG", orientation)
+    return out
+
+
+POLICIES = [DecodePolicy(image_size=None, color=color) for color in ("RGB", "L", "keep")] + [
+    DecodePolicy(image_size=size, resize=resize, color=color)
+    for size in ((224, 224), (64, 200), (500, 700))
+    for resize in ("stretch", "crop", "pad", "fit")
+    for color in ("RGB", "L", "keep")
+]
+
+
+def fast_may_apply(data: bytes) -> bool:
+    """The images `_fast` may take (its own rules, restated): all others must be identical."""
+    try:
+        header = probe(data)
+    except DecodeError:
+        return False
+    if header.orientation != 1 or header.unsupported:
+        return False
+    if header.format == "JPEG":
+        return header.mode in ("L", "RGB")
+    return (
+        header.format in _fast.FAST_FORMATS
+        and header.mode in ("RGB", "L")
+        and not header.transparency
+        and not (header.format == "PNG" and data[24] != 8)
+    )
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b) ** 2))
+    return float("inf") if mse == 0 else 10 * float(np.log10(255**2 / mse))
+
+
+def _decode(data: bytes, policy: DecodePolicy) -> np.ndarray | str:
+    try:
+        return decode_image(data, policy)
+    except DecodeError as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+@pytest.fixture(scope="module")
+def images() -> dict[str, bytes]:
+    return corpus()
+
+
+def test_declined_images_are_identical_to_the_general_path(
+    images: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    declined = {name: data for name, data in images.items() if not fast_may_apply(data)}
+    assert len(declined) >= 25  # CMYK, 12-bit, 16-bit, palettes, alpha, orientations, ...
+    fast = {(n, i): _decode(d, p) for n, d in declined.items() for i, p in enumerate(POLICIES)}
+    monkeypatch.setattr(_fast, "opencv", lambda: None)
+    for (name, i), got in fast.items():
+        want = _decode(declined[name], POLICIES[i])
+        if isinstance(want, str) or isinstance(got, str):
+            assert got == want, (name, POLICIES[i])
+        else:
+            assert np.array_equal(got, want), (name, POLICIES[i])
+
+
+def test_fast_images_keep_the_quality(
+    images: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    taken = {name: data for name, data in images.items() if fast_may_apply(data)}
+    assert {"jpeg_rgb", "jpeg_grey", "png_rgb", "png_grey", "webp_rgb"} <= set(taken)
+    fast = {(n, i): decode_image(d, p) for n, d in taken.items() for i, p in enumerate(POLICIES)}
+    monkeypatch.setattr(_fast, "opencv", lambda: None)
+    for (name, i), got in fast.items():
+        policy = POLICIES[i]
+        want = decode_image(taken[name], policy)
+        assert got.shape == want.shape, (name, policy)
+        if policy.image_size is None and not name.startswith("jpeg"):
+            # A PNG or WebP decode is exact whoever does it (OpenCV's libpng/libwebp, Pillow's).
+            assert np.array_equal(got, want), (name, policy)
+            continue
+        # Two good resizes of the same pixels: far closer than either to a wrong geometry.
+        assert _psnr(got, want) >= 30, (name, policy, _psnr(got, want))
+
+
+def test_the_fast_path_is_the_default(images: dict[str, bytes]) -> None:
+    """OpenCV is a dependency: the fast path is what runs, on one thread."""
+    cv2 = _fast.opencv()
+    assert cv2 is not None and cv2.getNumThreads() == 1
+    header = probe(images["png_rgb"])
+    plan = make_plan(header, DecodePolicy(image_size=(64, 64)))
+    assert _fast.decode_other(memoryview(images["png_rgb"]), header, plan) is not None
+
+
+def test_without_opencv_the_general_path_runs_with_one_debug_line() -> None:
+    """A missing wheel: no ImportError, the same pixels as the general path, one DEBUG line."""
+    code = textwrap.dedent(
+        """
+        import io, logging, sys
+        sys.modules["cv2"] = None  # import cv2 -> ImportError, as without the wheel
+        records = []
+        class Keep(logging.Handler):
+            def emit(self, record):
+                records.append(record)
+        logging.getLogger("pixcrawler_engine").addHandler(Keep())
+        logging.getLogger("pixcrawler_engine").setLevel(logging.DEBUG)
+        import numpy as np
+        from PIL import Image
+        from skimage import data
+        from pixcrawler_engine._config import DecodePolicy
+        from pixcrawler_engine.decode._image import decode_image
+        im = Image.fromarray(data.chelsea())
+        outs = []
+        for fmt in ("JPEG", "PNG", "WEBP", "JPEG"):
+            buf = io.BytesIO(); im.save(buf, fmt)
+            outs.append(decode_image(buf.getvalue(), DecodePolicy(image_size=(64, 96))))
+        assert all(o.shape == (64, 96, 3) for o in outs)
+        lines = [r for r in records if "OpenCV" in r.getMessage()]
+        assert len(lines) == 1 and lines[0].levelno == logging.DEBUG, records
+        np.save(sys.stdout.buffer, outs[0])
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()
+    without = np.load(io.BytesIO(done.stdout))
+    im = Image.fromarray(skdata.chelsea())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_fast, "opencv", lambda: None)
+        want = decode_image(_save(im, "JPEG"), DecodePolicy(image_size=(64, 96)))
+    assert np.array_equal(without, want)

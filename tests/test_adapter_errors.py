@@ -18,6 +18,7 @@ import pytest
 from engine_helpers import corrupt_one_sample
 
 from pixcrawler import load_dataset
+from pixcrawler_engine._config import OnError
 from pixcrawler_engine._errors import DecodeError
 from pixcrawler_engine.runtime._stream import SampleWarning
 
@@ -43,7 +44,7 @@ def good_url(store: Path) -> str:
     return store.as_uri()
 
 
-def load(url: str, on_error: str) -> Any:
+def load(url: str, on_error: OnError) -> Any:
     return load_dataset("demo", base_url=url, on_error=on_error, **FAST)
 
 

@@ -315,7 +315,7 @@ def test_cli_cache_info_and_clear(server: Any, fresh_cache: Path) -> None:
     assert data["limit_bytes"] == 10 * 2**30
     assert data["versions"] == [{"version": version, "job_id": "demo", "chunks": 8, "bytes": size}]
     text = runner.invoke(main, ["cache", "info"])
-    assert f"demo    {version}  8" in text.output and "of 10.7 GB" in text.output
+    assert f"demo    {version}  8" in text.output and "(limit 10.7 GB" in text.output
     missing = runner.invoke(main, ["cache", "clear", "--version", "nope"])
     assert missing.exit_code == 1 and "pixcrawler cache info" in missing.output
     assert len(cached_files(fresh_cache)) == 8  # nothing removed by a wrong version

@@ -56,7 +56,8 @@ def info(cache_dir: Path | None, as_json: bool) -> None:
         click.echo(json.dumps({**out, "versions": listing}, indent=1))
         return
     click.echo(f"Cache: {store.root}")
-    click.echo(f"Size:  {format_bytes(total)} of {format_bytes(store.limit_bytes)} (the limit)")
+    limit = format_bytes(store.limit_bytes)
+    click.echo(f"Size:  {format_bytes(total)} (limit {limit} by default)")
     if not versions:
         click.echo("Empty.")
         return

@@ -157,6 +157,20 @@ def test_map_style_with_four_dataloader_workers_fetches_each_chunk_once(
         assert proxy.body_bytes(CHUNKS) == job_bytes(store)
 
 
+def test_map_style_fetches_again_what_was_evicted_meanwhile(server: Any, fresh_cache: Path) -> None:
+    pytest.importorskip("torch")
+    with proxied(server.url) as proxy:
+        ds = load_dataset("demo", server.api_key, proxy.url, **FAST).to_torch()
+        first = ds[0][0]
+        ChunkCache(fresh_cache).clear()  # another process evicts (or `pixcrawler cache clear`)
+        for chunk in range(1, 6):  # past the archives this process keeps open
+            ds[16 * chunk]
+        assert len(proxy.seen(CHUNKS)) == 6
+        again = ds[0][0]
+        assert len(proxy.seen(CHUNKS)) == 7  # fetched again, not a FileNotFoundError
+    assert bool((again == first).all())
+
+
 RACER = textwrap.dedent(
     """
     import hashlib, sys

@@ -216,6 +216,10 @@ class LocalChunks:
             self._open.move_to_end(chunk)
             return entry
         path = self.path(chunk)
+        if isinstance(self.ref, JobRef) and self.ref.cache_dir is not None and not path.exists():
+            # Evicted from the shared cache (or cleared) since this process fetched it.
+            del self._paths[chunk]
+            path = self.path(chunk)
         if not isinstance(self.ref, JobRef):
             source = self._parquet()
             return self._keep(chunk, (source.opener().open(str(path)), source.records(chunk, path)))

@@ -1,4 +1,4 @@
-"""The disk cache of verified chunks, shared by runs and processes: `ChunkCache`, `CachedSource`.
+"""The disk cache of verified chunks, shared by runs and processes: `ChunkCache`.
 
 Layout under the cache root (`$PIXCRAWLER_CACHE`, else `$XDG_CACHE_HOME/pixcrawler`, else
 `~/.cache/pixcrawler`):
@@ -13,11 +13,11 @@ database: an entry appears only by `os.replace` of a complete, sha256-verified f
 never sees half a chunk), a hit bumps the entry's mtime (the LRU clock), and eviction unlinks
 the oldest entries until the total is under the limit. Unlinking an entry another process has
 open is safe on POSIX (its reader keeps the inode). A hit is verified again (size, then
-sha256: ~1 GB/s, once per chunk per process or engine pass) because the disk is not ours alone:
-a truncated or altered entry is a miss, removed under the chunk's lock and fetched again, never
-handed out. Entries used in the last `grace_s` seconds
-are never evicted, because a run may have fetched a chunk that its decode workers have not
-opened yet: the limit is therefore soft by at most the chunks in flight.
+sha256: ~1.4 GB/s here, once per chunk per process or engine pass), because the disk is not
+ours alone: a truncated or altered entry is a miss, removed under the chunk's lock and fetched
+again, never handed out. Entries used in the last `grace_s` seconds are never evicted, because
+a run may have fetched a chunk that its decode workers have not opened yet: the limit is
+therefore soft by at most the chunks in flight.
 
 `ChunkCache` owns everything under its root; nothing else writes there. `CachedSource`
 (`_cached_source`) puts a job source's downloads through it.
@@ -144,18 +144,11 @@ class ChunkCache:
                 return None
             if verify and not file_matches(path, size, sha256):
                 return None
-            with contextlib.suppress(PermissionError, OSError):
+            with contextlib.suppress(OSError):
                 os.utime(path)  # the LRU clock; a read-only cache still serves its hits
         except FileNotFoundError:
             return None
         return path
-
-    def has(self, version: str, sha256: str, size: int) -> bool:
-        """Whether a chunk of this size is cached (no hash, no LRU bump)."""
-        try:
-            return self.path_for(version, sha256).stat().st_size == size
-        except FileNotFoundError:
-            return False
 
     def fetch(
         self,

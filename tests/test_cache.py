@@ -99,10 +99,11 @@ def test_second_epoch_moves_no_bytes(server: Any, store: Path, fresh_cache: Path
         first = ds.to_arrays()
         assert proxy.body_bytes(CHUNKS) == job_bytes(store)
         assert len(proxy.seen(CHUNKS)) == 8
+        requests = len(proxy.seen())
         second = ds.to_arrays()
         third = [(x.copy(), y) for x, y in ds]
-        assert proxy.body_bytes(CHUNKS) == job_bytes(store)  # not one byte more
-        assert len(proxy.seen(CHUNKS)) == 8
+        assert len(proxy.seen()) == requests  # not one request more, so not one byte
+        assert proxy.body_bytes(CHUNKS) == job_bytes(store)
         # A new dataset object (another run) finds the chunks too; only its manifest moves.
         again = load_dataset("demo", server.api_key, proxy.url, **FAST).to_arrays()
         assert len(proxy.seen(CHUNKS)) == 8
@@ -112,6 +113,23 @@ def test_second_epoch_moves_no_bytes(server: Any, store: Path, fresh_cache: Path
     np.testing.assert_array_equal(first[0], np.stack([x for x, _ in third]))
     assert len(cached_files(fresh_cache)) == 8
     assert not any(server.api_key.encode() in p.read_bytes() for p in fresh_cache.rglob("*.*"))
+
+
+def test_every_adapter_reads_the_cache(server: Any, store: Path) -> None:
+    pytest.importorskip("torch")
+    tf = pytest.importorskip("tensorflow")
+    from torch.utils.data import DataLoader
+
+    with proxied(server.url) as proxy:
+        ds = load_dataset("demo", server.api_key, proxy.url, **FAST)
+        iterable = ds.to_torch(iterable=True, batch_size=16)
+        for workers in (0, 2, 0, 2):  # in the engine, in DataLoader workers, twice each
+            loader = DataLoader(iterable, batch_size=None, num_workers=workers)
+            assert sum(len(y) for _, y in loader) == 120
+        tf_ds = ds.to_tensorflow(batch_size=16)
+        for _ in range(2):
+            assert sum(int(tf.shape(y)[0]) for _, y in tf_ds) == 120
+        assert len(proxy.seen(CHUNKS)) == 8 and proxy.body_bytes(CHUNKS) == job_bytes(store)
 
 
 def test_cache_dir_false_downloads_every_pass(server: Any, store: Path, fresh_cache: Path) -> None:

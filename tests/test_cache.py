@@ -270,6 +270,22 @@ def test_lru_eviction_keeps_the_cache_under_its_limit(
         assert first.exists() and not second.exists() and cache.size_bytes() <= limit
 
 
+def test_clear_leaves_a_download_in_progress_alone(tmp_path: Path) -> None:
+    cache = ChunkCache(tmp_path / "c")
+    sha = "ab" * 32
+    partial = cache.root / "partial" / "v1" / sha
+    partial.mkdir(parents=True)
+    (partial / "0.zip.part").write_bytes(b"x" * 100)
+    done = cache.root / "chunks" / "v1" / f"{'cd' * 32}.zip"
+    done.parent.mkdir(parents=True)
+    done.write_bytes(b"y" * 50)
+    with cache._lock("v1", sha):  # another process is downloading that chunk
+        assert cache.clear() == 50
+        assert (partial / "0.zip.part").exists() and not done.exists()
+    assert cache.clear() == 100 and cache.entries() == []
+    assert not (cache.root / "chunks" / "v1").exists()
+
+
 # ---- bad input -----------------------------------------------------------------------------
 
 
@@ -311,6 +327,9 @@ def test_a_limit_below_one_chunk_is_refused_at_load(server: Any, store: Path) ->
     assert "cache_limit" in str(info.value) and "cache_dir=False" in str(info.value)
     with pytest.raises(ValueError, match="cache_limit must be"):
         load_dataset("demo", server.api_key, server.url, cache_limit=-1, **FAST)
+    for bad in ("", 3):
+        with pytest.raises(ValueError, match=r"cache_dir must be a folder, True .* or False"):
+            load_dataset("demo", server.api_key, server.url, cache_dir=bad, **FAST)  # type: ignore[arg-type]
     # The largest chunk fits: accepted. Without a cache, the limit is moot.
     load_dataset("demo", server.api_key, server.url, cache_limit=largest, **FAST).close()
     load_dataset("demo", server.api_key, server.url, cache_limit=1, cache_dir=False, **FAST)

@@ -133,7 +133,7 @@ def load_dataset(
         verify_ssl=verify_ssl,
         shuffle=shuffle,
         seed=seed,
-        cache_dir=os.fspath(cache_dir) if not isinstance(cache_dir, (bool, type(None))) else None,
+        cache_dir=os.fspath(cache_dir) if isinstance(cache_dir, (str, os.PathLike)) else None,
         **({} if cache_limit is None else {"cache_limit_bytes": cache_limit}),
     )
     if parquet:

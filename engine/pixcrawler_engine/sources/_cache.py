@@ -270,28 +270,35 @@ class ChunkCache:
     def clear(self, *, version: str | None = None, job_id: str | None = None) -> int:
         """Removes every entry, or those of one job version or one job; returns the bytes freed.
 
-        Downloads in progress elsewhere keep their open files; a run reading the cache at the
-        time may have to fetch a chunk again.
+        A download in progress (its lock held) is left alone; a run reading the cache at the
+        time keeps the files it has open and fetches again what it opens later.
         """
         wanted = None
         if version is not None or job_id is not None:
-            stored = self.versions()
             wanted = {
                 v
-                for v, (job, _, _) in stored.items()
+                for v, (job, _, _) in self.versions().items()
                 if (version is None or v in (version, _safe_version(version)))
                 and (job_id is None or job == job_id)
             }
         freed = 0
         for entry in self.entries():
-            if wanted is None or entry.path.parent.name in wanted:
-                freed += entry.size
-        for sub in ("chunks", "partial"):
-            if wanted is None:
-                shutil.rmtree(self.root / sub, ignore_errors=True)
+            if wanted is not None and entry.path.parent.name not in wanted:
                 continue
-            for name in wanted:
-                shutil.rmtree(self.root / sub / name, ignore_errors=True)
+            if entry.path.is_dir():
+                if not self._try_remove_partial(entry.path):
+                    continue
+            else:
+                entry.path.unlink(missing_ok=True)
+            freed += entry.size
+        for sub in ("chunks", "partial"):
+            with contextlib.suppress(FileNotFoundError):
+                for folder in (self.root / sub).iterdir():
+                    if wanted is None or folder.name in wanted:
+                        if not any(folder.glob("*.zip")):
+                            (folder / ".job").unlink(missing_ok=True)
+                        with contextlib.suppress(OSError):
+                            folder.rmdir()  # only once empty
         return freed
 
     def check_writable(self) -> None:

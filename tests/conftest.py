@@ -7,6 +7,8 @@ server          `python -m pixcrawler serve store --port 0` as a real subprocess
                 reads every job, LIMITED_KEY only "pending"
 server_factory  starts more servers (for tests that stop them); each is stopped at teardown
 no_leaked_shm   autouse: fails a test that leaves a new `pxc_*` segment in /dev/shm
+fresh_cache     autouse: each test gets an empty chunk cache of its own ($PIXCRAWLER_CACHE),
+                so that no test reads another's chunks or writes into the user's ~/.cache
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ SHM = Path("/dev/shm")
 SHM_PREFIX = "pxc_"
 STARTUP_TIMEOUT = 60.0
 SHUTDOWN_TIMEOUT = 10.0
+CACHE_VARS = ("PIXCRAWLER_CACHE", "PIXCRAWLER_CACHE_DIR", "XDG_CACHE_HOME")
 
 
 @dataclass
@@ -253,3 +256,31 @@ def no_leaked_shm() -> Iterator[None]:
         for name in leaked:  # clean up, so one leak does not fail every later test
             (SHM / name).unlink(missing_ok=True)
         pytest.fail(f"shared-memory segments leaked into {SHM}: {sorted(leaked)}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The chunk cache of session- and module-scoped fixtures (made before any test's own)."""
+    root = tmp_path_factory.mktemp("session-cache")
+    saved = {k: os.environ.get(k) for k in CACHE_VARS}
+    os.environ.pop("PIXCRAWLER_CACHE_DIR", None)
+    os.environ["PIXCRAWLER_CACHE"] = str(root / "pixcrawler")
+    os.environ["XDG_CACHE_HOME"] = str(root)  # nothing may fall back to ~/.cache
+    try:
+        yield root
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache(
+    _session_cache: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """An empty chunk cache for this test: `load_dataset`'s default `cache_dir`."""
+    root = tmp_path_factory.mktemp("cache") / "pixcrawler"
+    monkeypatch.setenv("PIXCRAWLER_CACHE", str(root))
+    return root

@@ -86,6 +86,7 @@ ENGINE_PUBLIC = [
     "EXPORT_FORMATS",
     "AuthenticationError",
     "Batch",
+    "CacheWarning",
     "CachedSource",
     "ChunkCache",
     "ChunkPlan",

@@ -23,7 +23,8 @@ from pixcrawler_engine.export._state import safe_name
 from pixcrawler_engine.export._writers import encode_png
 from pixcrawler_engine.runtime._batch import image_views, labels_of
 from pixcrawler_engine.sources._base import JobSource
-from pixcrawler_engine.sources._cache import CachedSource, ChunkCache
+from pixcrawler_engine.sources._cache import ChunkCache
+from pixcrawler_engine.sources._cached_source import CachedSource
 from pixcrawler_engine.sources._jobapi import JobClient
 from pixcrawler_engine.sources._pack import pack
 

@@ -45,7 +45,8 @@ if TYPE_CHECKING:
         SubsetSource,
         ZipOpener,
     )
-    from pixcrawler_engine.sources._cache import CachedSource, ChunkCache
+    from pixcrawler_engine.sources._cache import CacheWarning, ChunkCache
+    from pixcrawler_engine.sources._cached_source import CachedSource
     from pixcrawler_engine.sources._jobapi import JobClient
     from pixcrawler_engine.sources._manifest import JobManifest
     from pixcrawler_engine.sources._pack import pack
@@ -94,7 +95,8 @@ _LAZY = {
     "Source": "pixcrawler_engine.sources._base",
     "SubsetSource": "pixcrawler_engine.sources._base",
     "ZipOpener": "pixcrawler_engine.sources._base",
-    "CachedSource": "pixcrawler_engine.sources._cache",
+    "CachedSource": "pixcrawler_engine.sources._cached_source",
+    "CacheWarning": "pixcrawler_engine.sources._cache",
     "ChunkCache": "pixcrawler_engine.sources._cache",
     "Record": "pixcrawler_engine.sources._record",
     "ParquetSource": "pixcrawler_engine.sources.parquet._source",
@@ -104,6 +106,7 @@ __all__ = [
     "EXPORT_FORMATS",
     "AuthenticationError",
     "Batch",
+    "CacheWarning",
     "CachedSource",
     "ChunkCache",
     "ChunkPlan",

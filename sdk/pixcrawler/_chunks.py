@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from multiprocessing.reduction import ForkingPickler
@@ -44,6 +45,7 @@ from pixcrawler_engine.sources._record import Record
 
 if TYPE_CHECKING:
     from pixcrawler._parquet_ref import ParquetRef
+    from pixcrawler_engine.sources._cache import ChunkCache
 
 __all__ = ["Credential", "JobRef", "LocalChunks"]
 
@@ -100,6 +102,7 @@ class JobRef:
         manifest: the job's manifest.
         cache_dir: the engine's disk cache of chunks (`pixcrawler_engine.sources._cache`), shared by
             processes and runs; None downloads into a private folder per process.
+        cache_limit_bytes: the cache's size limit (least recently used chunks go first).
     """
 
     base_url: str
@@ -108,6 +111,7 @@ class JobRef:
     verify_ssl: bool | str
     manifest: JobManifest
     cache_dir: str | None = None
+    cache_limit_bytes: int = 10 * 2**30
 
     @property
     def is_local(self) -> bool:
@@ -123,13 +127,22 @@ class JobRef:
             verify_ssl=self.verify_ssl,
         )
 
+    def cache(self) -> ChunkCache | None:
+        """The shared chunk cache, or None (no `cache_dir`, or a store read in place)."""
+        if self.cache_dir is None or self.is_local:
+            return None
+        from pixcrawler_engine.sources._cache import ChunkCache
+
+        return ChunkCache(self.cache_dir, limit_bytes=self.cache_limit_bytes)
+
     def source(self, chunks: list[int] | None = None) -> Source:
         """An engine source over the job (some `chunks` only, in that order); caller closes it."""
         source: Source = JobSource(self.client(), self.manifest)
-        if self.cache_dir is not None and not self.is_local:
-            from pixcrawler_engine.sources._cache import CachedSource, ChunkCache
+        cache = self.cache()
+        if cache is not None:
+            from pixcrawler_engine.sources._cached_source import CachedSource
 
-            source = CachedSource(source, ChunkCache(self.cache_dir))
+            source = CachedSource(source, cache)
         if chunks is not None:
             source = SubsetSource(source, chunks)
         return source
@@ -151,6 +164,7 @@ class LocalChunks:
         self._source: Source | None = None  # a Parquet ref's, made on first use
         self._dir: Path | None = None
         self._paths: dict[int, Path] = {}
+        self._bypass = False  # the shared cache's disk failed: download privately
         self._open: OrderedDict[int, tuple[ChunkReader, list[Record]]] = OrderedDict()
         self._by_index = {c.index: c for c in ref.manifest.chunks}
         self._chunk_order = [c.index for c in ref.manifest.chunks]
@@ -190,7 +204,7 @@ class LocalChunks:
                     # A store chunk is read in place after its sha256 check: no folder needed.
                     path = client.fetch_chunk(info, Path(tempfile.gettempdir()))
                 elif self.ref.cache_dir is not None:
-                    path = self._fetch_shared(client, info)
+                    path = self._fetch_shared(client, info)  # the shared cache
                 else:
                     path = client.fetch_chunk(info, self._private_dir())
             self._paths[chunk] = path
@@ -203,6 +217,10 @@ class LocalChunks:
             self._open.move_to_end(chunk)
             return entry
         path = self.path(chunk)
+        if isinstance(self.ref, JobRef) and self.ref.cache_dir is not None and not path.exists():
+            # Evicted from the shared cache (or cleared) since this process fetched it.
+            del self._paths[chunk]
+            path = self.path(chunk)
         if not isinstance(self.ref, JobRef):
             source = self._parquet()
             return self._keep(chunk, (source.opener().open(str(path)), source.records(chunk, path)))
@@ -277,17 +295,36 @@ class LocalChunks:
 
     def _fetch_shared(self, client: JobClient, info: ChunkInfo) -> Path:
         # The engine's disk cache: shared by processes and runs, one download per chunk.
-        from pixcrawler_engine.sources._cache import ChunkCache
+        from pixcrawler_engine._errors import DownloadError
+        from pixcrawler_engine.sources._cache import CacheWarning, disk_error
 
         assert isinstance(self.ref, JobRef)
-
-        cache = ChunkCache(self.ref.cache_dir)
-        return cache.fetch(
-            self.ref.manifest.version,
-            info.sha256,
-            info.size_bytes,
-            lambda dest: Path(client.fetch_chunk(info, dest)),
-        )
+        cache = self.ref.cache()
+        if cache is None or self._bypass:
+            return client.fetch_chunk(info, self._private_dir())
+        manifest = self.ref.manifest
+        try:
+            return cache.fetch(
+                manifest.version,
+                info.sha256,
+                info.size_bytes,
+                lambda dest: Path(client.fetch_chunk(info, dest)),
+                job_id=manifest.job_id,
+            )
+        except (DownloadError, OSError) as exc:
+            cause = disk_error(exc)
+            if cause is None:
+                raise
+            self._bypass = True  # one warning per process, then around the cache
+            cache.drop_partial(manifest.version, info.sha256)
+            warnings.warn(
+                f"the chunk cache at {cache.root} cannot be written ({cause.strerror or cause}): "
+                "this process downloads chunks into a temporary folder; free space there, or "
+                "pass cache_dir= another folder (cache_dir=False: no cache)",
+                CacheWarning,
+                stacklevel=2,
+            )
+            return client.fetch_chunk(info, self._private_dir())
 
 
 def _sweep_dead_dirs() -> None:

@@ -10,6 +10,7 @@ import os
 from typing import Literal
 from urllib.parse import urlsplit
 
+from pixcrawler._cache_choice import job_cache
 from pixcrawler._chunks import Credential, JobRef
 from pixcrawler._dataset import Dataset
 from pixcrawler._parquet_ref import ParquetRef, is_parquet_address, local_lookalike
@@ -49,7 +50,8 @@ def load_dataset(
     shuffle_window: int = 8,
     on_error: OnError = "raise",
     progress: bool = True,
-    cache_dir: str | os.PathLike[str] | None = None,
+    cache_dir: str | os.PathLike[str] | bool | None = None,
+    cache_limit: int | None = None,
     batch_rows: int = 64,
     source: Literal["job", "parquet"] | None = None,
     copy: bool = False,
@@ -89,7 +91,13 @@ def load_dataset(
             first batch waits for all of them. 1 mixes only within each chunk.
         on_error: A corrupt image `raise`s (default), is `skip`ped, or skipped with a `warn`ing.
         progress: Show a progress bar for whole passes over the data.
-        cache_dir: Keep downloaded chunks here between runs; default: a temporary folder.
+        cache_dir: Where verified chunks are kept between passes, runs and processes (one
+            download per machine); default: `$PIXCRAWLER_CACHE`, else
+            `$XDG_CACHE_HOME/pixcrawler`, else `~/.cache/pixcrawler`. `False` downloads into
+            a temporary folder per pass instead. A `file://` store is read in place, uncached.
+            A folder that cannot be written gives a `CacheWarning` and no cache.
+        cache_limit: Bytes the cache may hold (default 10 GiB); the least recently used
+            chunks go first. It must hold at least the job's largest chunk.
         batch_rows: Images per engine batch (the unit of transfer from the decoders).
         source: `"job"` or `"parquet"` to say what `job_id` is; default: a job id unless
             it is a Parquet address as described above.
@@ -104,7 +112,8 @@ def load_dataset(
         NotFoundError: Job not found.
         JobNotCompleteError: Job still processing; `.progress` says how far it is.
         NetworkError: The API could not be reached.
-        ValueError: An unsupported URL scheme or a bad option; the message says what works.
+        ValueError: An unsupported URL scheme or a bad option (a `cache_limit` smaller than
+            a chunk); the message says what works.
 
     Example:
         >>> dataset = load_dataset("job_123", api_key="key")
@@ -134,7 +143,8 @@ def load_dataset(
         shuffle=shuffle,
         seed=seed,
         shuffle_window=shuffle_window,
-        cache_dir=os.fspath(cache_dir) if cache_dir is not None else None,
+        cache_dir=os.fspath(cache_dir) if isinstance(cache_dir, (str, os.PathLike)) else None,
+        **({} if cache_limit is None else {"cache_limit_bytes": cache_limit}),
     )
     if parquet:
         ref: JobRef | ParquetRef = ParquetRef.open(
@@ -157,6 +167,8 @@ def load_dataset(
             if note is None:
                 raise
             raise NotFoundError(f"{exc}{note}") from exc
+    cache = None if scheme == "file" else job_cache(cache_dir, config.cache_limit_bytes, manifest)
+    config = config.replace(cache_dir=None if cache is None else os.fspath(cache.root))
     ref = JobRef(
         base_url=url,
         credential=Credential(key),
@@ -164,6 +176,7 @@ def load_dataset(
         verify_ssl=verify_ssl,
         manifest=manifest,
         cache_dir=config.cache_dir,
+        cache_limit_bytes=config.cache_limit_bytes,
     )
     return Dataset(ref, config=config, policy=policy, progress=progress, copy=copy)
 

@@ -15,6 +15,7 @@ pipes only (see `Credential`).
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -29,7 +30,8 @@ from pixcrawler._torch_iterable import TorchIterableDataset
 from pixcrawler_engine._config import DecodePolicy
 from pixcrawler_engine._errors import DecodeError
 from pixcrawler_engine.decode._image import decode_image
-from pixcrawler_engine.runtime._stream import Batch
+from pixcrawler_engine.runtime._stream import Batch, SampleWarning
+from pixcrawler_engine.sources._record import Record
 
 __all__ = ["TorchDataset", "TorchIterableDataset", "torch_dataset"]
 
@@ -64,9 +66,13 @@ class _Output:
 class TorchDataset(torch.utils.data.Dataset[tuple[Any, ...]]):
     """A map-style dataset: `len()`, `dataset[i]`, `random_split`, shuffled DataLoaders.
 
-    Each process downloads a chunk at most once (into its own cache folder, or the shared
-    `cache_dir`) and decodes only the image asked for. A corrupt image raises `DecodeError`
-    whatever `on_error` says: an index must give an item (the iterable form can skip).
+    Each process fetches a chunk at most once (from the shared chunk cache, which downloads it
+    once per machine, or into its own folder with `cache_dir=False`) and decodes only the
+    image asked for. An image that cannot be decoded follows `on_error`: `"raise"` raises
+    `DecodeError`; `"skip"` returns the item of the next index that decodes instead (wrapping
+    to 0 past the end), and `"warn"` does the same with a `SampleWarning` naming both indices.
+    The replacement depends only on the index, so every DataLoader worker, epoch and run
+    agrees; `len()` stays the job's image count, and the replacement appears twice an epoch.
 
     Attributes:
         class_to_idx: class name -> label index, in the job's `labels` order.
@@ -99,20 +105,47 @@ class TorchDataset(torch.utils.data.Dataset[tuple[Any, ...]]):
         if index < 0:
             index += self._len
         cache = self._chunk_cache()
-        data, record = cache.sample(index)
-        try:
-            image = decode_image(data, self.policy)
-        except DecodeError as exc:
-            chunk, _ = cache.locate(index)
-            raise DecodeError(
-                f"chunk {chunk}, sample {record.key!r} (index {index}): {exc}",
-                chunk_id=chunk,
-                key=record.key,
-            ) from exc
+        cache.locate(index)  # an IndexError for an index out of range, whatever on_error says
+        image, record = self._decode(cache, index)
         item = self._output(image, record.label)
         if self.metadata:
             return (*item, {"key": record.key, **record_metadata(record)})
         return item
+
+    def _decode(self, cache: LocalChunks, index: int) -> tuple[np.ndarray, Record]:
+        """The image of `index`, or under skip/warn of the next index that decodes."""
+        at = index
+        for _ in range(self._len):
+            try:
+                return self._decode_at(cache, at)
+            except DecodeError as exc:
+                if self.policy.on_error == "raise":
+                    raise
+                after = (at + 1) % self._len
+                if self.policy.on_error == "warn":
+                    warnings.warn(
+                        f"{exc}; index {index} gives the image of index {after} instead",
+                        SampleWarning,
+                        stacklevel=3,
+                    )
+                at = after
+        raise DecodeError(
+            f"none of the {self._len} images of job {self.ref.manifest.job_id!r} can be "
+            f"decoded (on_error={self.policy.on_error!r} looked for a replacement of index "
+            f"{index}); check the decode options or the job"
+        )
+
+    def _decode_at(self, cache: LocalChunks, index: int) -> tuple[np.ndarray, Record]:
+        data, record = cache.sample(index)
+        try:
+            return decode_image(data, self.policy), record
+        except DecodeError as exc:
+            chunk, _ = cache.locate(index)
+            raise type(exc)(
+                f"chunk {chunk}, sample {record.key!r} (index {index}): {exc}",
+                chunk_id=chunk,
+                key=record.key,
+            ) from exc
 
     def __repr__(self) -> str:
         return f"TorchDataset(job_id={self.ref.manifest.job_id!r}, len={self._len})"

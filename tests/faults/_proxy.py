@@ -175,12 +175,15 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command == "HEAD":
             return
         sent = body if limit is None else body[:limit]
+        # Counted before the write: the client may have read it all, and the test counted,
+        # before this thread runs again.
+        seen.body_bytes = len(sent)
         try:
             self.wfile.write(sent)
             self.wfile.flush()
         except OSError:
+            seen.body_bytes = 0
             return
-        seen.body_bytes = len(sent)
 
 
 class FaultProxy:

@@ -41,7 +41,8 @@ from pixcrawler_engine.export._size import common_size
 from pixcrawler_engine.export._state import Workspace
 from pixcrawler_engine.export._writers import FormatWriter, Piece
 from pixcrawler_engine.sources._base import ChunkPlan, SubsetSource
-from pixcrawler_engine.sources._cache import CachedSource, ChunkCache
+from pixcrawler_engine.sources._cache import ChunkCache
+from pixcrawler_engine.sources._cached_source import CachedSource
 
 __all__ = ["EXPORT_FORMATS", "ExportResult", "export_job"]
 

@@ -9,6 +9,7 @@
     _store.py     the local job store's layout, read back
     _pack.py      `pack`: folders and JSONL lists into a job of the store
     _cache.py     the disk cache of verified chunks, shared by processes
+    _cached_source.py  a job source whose downloads go through that cache
     parquet/      Hugging Face-style Parquet shards, one chunk per row group
 
 Public names are re-exported by `pixcrawler_engine`.

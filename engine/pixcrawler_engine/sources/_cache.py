@@ -1,8 +1,10 @@
-"""The disk cache of verified chunks, shared by runs and processes: `ChunkCache`, `CachedSource`.
+"""The disk cache of verified chunks, shared by runs and processes: `ChunkCache`.
 
-Layout under the cache root (default `$XDG_CACHE_HOME/pixcrawler`, else `~/.cache/pixcrawler`):
+Layout under the cache root (`$PIXCRAWLER_CACHE`, else `$XDG_CACHE_HOME/pixcrawler`, else
+`~/.cache/pixcrawler`):
 
     chunks/<version>/<sha256>.zip      a verified chunk of job version <version>
+    chunks/<version>/.job              the job id of that version (for `pixcrawler cache`)
     partial/<version>/<sha256>/        a download in progress (`<index>.zip.part`, resumable)
     locks/<version>-<sha256>.lock      one process downloads a chunk at a time
 
@@ -10,16 +12,21 @@ The file system is the index, so any number of processes can share one cache wit
 database: an entry appears only by `os.replace` of a complete, sha256-verified file (a reader
 never sees half a chunk), a hit bumps the entry's mtime (the LRU clock), and eviction unlinks
 the oldest entries until the total is under the limit. Unlinking an entry another process has
-open is safe on POSIX (its reader keeps the inode). Entries used in the last `grace_s` seconds
-are never evicted, because a run may have fetched a chunk that its decode workers have not
-opened yet: the limit is therefore soft by at most the chunks in flight.
+open is safe on POSIX (its reader keeps the inode). A hit is verified again (size, then
+sha256: ~1.4 GB/s here, once per chunk per process or engine pass), because the disk is not
+ours alone: a truncated or altered entry is a miss, removed under the chunk's lock and fetched
+again, never handed out. Entries used in the last `grace_s` seconds are never evicted, because
+a run may have fetched a chunk that its decode workers have not opened yet: the limit is
+therefore soft by at most the chunks in flight.
 
-`ChunkCache` owns everything under its root; nothing else writes there.
+`ChunkCache` owns everything under its root; nothing else writes there. `CachedSource`
+(`_cached_source`) puts a job source's downloads through it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import re
@@ -29,25 +36,44 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from pixcrawler_engine.sources._base import SourceWrapper
+from pixcrawler_engine.sources._download import file_matches
 
-__all__ = ["CachedSource", "ChunkCache", "default_cache_dir"]
+__all__ = ["ENV_CACHE", "CacheWarning", "ChunkCache", "default_cache_dir", "disk_error"]
+
+ENV_CACHE = "PIXCRAWLER_CACHE"
+_ENV_ALIAS = "PIXCRAWLER_CACHE_DIR"  # the variable's first name, still honoured
+# Errors of the cache's disk, not of the download: the chunk can still be fetched uncached.
+_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 
 _SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 DEFAULT_LIMIT = 10 * 2**30
 
 
+class CacheWarning(UserWarning):
+    """The chunk cache cannot be used (read-only, full); the run goes on without it."""
+
+
 def default_cache_dir() -> Path:
-    """`$PIXCRAWLER_CACHE_DIR`, else `$XDG_CACHE_HOME/pixcrawler`, else `~/.cache/pixcrawler`."""
-    explicit = os.environ.get("PIXCRAWLER_CACHE_DIR")
+    """`$PIXCRAWLER_CACHE` (or `$PIXCRAWLER_CACHE_DIR`), else `$XDG_CACHE_HOME/pixcrawler`,
+    else `~/.cache/pixcrawler`."""
+    explicit = os.environ.get(ENV_CACHE) or os.environ.get(_ENV_ALIAS)
     if explicit:
-        return Path(explicit)
+        return Path(explicit).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
     return base / "pixcrawler"
+
+
+def disk_error(exc: BaseException) -> OSError | None:
+    """The OSError of a full, read-only or forbidden disk behind `exc` (its causes), if any."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _DISK_ERRNOS:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _safe_version(version: str) -> str:
@@ -105,18 +131,21 @@ class ChunkCache:
             raise ValueError(f"sha256 must be 64 lowercase hex digits, got {sha256!r}")
         return self.root / "chunks" / _safe_version(version) / f"{sha256}.zip"
 
-    def get(self, version: str, sha256: str, size: int) -> Path | None:
+    def get(self, version: str, sha256: str, size: int, *, verify: bool = True) -> Path | None:
         """The cached file of a chunk, or None. A hit becomes the most recently used entry.
 
-        The entry was verified (sha256) when it was added; here only its size is checked, so
-        that a hit costs a `stat`, not a hash of the whole chunk.
+        Args:
+            verify: hash the entry (besides checking its size): something outside the cache
+                may have truncated or altered it. A bad entry is a miss; `fetch` replaces it.
         """
         path = self.path_for(version, sha256)
         try:
             if path.stat().st_size != size:
-                path.unlink(missing_ok=True)  # truncated by something outside the cache
                 return None
-            os.utime(path)
+            if verify and not file_matches(path, size, sha256):
+                return None
+            with contextlib.suppress(OSError):
+                os.utime(path)  # the LRU clock; a read-only cache still serves its hits
         except FileNotFoundError:
             return None
         return path
@@ -127,6 +156,8 @@ class ChunkCache:
         sha256: str,
         size: int,
         download: Callable[[Path], Path],
+        *,
+        job_id: str | None = None,
     ) -> Path:
         """The cached file of a chunk, downloaded first if needed.
 
@@ -137,6 +168,10 @@ class ChunkCache:
             download: `download(dest_dir) -> path` fetches and verifies the chunk into
                 `dest_dir` (`JobClient.fetch_chunk`); `dest_dir` is kept across runs, so a
                 download that resumes a `.part` file there continues where a killed run stopped.
+            job_id: the job the version belongs to, noted for `pixcrawler cache info|clear`.
+
+        Raises:
+            OSError: the cache's disk refused a write (full, read-only); `disk_error` tells.
 
         Returns:
             The path of the entry; it stays valid while open even if it is evicted later.
@@ -149,10 +184,14 @@ class ChunkCache:
             hit = self.get(version, sha256, size)  # another process may have won the race
             if hit is not None:
                 return hit
+            # A bad entry goes only under the lock: whoever holds it may be replacing it.
+            final.unlink(missing_ok=True)
             partial = self.root / "partial" / _safe_version(version) / sha256
             partial.mkdir(parents=True, exist_ok=True)
             got = Path(download(partial))
             final.parent.mkdir(parents=True, exist_ok=True)
+            if job_id is not None:
+                _note_job(final.parent, job_id)
             if got.resolve().is_relative_to(partial.resolve()):
                 os.replace(got, final)
             else:  # the chunk was local already (a store): copy it in, atomically
@@ -217,10 +256,64 @@ class ChunkCache:
             freed += entry.size
         return freed
 
-    def clear(self) -> None:
-        """Removes every entry (downloads in progress elsewhere keep their open files)."""
+    def versions(self) -> dict[str, tuple[str | None, int, int]]:
+        """Per job version (as stored): (job id if known, cached chunks, bytes)."""
+        out: dict[str, tuple[str | None, int, int]] = {}
+        for entry in self.entries():
+            version = entry.path.parent.name
+            job, chunks, size = out.get(version, (None, 0, 0))
+            if job is None:
+                job = _job_of(self.root / "chunks" / version)
+            out[version] = (job, chunks + (not entry.path.is_dir()), size + entry.size)
+        return out
+
+    def clear(self, *, version: str | None = None, job_id: str | None = None) -> int:
+        """Removes every entry, or those of one job version or one job; returns the bytes freed.
+
+        A download in progress (its lock held) is left alone; a run reading the cache at the
+        time keeps the files it has open and fetches again what it opens later.
+        """
+        wanted = None
+        if version is not None or job_id is not None:
+            wanted = {
+                v
+                for v, (job, _, _) in self.versions().items()
+                if (version is None or v in (version, _safe_version(version)))
+                and (job_id is None or job == job_id)
+            }
+        freed = 0
+        for entry in self.entries():
+            if wanted is not None and entry.path.parent.name not in wanted:
+                continue
+            if entry.path.is_dir():
+                if not self._try_remove_partial(entry.path):
+                    continue
+            else:
+                entry.path.unlink(missing_ok=True)
+            freed += entry.size
         for sub in ("chunks", "partial"):
-            shutil.rmtree(self.root / sub, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):
+                for folder in (self.root / sub).iterdir():
+                    if wanted is None or folder.name in wanted:
+                        if not any(folder.glob("*.zip")):
+                            (folder / ".job").unlink(missing_ok=True)
+                        with contextlib.suppress(OSError):
+                            folder.rmdir()  # only once empty
+        return freed
+
+    def check_writable(self) -> None:
+        """Raises the OSError that a write into the cache would meet (read-only, no room)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        probe = self.root / f".probe-{uuid.uuid4().hex}"
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"\0" * 4096)  # a full disk refuses a block, not an empty file
+        finally:
+            probe.unlink(missing_ok=True)
+
+    def drop_partial(self, version: str, sha256: str) -> None:
+        """Removes a chunk's partial download (after the disk refused it), if nobody writes it."""
+        self._try_remove_partial(self.root / "partial" / _safe_version(version) / sha256)
 
     # ---------------------------------------------------------------------------- internals
 
@@ -269,32 +362,20 @@ class ChunkCache:
             os.close(fd)
 
 
-class CachedSource(SourceWrapper):
-    """A `JobSource` whose chunk downloads go through a `ChunkCache`.
+def _note_job(folder: Path, job_id: str) -> None:
+    """Writes `folder/.job` once (atomically); the cache works without it."""
+    note = folder / ".job"
+    if note.exists():
+        return
+    tmp = folder / f".job.{uuid.uuid4().hex}.tmp"
+    with contextlib.suppress(OSError):
+        tmp.write_text(job_id, encoding="utf-8")
+        os.replace(tmp, note)
+    tmp.unlink(missing_ok=True)
 
-    Chunks that are already local (a `file://` store) are read in place and never copied into
-    the cache. A cached chunk is returned as not owned by the run, so the run never deletes it.
 
-    Args:
-        source: a `JobSource` (anything with `.manifest` and `._client.fetch_chunk`).
-        cache: the cache.
-    """
-
-    def __init__(self, source: Any, cache: ChunkCache) -> None:
-        super().__init__(source)
-        self._job = source  # a JobSource: its client fetches into the cache
-        self.cache = cache
-        self.manifest = source.manifest
-        self._by_index = {c.index: c for c in source.manifest.chunks}
-
-    def fetch(self, chunk: int, workdir: Path) -> tuple[Path, bool]:
-        info = self._by_index[chunk]
-        if info.url.lower().startswith("file:"):
-            return self.source.fetch(chunk, workdir)
-        path = self.cache.fetch(
-            self.manifest.version,
-            info.sha256,
-            info.size_bytes,
-            lambda dest: Path(self._job._client.fetch_chunk(info, dest)),
-        )
-        return path, False
+def _job_of(folder: Path) -> str | None:
+    try:
+        return (folder / ".job").read_text(encoding="utf-8")[:256] or None
+    except (OSError, UnicodeDecodeError):
+        return None

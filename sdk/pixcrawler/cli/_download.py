@@ -134,7 +134,10 @@ def _ray_runner(address: str | None, **options: Any) -> contextlib.AbstractConte
     help="Keep verified chunks in this cache, shared with other runs.",
 )
 @click.option(
-    "--cache", "use_cache", is_flag=True, help="Use the default cache ($XDG_CACHE_HOME/pixcrawler)."
+    "--cache",
+    "use_cache",
+    is_flag=True,
+    help="Use the default cache ($PIXCRAWLER_CACHE, else $XDG_CACHE_HOME/pixcrawler).",
 )
 @click.option("--no-progress", is_flag=True, help="Disable the progress bar.")
 @click.option(

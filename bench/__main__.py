@@ -17,6 +17,7 @@ SUITES = {
     "overhead": ["-m", "bench.overhead_bench", "--out", "{out}/overhead.json"],
     "adapters": ["-m", "bench.adapters_bench", "--out", "{out}/adapters.json"],
     "ray": ["-m", "bench.ray_bench", "--out", "{out}/ray.json"],
+    "epochs": ["-m", "bench.epochs_bench", "--out", "{out}/epochs.json"],
 }
 
 

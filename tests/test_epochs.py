@@ -142,6 +142,28 @@ def test_ranks_take_turns_in_one_global_order(
         assert [len(r[-1]) for r in ranks] == [14, 14, 14]
 
 
+@pytest.mark.parametrize("loader_workers", [0, 2])
+def test_a_skipped_sample_keeps_the_ranks_in_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loader_workers: int
+) -> None:
+    src = tmp_path / "src"
+    _demo_data.build_digits(src, limit=100, classes=tuple(range(10)))
+    bad = sorted(src.rglob("*.png"))[150]
+    bad.write_bytes(bad.read_bytes()[:60])  # the header survives, the pixels do not
+    _pack.pack(src, tmp_path / "store", "classes", chunk_size=100, verify="header")
+    counts = []
+    with _load(tmp_path / "store", on_error="skip") as ds:
+        monkeypatch.setenv("WORLD_SIZE", "3")
+        for rank in range(3):
+            monkeypatch.setenv("RANK", str(rank))
+            feed = ds.to_torch(iterable=True, batch_size=111)
+            loader = DataLoader(feed, batch_size=None, num_workers=loader_workers)
+            counts.append([len(labels) for _, labels in loader])
+    # 1000 = 3 turns of 3 x 111, then 1 left: 1 each (2 padded). Sample 150 (rank 1's first
+    # step) is bad: rank 1's first batch is short, and it still hands out 4 batches.
+    assert counts == [[111, 111, 111, 1], [110, 111, 111, 1], [111, 111, 111, 1]]
+
+
 def test_dataloader_workers_keep_the_rank_order(
     classes_store: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

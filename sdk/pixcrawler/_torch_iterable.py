@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -32,9 +32,33 @@ from pixcrawler_engine.runtime._chunk import decode_records
 from pixcrawler_engine.runtime._epoch import Share, epoch_groups, units
 from pixcrawler_engine.runtime._stream import Batch, SampleWarning, Stream
 
-__all__ = ["TorchIterableDataset", "world"]
+__all__ = ["TorchIterableDataset", "by_step", "world"]
 
 STATE_VERSION = 1
+
+
+def by_step(batches: Iterator[Batch], sizes: list[int]) -> Iterator[list[Batch]]:
+    """Engine batches grouped by the step of the order they cover (`sizes[i]` positions each).
+
+    A task never spans two steps (see NOTE [epoch order]), so whole engine batches make a
+    step; skipped samples count as covered. A step whose samples were all bad yields nothing.
+    """
+    steps = iter(sizes)
+    left = next(steps, 0)
+    group: list[Batch] = []
+    for batch in batches:
+        group.append(batch)
+        left -= len(batch) + batch.skipped
+        while left <= 0:
+            if group:
+                yield group
+            group = []
+            size = next(steps, None)
+            if size is None:
+                break
+            left += size
+    if group:
+        yield group
 
 
 def world() -> tuple[int, int]:
@@ -215,7 +239,16 @@ class TorchIterableDataset(torch.utils.data.IterableDataset[Any]):
             batches = self._stream(share)
         else:
             batches = self._decode_here(share, info.id, info.num_workers)
-        items = self._batches(batches) if self.batch_size else self._samples(batches)
+        if not self.batch_size:
+            items = self._samples(batches)
+        elif size == 1:
+            items = self._batches(batches)
+        else:  # one batch per step, however many samples were skipped: ranks stay in step
+            sizes = [hi - lo for lo, hi in share.ranges(self._total())]
+            if info is not None:
+                sizes = sizes[info.id :: info.num_workers]  # this worker's steps
+            steps = by_step(batches, sizes)
+            items = (item for group in steps for item in self._batches(group))
         try:
             for n, item in enumerate(items, 1):
                 self._pass = (share.epoch, share.start, size, n)  # handed out: consumed
@@ -231,7 +264,7 @@ class TorchIterableDataset(torch.utils.data.IterableDataset[Any]):
                 item = self._output(images[i], label)
                 yield item if meta is None else (*item, meta[i])
 
-    def _batches(self, batches: Iterator[Batch]) -> Iterator[tuple[Any, ...]]:
+    def _batches(self, batches: Iterable[Batch]) -> Iterator[tuple[Any, ...]]:
         pin = self.pin_memory and torch.utils.data.get_worker_info() is None and can_pin()
         coder = LabelCoder(self.class_to_idx)
         metadata = self.metadata
@@ -302,6 +335,6 @@ class TorchIterableDataset(torch.utils.data.IterableDataset[Any]):
                 if self.policy.on_error == "warn":
                     for key, message in errors:
                         warnings.warn(SampleWarning(message, key), stacklevel=2)
-                yield Batch(batch)
+                yield Batch(batch, skipped=len(errors))
         finally:
             cache.discard()

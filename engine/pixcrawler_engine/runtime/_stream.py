@@ -87,10 +87,13 @@ class Batch:
 
     Attributes:
         record_batch: the Arrow RecordBatch (columns: see `pixcrawler_engine.runtime._batch`).
+        skipped: bad samples dropped (`on_error`) in the order's positions this batch
+            covers, and in those of batches before it that had no good sample left.
     """
 
-    def __init__(self, record_batch: pa.RecordBatch) -> None:
+    def __init__(self, record_batch: pa.RecordBatch, skipped: int = 0) -> None:
         self.record_batch = record_batch
+        self.skipped = skipped
 
     def __len__(self) -> int:
         return self.record_batch.num_rows
@@ -244,11 +247,13 @@ class Stream:
 
     # ---- iteration ------------------------------------------------------------------------
     def __iter__(self) -> Generator[Batch, None, None]:
+        skipped = 0
         try:
             while True:
                 msg = self._receive()
                 if isinstance(msg, BatchReady):
                     batch = self._map(msg)
+                    skipped = batch.skipped = skipped + len(msg.errors)
                     if self.policy.on_error == "warn":
                         for key, message in msg.errors:
                             warnings.warn(SampleWarning(message, key), stacklevel=2)
@@ -256,6 +261,7 @@ class Stream:
                         logger.warning("%s", message)
                     if len(batch):
                         yield batch
+                        skipped = 0
                     del batch
                 elif isinstance(msg, Finished):
                     self._state.stats = msg.stats

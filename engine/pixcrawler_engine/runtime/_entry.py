@@ -43,6 +43,9 @@ def bootstrap() -> None:
     except (EOFError, OSError):
         zygote.close()
         os._exit(0)  # the consumer went away before the run began
+    from pixcrawler_engine.runtime._protocol import plain_connection
+
+    conn = plain_connection(conn)  # the run's messages: plain pickle
     supervisor_main(conn, release, zygote, token, source, config, policy, share)
 
 

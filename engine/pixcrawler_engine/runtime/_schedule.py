@@ -10,6 +10,7 @@ Plain data, owned and mutated by the supervisor's one thread (see NOTE [scheduli
 
 from __future__ import annotations
 
+import heapq
 import math
 import time
 from dataclasses import dataclass, field
@@ -17,7 +18,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 from pixcrawler_engine._config import DecodePolicy, EngineConfig
-from pixcrawler_engine.runtime._protocol import BatchReady, ExceptionWrapper, Failed
+from pixcrawler_engine.runtime._epoch import Group
+from pixcrawler_engine.runtime._protocol import BatchReady, ExceptionWrapper, Failed, Task
 from pixcrawler_engine.sources._record import Record
 
 __all__ = [
@@ -27,7 +29,9 @@ __all__ = [
     "Done",
     "State",
     "WorkerSlot",
+    "build_task",
     "chunk_order",
+    "queue_group",
     "record_order",
     "slot_bytes_for",
 ]
@@ -122,3 +126,41 @@ class State:
             "slots_added": 0,
         }
     )
+
+
+def build_task(
+    task_id: int, group: Group, chunks: list[Chunk], ids: list[int], start: int, end: int,
+    slot: int,
+) -> Task:  # fmt: skip
+    """The task of positions [start, end) of a group whose chunks (with `ids`) are on disk."""
+    if len(chunks) == 1 and group.key is None:  # the dataset order: a slice of one chunk
+        chunk = chunks[0]
+        assert chunk.records is not None and chunk.path is not None
+        return Task(task_id, (ids[0],), (str(chunk.path),), tuple(chunk.records[start:end]), slot)
+    rows = group.rows(start, end)
+    used = sorted({part for part, _ in rows})
+    at = {part: i for i, part in enumerate(used)}
+    records = []
+    for part, record in rows:
+        listed = chunks[part].records
+        assert listed is not None
+        records.append(listed[record])
+    return Task(
+        task_id,
+        tuple(ids[i] for i in used),
+        tuple(str(chunks[i].path) for i in used),
+        tuple(records),
+        slot,
+        tuple(at[part] for part, _ in rows) if len(used) > 1 else None,
+    )
+
+
+def queue_group(st: State, g: int, group: Group, chunks: list[Chunk], rows: int) -> None:
+    """Group `g` has all its chunks: its tasks of `rows` positions queue (or its failure)."""
+    failed = next((c.error for c in chunks if c.error is not None), None)
+    if failed is not None:
+        st.done[(g, group.ranges[0][0])] = Done(None, group.ranges[-1][1], Failed(failed))
+        return
+    for lo, hi in group.ranges:
+        for start in range(lo, hi, rows):
+            heapq.heappush(st.pending, (g, start, min(start + rows, hi), -1))

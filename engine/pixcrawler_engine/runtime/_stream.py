@@ -51,6 +51,7 @@ from pixcrawler_engine.runtime._protocol import (
     SlotsAdded,
     Stop,
     Workers,
+    plain_connection,
 )
 from pixcrawler_engine.runtime._shm import attach, sweep_run
 from pixcrawler_engine.sources._base import Source
@@ -218,13 +219,13 @@ class Stream:
         child_conn.close()
         release_r.close()
         self._state.token = f"{proc.pid}_{secrets.token_hex(8)}"  # names the run's resources
-        self._state.proc, self._state.conn = proc, conn
         self._state.release_conn, self._state.release_fd = release_w, release_w.fileno()
         try:
             conn.send(list(sys.path))
             conn.send((self._state.token, source, config, policy, share or Share()))
         except OSError:
             pass  # it died at once; the first receive says how
+        self._state.proc, self._state.conn = proc, plain_connection(conn)
         self.pid = proc.pid
         self.worker_pids: tuple[int, ...] = ()
         self._ready: Ready | None = None

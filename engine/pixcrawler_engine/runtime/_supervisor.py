@@ -4,16 +4,13 @@ It owns every OS resource of a run (its owner lock, the shared-memory slots and 
 the download folder, the zygote and, through it, the workers) and is the only process that
 unlinks or deletes them (see NOTE [ownership] in `_shm`).
 
-NOTE [scheduling]: the run delivers its share of an epoch's order, a list of groups (one
-chunk each, or a shuffled block of chunks: NOTE [epoch order] in `_epoch`). Once all chunks of
-a group are downloaded, its selected positions are cut into tasks of `batch_rows`; a task is
-keyed (group, first position) and dispatched in key order, each with a free slot reserved for
-it. Results are delivered to the consumer in key order only, so the output order is the
-epoch's order whatever the number of workers. Since
-every task earlier than a dispatched one was dispatched first, the next task to deliver
-always has, or gets, a slot; the exceptions (a task cut short because its slot filled up, a
-consumer holding every slot) are handled by evicting a later finished task or growing the
-pool.
+NOTE [scheduling]: a run delivers its share of an epoch's order: groups of one chunk, or of a
+shuffled block of chunks (NOTE [epoch order] in `_epoch`). Once a group's chunks are on disk,
+its positions are cut into tasks of `batch_rows`, keyed (group, first position), dispatched in
+key order with a free slot each, and delivered in key order only: the epoch's order whatever
+the number of workers. Since every task earlier than a dispatched one was dispatched first,
+the next task to deliver always has, or gets, a slot; the exceptions (a task cut short because
+its slot filled up, a consumer holding every slot) evict a later finished task or grow the pool.
 
 The loop, one state per task:
 
@@ -31,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import itertools
 import os
 import shutil
 import signal
@@ -40,7 +38,7 @@ from typing import Any
 
 from pixcrawler_engine._config import DecodePolicy, EngineConfig
 from pixcrawler_engine._errors import SharedMemoryError, WorkerError
-from pixcrawler_engine.runtime._epoch import Group, Share, epoch_groups
+from pixcrawler_engine.runtime._epoch import Share, epoch_groups
 from pixcrawler_engine.runtime._pool import Death, WorkerPool
 from pixcrawler_engine.runtime._prefetch import Prefetcher
 from pixcrawler_engine.runtime._protocol import (
@@ -54,7 +52,6 @@ from pixcrawler_engine.runtime._protocol import (
     Ready,
     SlotsAdded,
     Stop,
-    Task,
     TaskDone,
     TaskFailed,
     Workers,
@@ -63,6 +60,8 @@ from pixcrawler_engine.runtime._schedule import (
     Done,
     State,
     WorkerSlot,
+    build_task,
+    queue_group,
     slot_bytes_for,
 )
 from pixcrawler_engine.runtime._shm import (
@@ -126,13 +125,9 @@ class Supervisor:
             raise
         # The downloads in order: each group's chunks, at positions first[g] .. first[g + 1].
         order = [(i, g) for g, group in enumerate(self.groups) for i in group.chunks]
-        self.first = [0]
-        for group in self.groups:
-            self.first.append(self.first[-1] + len(group.chunks))
+        self.first = list(itertools.accumulate((len(g.chunks) for g in self.groups), initial=0))
         self.collected = [0] * len(self.groups)
-        self.state = State()
-        if self.groups:
-            self.state.deliver_at = self.groups[0].ranges[0][0]
+        self.state = State(deliver_at=self.groups[0].ranges[0][0] if self.groups else 0)
         self.task_ids = 0
         self.restarts: dict[tuple[int, int], int] = {}
         self.prefetch = Prefetcher(source, config, self.plans, order, self.workdir)
@@ -146,8 +141,7 @@ class Supervisor:
         self.prefetch.start(self.state, limit)
 
     def start(self) -> None:
-        if self.groups:
-            self._prefetch()  # the first chunks download while the workers boot
+        self._prefetch()  # the first chunks download while the workers boot
         slot_bytes = slot_bytes_for(self.config, self.policy)
         self.slots = SlotPool(self.token, self.config.slots, slot_bytes)
         self.state.free_slots = list(range(len(self.slots)))
@@ -249,14 +243,7 @@ class Supervisor:
         if self.collected[g] < len(group.chunks):
             return
         chunks = [st.chunks[p] for p in range(self.first[g], self.first[g + 1])]
-        failed = next((c.error for c in chunks if c.error is not None), None)
-        if failed is not None:
-            st.done[(g, group.ranges[0][0])] = Done(None, group.ranges[-1][1], Failed(failed))
-            return
-        rows = self.config.batch_rows
-        for lo, hi in group.ranges:
-            for start in range(lo, hi, rows):
-                heapq.heappush(st.pending, (g, start, min(start + rows, hi), -1))
+        queue_group(st, g, group, chunks, self.config.batch_rows)
 
     def _dispatch(self) -> None:
         assert self.pool is not None
@@ -274,36 +261,13 @@ class Supervisor:
             heapq.heappop(st.pending)
             worker = idle.pop()
             self.task_ids += 1
-            task = self._task(self.groups[g], self.first[g], start, end, slot)
+            chunks = [st.chunks[p] for p in range(self.first[g], self.first[g + 1])]
+            ids = [self.plans[c.plan_index].index for c in chunks]
+            task = build_task(self.task_ids, self.groups[g], chunks, ids, start, end, slot)
             worker.task, worker.task_id = (g, start, end, slot), task.task_id
             death = self.pool.send(worker, task)
             if death is not None:
                 self._on_death(death)
-
-    def _task(self, group: Group, first: int, start: int, end: int, slot: int) -> Task:
-        """The task of positions [start, end) of a group, its chunks downloaded."""
-        chunks = [self.state.chunks[first + i] for i in range(len(group.chunks))]
-        if len(chunks) == 1 and group.key is None:  # the dataset order: a slice of one chunk
-            chunk = chunks[0]
-            assert chunk.records is not None and chunk.path is not None
-            ids, paths = (self.plans[chunk.plan_index].index,), (str(chunk.path),)
-            return Task(self.task_ids, ids, paths, tuple(chunk.records[start:end]), slot)
-        rows = group.rows(start, end)
-        used = sorted({part for part, _ in rows})
-        at = {part: i for i, part in enumerate(used)}
-        records = []
-        for part, record in rows:
-            listed = chunks[part].records
-            assert listed is not None
-            records.append(listed[record])
-        return Task(
-            self.task_ids,
-            tuple(self.plans[chunks[i].plan_index].index for i in used),
-            tuple(str(chunks[i].path) for i in used),
-            tuple(records),
-            slot,
-            tuple(at[part] for part, _ in rows) if len(used) > 1 else None,
-        )
 
     def _evict(self, g: int, start: int) -> bool:
         """Frees the slot of the latest finished task that waits behind (g, start)."""

@@ -92,9 +92,9 @@ def test_a_worker_killed_mid_read_still_gives_every_key_once(cluster: Any, serve
     )
     stall = Fault("stall", match="/chunks/5", after_bytes=4096, seconds=120)
     with proxied(server.url, stall) as proxy:
-        dataset = load_dataset(
-            "demo", api_key=server.api_key, base_url=proxy.url, image_size=SIZE, progress=False
-        )
+        # Uncached: the engine pass above put chunk 5 in the cache, and this read must fetch it.
+        dataset = load_dataset("demo", api_key=server.api_key, base_url=proxy.url,
+                               image_size=SIZE, progress=False, cache_dir=False)  # fmt: skip
         killer = Killer(proxy, "/chunks/5")
         killer.start()
         try:

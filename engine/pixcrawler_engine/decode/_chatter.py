@@ -56,16 +56,24 @@ def _sink_fd() -> int:
 
 
 @contextlib.contextmanager
-def capture(said: list[str]) -> Iterator[None]:
-    """Appends to `said` what the code inside writes to fd 2 and the warnings it raises."""
+def capture(said: list[str], *, python_warnings: bool = True) -> Iterator[None]:
+    """Appends to `said` what the code inside writes to fd 2 and the warnings it raises.
+
+    `python_warnings=False` takes fd 2 only, for a library that raises no Python warnings
+    (OpenCV): recording warnings costs as much as the redirection.
+    """
     sink = _sink_fd()
     with contextlib.suppress(ValueError, OSError):
         sys.stderr.flush()
     saved = os.dup(2)
     os.dup2(sink, 2)
+    caught: list[warnings.WarningMessage] = []
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        if python_warnings:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                yield
+        else:
             yield
     finally:
         os.dup2(saved, 2)

@@ -80,11 +80,15 @@ def resize_into(
     `target` is (h, w, C) with C the channels of `pixels` (or 3 for a grey `pixels`, which is
     repeated). Returns False (nothing written) when no OpenCV resize keeps the quality.
     """
+    x0, y0, x1, y1 = box
+    ow, oh = size
+    if box == (0.0, 0.0, pixels.shape[1], pixels.shape[0]) and size == box[2:]:
+        # Already the output size: the very pixels (what Pillow's resize returns too).
+        np.copyto(target, pixels if pixels.ndim == 3 else pixels[:, :, None])
+        return True
     cv2 = opencv()
     if cv2 is None:
         return False
-    x0, y0, x1, y1 = box
-    ow, oh = size
     fx, fy = (x1 - x0) / ow, (y1 - y0) / oh
     if pixels.ndim == 3 and pixels.shape[2] == 1:
         pixels = pixels[:, :, 0]
@@ -139,7 +143,7 @@ def decode_other(view: memoryview, header: ImageHeader, plan: Plan) -> np.ndarra
     flag = cv2.IMREAD_GRAYSCALE if header.mode == "L" else cv2.IMREAD_COLOR_RGB
     said: list[str] = []
     try:
-        with _chatter.capture(said):
+        with _chatter.capture(said, python_warnings=False):  # libpng/libwebp write to fd 2
             pixels = cv2.imdecode(np.frombuffer(view, np.uint8), flag)
     except cv2.error:
         return None

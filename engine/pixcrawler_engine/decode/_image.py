@@ -110,7 +110,11 @@ def probe(data: bytes | memoryview) -> ImageHeader:
 
 
 def decode_image(
-    data: bytes | memoryview, policy: DecodePolicy, *, out: np.ndarray | None = None
+    data: bytes | memoryview,
+    policy: DecodePolicy,
+    *,
+    out: np.ndarray | None = None,
+    header: ImageHeader | None = None,
 ) -> np.ndarray:
     """Decodes one encoded image into a C-contiguous uint8 (H, W, C) array.
 
@@ -119,6 +123,7 @@ def decode_image(
         policy: output size, resize mode, colour and pixel budget.
         out: an array of exactly `output_shape(probe(data), policy)` and dtype uint8 (e.g. a
             view into a shared-memory slot) that receives the pixels; allocated if None.
+        header: `probe(data)`, when the caller has it already (it is not read again).
 
     Returns:
         `out` (or the new array) holding the pixels: C = 3 for RGB, 1 for L, the file's own
@@ -130,7 +135,8 @@ def decode_image(
         ValueError: `out` has the wrong shape or dtype (a bug in the caller).
     """
     view = as_view(data)
-    header = sniff(view)
+    if header is None:
+        header = sniff(view)
     opened: ImageFile.ImageFile | None = None
     if header is None:
         with library_errors("image"):

@@ -156,7 +156,7 @@ def _decode_one(
                 f"whole shared-memory slot ({room + SLOT_OVERHEAD} bytes); pass image_size= "
                 "to shrink images, or a larger slot_bytes"
             )
-        image = decode_image(data, policy, out=builder.next_image())
+        image = decode_image(data, policy, out=builder.next_image(), header=header)
         del data  # a memory-mapped value is unmapped before the mask is decoded
         mask = None
         if record.mask_ref is not None:

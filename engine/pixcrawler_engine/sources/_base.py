@@ -9,7 +9,10 @@ secret, because it is sent to every worker process.
 from __future__ import annotations
 
 import json
+import os
+import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -72,6 +75,8 @@ class _ZipReader:
             self._zip = zipfile.ZipFile(path)
         except (OSError, zipfile.BadZipFile) as exc:
             raise DecompressionError(f"{path} is not a readable zip: {exc}") from exc
+        fp = self._zip.fp
+        self._fd = fp.fileno() if isinstance(path, str) and fp is not None else None
 
     def read(self, ref: Any) -> bytes:
         try:
@@ -79,6 +84,9 @@ class _ZipReader:
         except KeyError as exc:
             raise DecodeError(f"the manifest lists {ref!r} but the chunk has no such file") from exc
         _check_member(info)
+        data = self._read_stored(info)
+        if data is not None:
+            return data
         try:
             with self._zip.open(info) as member:
                 # The header's size may lie (a zip bomb): never read past what it declares.
@@ -97,8 +105,36 @@ class _ZipReader:
             )
         return data
 
+    def _read_stored(self, info: zipfile.ZipInfo) -> bytes | None:
+        """A stored member read in two `pread`s, as zipfile would read it (what `pack`
+        writes; ~25 us less per member than `ZipFile.open`). None: anything unusual (another
+        method, a header that disagrees, a bad CRC), which zipfile then reads or explains."""
+        if (
+            self._fd is None
+            or info.compress_type != zipfile.ZIP_STORED
+            or info.flag_bits & 0x1  # encrypted
+            or info.compress_size != info.file_size
+        ):
+            return None
+        name = info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437")
+        head = os.pread(self._fd, _LOCAL.size + len(name), info.header_offset)
+        if len(head) != _LOCAL.size + len(name) or head[_LOCAL.size :] != name:
+            return None
+        magic, name_len, extra_len = _LOCAL.unpack_from(head)
+        if magic != b"PK\x03\x04" or name_len != len(name):
+            return None
+        start = info.header_offset + _LOCAL.size + name_len + extra_len
+        data = os.pread(self._fd, info.file_size, start)
+        if len(data) != info.file_size or zlib.crc32(data) != info.CRC:
+            return None
+        return data
+
     def close(self) -> None:
         self._zip.close()
+
+
+# A zip local file header: its signature, then (at 26) the name and extra field lengths.
+_LOCAL = struct.Struct("<4s22xHH")
 
 
 @dataclass(frozen=True)

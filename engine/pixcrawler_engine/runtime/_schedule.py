@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 from pixcrawler_engine._config import DecodePolicy, EngineConfig
 from pixcrawler_engine.runtime._epoch import Group
@@ -136,15 +137,16 @@ def build_task(
     if len(chunks) == 1 and group.key is None:  # the dataset order: a slice of one chunk
         chunk = chunks[0]
         assert chunk.records is not None and chunk.path is not None
-        return Task(task_id, (ids[0],), (str(chunk.path),), tuple(chunk.records[start:end]), slot)
+        rows_of = tuple(map(tuple, chunk.records[start:end]))
+        return Task(task_id, (ids[0],), (str(chunk.path),), rows_of, slot)
     rows = group.rows(start, end)
     used = sorted({part for part, _ in rows})
     at = {part: i for i, part in enumerate(used)}
-    records = []
+    records: list[tuple[Any, ...]] = []
     for part, record in rows:
         listed = chunks[part].records
         assert listed is not None
-        records.append(listed[record])
+        records.append(tuple(listed[record]))
     return Task(
         task_id,
         tuple(ids[i] for i in used),

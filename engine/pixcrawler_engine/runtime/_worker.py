@@ -82,8 +82,9 @@ class _Worker:
             read = [readers[part] for part in task.parts]
             chunk = [task.chunks[part] for part in task.parts]
         notes: list[tuple[str, str]] = []
+        records = list(map(Record._make, task.records))
         batch, covered, errors = decode_records(
-            task.records,
+            records,
             read,
             self.policy,
             chunk=chunk,
@@ -96,9 +97,9 @@ class _Worker:
         while batch.num_rows > 1 and ipc_size(batch) > self.slot_bytes:
             keep = batch.num_rows // 2
             last_key = batch.column("key")[keep].as_py()
-            covered = next(i for i, r in enumerate(task.records) if r.key == last_key)
-            errors = [e for e in errors if _position(task.records, e[0]) < covered]
-            notes = [n for n in notes if _position(task.records, n[0]) < covered]
+            covered = next(i for i, r in enumerate(records) if r.key == last_key)
+            errors = [e for e in errors if _position(records, e[0]) < covered]
+            notes = [n for n in notes if _position(records, n[0]) < covered]
             batch = batch.slice(0, keep)
         nbytes = write_batch(batch, buf)
         return TaskDone(task.task_id, nbytes, batch.num_rows, covered, tuple(errors), tuple(notes))

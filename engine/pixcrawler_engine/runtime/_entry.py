@@ -9,13 +9,14 @@ import contextlib
 import os
 import signal
 import sys
-from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
 from pixcrawler_engine.runtime._launch import WORKER_ENV
 from pixcrawler_engine.runtime._zygote import Zygote
 
 if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+
     from pixcrawler_engine._config import DecodePolicy, EngineConfig
     from pixcrawler_engine.runtime._epoch import Share
     from pixcrawler_engine.sources._base import Source
@@ -29,14 +30,15 @@ def bootstrap() -> None:
     argv holds the file descriptors of its two pipes; the first message is the caller's
     `sys.path` (so that its objects unpickle here), the second the run's arguments.
     """
-    from multiprocess.connection import Connection as DillConnection
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the consumer handles Ctrl-C
-    conn = DillConnection(int(sys.argv[1]))
-    release = DillConnection(int(sys.argv[2]), writable=False)
-    # First of all (before our own imports): the zygote warms up the decoders meanwhile.
+    # First of all, before any import it can do without: the zygote's start (an interpreter,
+    # then numpy, pyarrow and the decoders) is the longest step to a first batch.
     zygote = Zygote({**os.environ, **WORKER_ENV})
     zygote.start()
+    from multiprocess.connection import Connection as DillConnection
+
+    conn = DillConnection(int(sys.argv[1]))
+    release = DillConnection(int(sys.argv[2]), writable=False)
     try:
         sys.path[:] = conn.recv()
         token, source, config, policy, share = conn.recv()

@@ -25,6 +25,7 @@ from pixcrawler._passes import run_pass
 from pixcrawler._rebatch import check_batch_size, rebatch
 from pixcrawler_engine._config import DecodePolicy, EngineConfig
 from pixcrawler_engine.runtime._epoch import Share
+from pixcrawler_engine.runtime._launch import Spare
 from pixcrawler_engine.runtime._stream import Batch, Stream
 from pixcrawler_engine.sources._base import Source
 
@@ -61,6 +62,8 @@ class Dataset(Frameworks):
         self._progress = progress
         self._info = DatasetInfo.from_manifest(ref.manifest)
         self._streams: weakref.WeakSet[Stream] = weakref.WeakSet()
+        # The next pass's supervisor, started ahead (NOTE [spare] in `runtime._launch`).
+        self._spare = Spare(enabled=config.warm_start)
         self._closed = False
 
     # ---- metadata ---------------------------------------------------------------------
@@ -127,6 +130,7 @@ class Dataset(Frameworks):
     def close(self) -> None:
         """Stops every pass still running and releases their processes and memory."""
         self._closed = True
+        self._spare.close()
         for stream in list(self._streams):
             stream.close()
 
@@ -235,6 +239,7 @@ class Dataset(Frameworks):
             share or Share(),
             self._streams,
             lambda total: self.progress_bar(total, desc),
+            self._spare,
         )
 
     def progress_bar(self, total: int, desc: str | None) -> Any:

@@ -2,6 +2,10 @@
 
 `Dataset` keeps the passes still running in a weak set, so that `close()` can stop them; a pass
 abandoned by its caller (a `break`, garbage collection) closes its stream in `finally`.
+
+A pass runs on the dataset's spare supervisor when one waits, and once its own first batch is
+in, launches the spare for the next pass (see NOTE [spare] in
+`pixcrawler_engine.runtime._launch`): epochs after the first skip the processes' start-up.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from typing import Any
 
 from pixcrawler_engine._config import DecodePolicy, EngineConfig
 from pixcrawler_engine.runtime._epoch import Share
+from pixcrawler_engine.runtime._launch import Spare
 from pixcrawler_engine.runtime._stream import Batch, Stream
 from pixcrawler_engine.sources._base import Source
 
@@ -25,6 +30,7 @@ def run_pass(
     share: Share,
     streams: weakref.WeakSet[Stream],
     progress_bar: Callable[[int], Any],
+    spare: Spare | None = None,
 ) -> Iterator[Batch]:
     """The batches of one engine pass over `source`, counted on a bar (None: no bar)."""
     total = share.count(sum(p.num_records for p in source.plan()))
@@ -33,13 +39,17 @@ def run_pass(
         return
     bar = progress_bar(total)
     try:
-        stream = Stream(source, config=config, policy=policy, share=share)
+        launched = spare.take() if spare is not None else None
+        stream = Stream(source, config=config, policy=policy, share=share, launched=launched)
     finally:
         # The supervisor got its own copy of the source; this one's connection can go.
         source.close()
     streams.add(stream)
     try:
         for batch in stream:
+            if spare is not None:
+                spare.refill()  # after the first batch: it must not slow this pass's start
+                spare = None
             yield batch
             if bar is not None:
                 bar.update(len(batch))

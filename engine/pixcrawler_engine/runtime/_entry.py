@@ -28,7 +28,8 @@ def bootstrap() -> None:
     """Entry point of the supervisor interpreter (see NOTE [bootstrap] in `_launch`).
 
     argv holds the file descriptors of its two pipes; the first message is the caller's
-    `sys.path` (so that its objects unpickle here), the second the run's arguments.
+    `sys.path` (so that its objects unpickle here), or None to exit, the second the run's
+    arguments.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the consumer handles Ctrl-C
     # First of all, before any import it can do without: the zygote's start (an interpreter,
@@ -40,11 +41,16 @@ def bootstrap() -> None:
     conn = DillConnection(int(sys.argv[1]))
     release = DillConnection(int(sys.argv[2]), writable=False)
     try:
-        sys.path[:] = conn.recv()
+        caller_path = conn.recv()
+        if caller_path is None:
+            raise EOFError("a spare sent away")
+        sys.path[:] = caller_path
         token, source, config, policy, share = conn.recv()
     except (EOFError, OSError):
-        zygote.close()
-        os._exit(0)  # the consumer went away before the run began
+        # No run came (a spare no longer wanted, or its consumer died: NOTE [spare] in
+        # `_launch`): the zygote holds nothing yet and may be mid-import, so no polite wait.
+        zygote.lost()
+        os._exit(0)
     supervisor_main(conn, release, zygote, token, source, config, policy, share)
 
 

@@ -3,9 +3,10 @@
 `Dataset` keeps the passes still running in a weak set, so that `close()` can stop them; a pass
 abandoned by its caller (a `break`, garbage collection) closes its stream in `finally`.
 
-A pass runs on the dataset's spare supervisor when one waits, and once its own first batch is
-in, launches the spare for the next pass (see NOTE [spare] in
-`pixcrawler_engine.runtime._launch`): epochs after the first skip the processes' start-up.
+A pass runs on the dataset's spare supervisor when one waits, and once its last tasks are out
+(fewer samples left than its workers decode at once), launches the spare for the next pass
+(see NOTE [spare] in `pixcrawler_engine.runtime._launch`): epochs after the first skip the
+processes' start-up.
 """
 
 from __future__ import annotations
@@ -45,10 +46,13 @@ def run_pass(
         # The supervisor got its own copy of the source; this one's connection can go.
         source.close()
     streams.add(stream)
+    tail = total - config.batch_rows * config.workers
+    seen = 0
     try:
         for batch in stream:
-            if spare is not None:
-                spare.refill()  # after the first batch: it must not slow this pass's start
+            seen += len(batch)
+            if spare is not None and seen >= tail:
+                spare.refill((type(source).__module__,))
                 spare = None
             yield batch
             if bar is not None:

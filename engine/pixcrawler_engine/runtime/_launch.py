@@ -12,25 +12,30 @@ the zygote and the workers: no fork server, no resource tracker.
 NOTE [spare]: nothing in a supervisor's start-up (its interpreter, the zygote's interpreter and
 imports: most of the time to a first batch) depends on the run's arguments, so a supervisor can
 be launched ahead of time and wait for them, blocked on its pipe. A `Spare` keeps at most one
-such supervisor for a consumer's next run (a `Dataset` starts one for its next pass when a pass
-begins). A waiting supervisor owns no resource yet (no segment, folder or lock: those come with
-the arguments) and exits when its pipe closes: on `Spare.close()`, when the consumer dies, or
-when the spare is garbage collected. Only the process that launched it uses or closes it (a
-forked child, e.g. a DataLoader worker, sees no spare). Its environment is the consumer's at
-launch time, without the API key, like any supervisor's.
+such supervisor for a consumer's next run: a `Dataset` launches one for its next pass when the
+current pass's last tasks are out (its workers go idle from there, so the spare's start-up costs
+the pass little CPU). While it waits, the spare does what needs no arguments: it sweeps stale
+runs, imports the supervisor's modules and those the consumer names in `Prepare` (its source's
+module). A waiting supervisor owns no resource (no segment, folder or lock: those come with
+the arguments) and exits when told (None) or when its pipe closes: on `Spare.close()`, when the
+consumer dies, or when the spare is garbage collected. Only the process that launched it
+uses or closes it (a forked child, e.g. a DataLoader worker, sees no spare). Its environment is
+the consumer's at launch time, without the API key, like any supervisor's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import subprocess
 import sys
 import threading
 import weakref
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["BOOTSTRAP", "SECRET_ENV", "WORKER_ENV", "Launched", "Spare", "launch"]
+__all__ = ["BOOTSTRAP", "SECRET_ENV", "WORKER_ENV", "Launched", "Prepare", "Spare", "launch"]
 
 BOOTSTRAP = "from pixcrawler_engine.runtime._entry import bootstrap; bootstrap()"
 # The zygote's (and so the workers') allocator settings; the supervisor keeps glibc's defaults.
@@ -43,6 +48,21 @@ WORKER_ENV = {
 # Variables a child process must not inherit: the API key never reaches another process's
 # environment (it travels to the supervisor inside the source, over a pipe).
 SECRET_ENV = ("PIXCRAWLER_API_KEY",)
+
+
+@dataclass(frozen=True)
+class Prepare:
+    """To a waiting supervisor: the consumer's `sys.path` and modules its run will import."""
+
+    sys_path: list[str]
+    modules: tuple[str, ...]
+
+    def apply(self) -> None:
+        """Imports the modules now (the run's unpickling would); one that fails is left."""
+        sys.path[:] = self.sys_path
+        for name in self.modules:
+            with contextlib.suppress(Exception):
+                importlib.import_module(name)
 
 
 class Launched:
@@ -127,12 +147,19 @@ class Spare:
             return None
         return launched
 
-    def refill(self) -> None:
-        """Launches a supervisor for the next run unless one waits, or this one is closed."""
+    def refill(self, modules: tuple[str, ...] = ()) -> None:
+        """Launches a supervisor for the next run unless one waits, or this one is closed.
+
+        Args:
+            modules: modules the next run's arguments need (its source's): imported ahead.
+        """
         with self._lock:
             if self._closed or self._box or self._owner != os.getpid():
                 return
-            self._box.append(launch())
+            launched = launch()
+            with contextlib.suppress(OSError):  # if it died, `take` finds out
+                launched.conn.send(Prepare(list(sys.path), modules))
+            self._box.append(launched)
 
     @property
     def pid(self) -> int | None:

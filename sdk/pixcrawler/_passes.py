@@ -17,7 +17,7 @@ from typing import Any
 
 from pixcrawler_engine._config import DecodePolicy, EngineConfig
 from pixcrawler_engine.runtime._epoch import Share
-from pixcrawler_engine.runtime._launch import Spare
+from pixcrawler_engine.runtime._launch import Spare, modules_of
 from pixcrawler_engine.runtime._stream import Batch, Stream
 from pixcrawler_engine.sources._base import Source
 
@@ -52,7 +52,7 @@ def run_pass(
         for batch in stream:
             seen += len(batch)
             if spare is not None and seen >= tail:
-                spare.refill((type(source).__module__,))
+                spare.refill(modules_of(source))
                 spare = None
             yield batch
             if bar is not None:

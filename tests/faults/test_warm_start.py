@@ -148,3 +148,14 @@ def test_warm_start_false_keeps_no_spare(store: Path) -> None:
         for _ in ds.iter_engine_batches():
             pass
         assert ds._spare.pid is None
+
+
+def test_the_spare_is_told_the_modules_its_run_unpickles(store: Path) -> None:
+    from pixcrawler_engine.runtime._launch import modules_of
+    from pixcrawler_engine.sources._base import JobSource
+
+    with load_dataset("demo", base_url=store.as_uri(), **OPTIONS) as ds:
+        source = ds.ref.source()
+        named = modules_of((source, lambda x: x, {"a": "os"}))
+        source.close()
+    assert JobSource.__module__ in named and "__main__" not in named and "os" not in named

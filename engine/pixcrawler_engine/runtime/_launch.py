@@ -35,7 +35,16 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["BOOTSTRAP", "SECRET_ENV", "WORKER_ENV", "Launched", "Prepare", "Spare", "launch"]
+__all__ = [
+    "BOOTSTRAP",
+    "SECRET_ENV",
+    "WORKER_ENV",
+    "Launched",
+    "Prepare",
+    "Spare",
+    "launch",
+    "modules_of",
+]
 
 BOOTSTRAP = "from pixcrawler_engine.runtime._entry import bootstrap; bootstrap()"
 # The zygote's (and so the workers') allocator settings; the supervisor keeps glibc's defaults.
@@ -179,6 +188,37 @@ class Spare:
 
 def _disabled() -> Spare:
     return Spare(enabled=False)
+
+
+def modules_of(obj: object) -> tuple[str, ...]:
+    """The modules that unpickling `obj` in another process imports (those loaded here).
+
+    Read from the opcodes of its pickle (the same pickler a run's arguments travel with);
+    only names of modules this process has imported are kept, so no other string can pass.
+    """
+    import pickletools
+
+    from multiprocess.reduction import ForkingPickler
+
+    strings: list[Any] = []  # what the string-pushing opcodes pushed, in order
+    memo: dict[int, Any] = {}
+    found = set()
+    pushed = False
+    for op, arg, _ in pickletools.genops(bytes(ForkingPickler.dumps(obj))):
+        if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"):
+            strings.append(arg)
+        elif op.name in ("BINGET", "LONG_BINGET", "GET"):
+            strings.append(memo.get(arg))
+        elif op.name == "MEMOIZE":
+            memo[len(memo)] = strings[-1] if pushed else None
+        elif op.name == "GLOBAL":
+            found.add(str(arg).split(" ")[0])
+        elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+            found.add(strings[-2])
+        pushed = op.name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE")
+        pushed = pushed or op.name in ("BINGET", "LONG_BINGET", "GET")
+    found.discard("__main__")  # the other process has its own
+    return tuple(sorted(name for name in found if isinstance(name, str) and name in sys.modules))
 
 
 def _close_all(box: list[Launched]) -> None:

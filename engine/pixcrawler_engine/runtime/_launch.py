@@ -208,7 +208,7 @@ def modules_of(obj: object) -> tuple[str, ...]:
         if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"):
             strings.append(arg)
         elif op.name in ("BINGET", "LONG_BINGET", "GET"):
-            strings.append(memo.get(arg))
+            strings.append(memo.get(arg) if isinstance(arg, int) else None)
         elif op.name == "MEMOIZE":
             memo[len(memo)] = strings[-1] if pushed else None
         elif op.name == "GLOBAL":

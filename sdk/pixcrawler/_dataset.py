@@ -221,6 +221,11 @@ class Dataset(Frameworks):
             share = Share(epoch=self.next_epoch(), start=start)
         return self._run(self._ref.source(), self._config, desc=desc, share=share)
 
+    def _one_off(self, desc: str) -> Iterator[Batch]:
+        """A pass for a conversion: an epoch like any, but no spare is launched after it."""
+        share = Share(epoch=self.next_epoch())
+        return self._run(self._ref.source(), self._config, desc=desc, share=share, ahead=False)
+
     def _run(
         self,
         source: Source,
@@ -229,6 +234,7 @@ class Dataset(Frameworks):
         desc: str | None,
         policy: DecodePolicy | None = None,
         share: Share | None = None,
+        ahead: bool = True,
     ) -> Iterator[Batch]:
         if self._closed:
             raise ValueError("this dataset is closed; load it again with load_dataset()")
@@ -240,6 +246,7 @@ class Dataset(Frameworks):
             self._streams,
             lambda total: self.progress_bar(total, desc),
             self._spare,
+            ahead=ahead,
         )
 
     def progress_bar(self, total: int, desc: str | None) -> Any:
@@ -273,7 +280,7 @@ class Dataset(Frameworks):
             >>> X, y = dataset.to_arrays()
             >>> X_train, X_test, y_train, y_test = train_test_split(X, y)
         """
-        batches = self.iter_engine_batches(desc="to_arrays")
+        batches = self._one_off("to_arrays")
         return collect_arrays(batches, self.num_images, self._policy.fixed_shape, max_bytes)
 
     def to_dataframe(self, max_bytes: int | None = None) -> pd.DataFrame:
@@ -297,7 +304,7 @@ class Dataset(Frameworks):
             >>> df = dataset.to_dataframe()
             >>> df.head()
         """
-        batches = self.iter_engine_batches(desc="to_dataframe")
+        batches = self._one_off("to_dataframe")
         return collect_dataframe(batches, self.num_images, self._policy.fixed_shape, max_bytes)
 
     # ---- for the adapters -------------------------------------------------------------

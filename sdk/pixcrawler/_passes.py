@@ -32,8 +32,14 @@ def run_pass(
     streams: weakref.WeakSet[Stream],
     progress_bar: Callable[[int], Any],
     spare: Spare | None = None,
+    *,
+    ahead: bool = True,
 ) -> Iterator[Batch]:
-    """The batches of one engine pass over `source`, counted on a bar (None: no bar)."""
+    """The batches of one engine pass over `source`, counted on a bar (None: no bar).
+
+    It runs on `spare`'s waiting supervisor if there is one, and with `ahead` launches the
+    spare for the next pass near its end (False for a one-off pass, a conversion).
+    """
     total = share.count(sum(p.num_records for p in source.plan()))
     if total == 0:
         source.close()
@@ -42,6 +48,7 @@ def run_pass(
     try:
         launched = spare.take() if spare is not None else None
         stream = Stream(source, config=config, policy=policy, share=share, launched=launched)
+        spare = spare if ahead else None
     finally:
         # The supervisor got its own copy of the source; this one's connection can go.
         source.close()

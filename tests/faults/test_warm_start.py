@@ -159,3 +159,16 @@ def test_the_spare_is_told_the_modules_its_run_unpickles(store: Path) -> None:
         named = modules_of((source, lambda x: x, {"a": "os"}))
         source.close()
     assert JobSource.__module__ in named and "__main__" not in named and "os" not in named
+
+
+def test_a_conversion_uses_a_waiting_spare_but_launches_none(store: Path) -> None:
+    with load_dataset("demo", base_url=store.as_uri(), **OPTIONS) as ds:
+        images, _ = ds.to_arrays()
+        assert len(images) == 120 and ds._spare.pid is None  # a one-off: nothing kept
+        for _ in ds.iter_engine_batches():
+            pass
+        spare = _wait_spare(ds)
+        family = _family(spare)
+        ds.to_arrays()
+        assert ds._spare.pid is None  # taken, not replaced
+    assert wait_gone(family, 10.0) == []

@@ -109,6 +109,9 @@ class EngineConfig:
         cache_dir: where downloaded chunks are kept between runs; None downloads into a
             temporary folder removed at the end of the run.
         cache_limit_bytes: size above which the least recently used cached chunks go.
+        warm_start: a consumer that runs passes (`Dataset`) keeps one supervisor started
+            ahead for its next pass (see NOTE [spare] in `runtime._launch`); False starts
+            each pass's supervisor when the pass begins.
     """
 
     num_workers: int | None = None
@@ -129,6 +132,7 @@ class EngineConfig:
     shuffle_window: int = 8
     cache_dir: str | None = None
     cache_limit_bytes: int = 10 * 2**30
+    warm_start: bool = True
 
     def __post_init__(self) -> None:
         def positive(name: str, value: Any) -> None:

@@ -25,6 +25,7 @@ from pixcrawler._passes import run_pass
 from pixcrawler._rebatch import check_batch_size, rebatch
 from pixcrawler_engine._config import DecodePolicy, EngineConfig
 from pixcrawler_engine.runtime._epoch import Share
+from pixcrawler_engine.runtime._launch import Spare
 from pixcrawler_engine.runtime._stream import Batch, Stream
 from pixcrawler_engine.sources._base import Source
 
@@ -61,6 +62,8 @@ class Dataset(Frameworks):
         self._progress = progress
         self._info = DatasetInfo.from_manifest(ref.manifest)
         self._streams: weakref.WeakSet[Stream] = weakref.WeakSet()
+        # The next pass's supervisor, started ahead (NOTE [spare] in `runtime._launch`).
+        self._spare = Spare(enabled=config.warm_start)
         self._closed = False
 
     # ---- metadata ---------------------------------------------------------------------
@@ -127,6 +130,7 @@ class Dataset(Frameworks):
     def close(self) -> None:
         """Stops every pass still running and releases their processes and memory."""
         self._closed = True
+        self._spare.close()
         for stream in list(self._streams):
             stream.close()
 
@@ -217,6 +221,11 @@ class Dataset(Frameworks):
             share = Share(epoch=self.next_epoch(), start=start)
         return self._run(self._ref.source(), self._config, desc=desc, share=share)
 
+    def _one_off(self, desc: str) -> Iterator[Batch]:
+        """A pass for a conversion: an epoch like any, but no spare is launched after it."""
+        share = Share(epoch=self.next_epoch())
+        return self._run(self._ref.source(), self._config, desc=desc, share=share, ahead=False)
+
     def _run(
         self,
         source: Source,
@@ -225,6 +234,7 @@ class Dataset(Frameworks):
         desc: str | None,
         policy: DecodePolicy | None = None,
         share: Share | None = None,
+        ahead: bool = True,
     ) -> Iterator[Batch]:
         if self._closed:
             raise ValueError("this dataset is closed; load it again with load_dataset()")
@@ -235,6 +245,8 @@ class Dataset(Frameworks):
             share or Share(),
             self._streams,
             lambda total: self.progress_bar(total, desc),
+            self._spare,
+            ahead=ahead,
         )
 
     def progress_bar(self, total: int, desc: str | None) -> Any:
@@ -268,7 +280,7 @@ class Dataset(Frameworks):
             >>> X, y = dataset.to_arrays()
             >>> X_train, X_test, y_train, y_test = train_test_split(X, y)
         """
-        batches = self.iter_engine_batches(desc="to_arrays")
+        batches = self._one_off("to_arrays")
         return collect_arrays(batches, self.num_images, self._policy.fixed_shape, max_bytes)
 
     def to_dataframe(self, max_bytes: int | None = None) -> pd.DataFrame:
@@ -292,7 +304,7 @@ class Dataset(Frameworks):
             >>> df = dataset.to_dataframe()
             >>> df.head()
         """
-        batches = self.iter_engine_batches(desc="to_dataframe")
+        batches = self._one_off("to_dataframe")
         return collect_dataframe(batches, self.num_images, self._policy.fixed_shape, max_bytes)
 
     # ---- for the adapters -------------------------------------------------------------

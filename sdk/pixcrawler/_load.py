@@ -55,6 +55,7 @@ def load_dataset(
     batch_rows: int = 64,
     source: Literal["job", "parquet"] | None = None,
     copy: bool = False,
+    warm_start: bool = True,
 ) -> Dataset:
     """Load a PixCrawler dataset (or Hugging Face-style Parquet shards) with lazy loading.
 
@@ -103,6 +104,9 @@ def load_dataset(
             it is a Parquet address as described above.
         copy: Hand out private, writable arrays from iteration (one copy per batch) instead
             of read-only views of the engine's shared memory (zero-copy, the default).
+        warm_start: Once a pass has its first batch, start the next pass's engine processes
+            (its supervisor and decoder zygote, idle until then), so that epochs after the
+            first skip their start-up; `False` starts them when each pass begins.
 
     Returns:
         Dataset object for iteration and conversion.
@@ -145,6 +149,7 @@ def load_dataset(
         shuffle_window=shuffle_window,
         cache_dir=os.fspath(cache_dir) if isinstance(cache_dir, (str, os.PathLike)) else None,
         **({} if cache_limit is None else {"cache_limit_bytes": cache_limit}),
+        warm_start=warm_start,
     )
     if parquet:
         ref: JobRef | ParquetRef = ParquetRef.open(

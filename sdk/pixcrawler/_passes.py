@@ -2,6 +2,11 @@
 
 `Dataset` keeps the passes still running in a weak set, so that `close()` can stop them; a pass
 abandoned by its caller (a `break`, garbage collection) closes its stream in `finally`.
+
+A pass runs on the dataset's spare supervisor when one waits, and once its last tasks are out
+(fewer samples left than its workers decode at once), launches the spare for the next pass
+(see NOTE [spare] in `pixcrawler_engine.runtime._launch`): epochs after the first skip the
+processes' start-up.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from typing import Any
 
 from pixcrawler_engine._config import DecodePolicy, EngineConfig
 from pixcrawler_engine.runtime._epoch import Share
+from pixcrawler_engine.runtime._launch import Spare, modules_of
 from pixcrawler_engine.runtime._stream import Batch, Stream
 from pixcrawler_engine.sources._base import Source
 
@@ -25,21 +31,36 @@ def run_pass(
     share: Share,
     streams: weakref.WeakSet[Stream],
     progress_bar: Callable[[int], Any],
+    spare: Spare | None = None,
+    *,
+    ahead: bool = True,
 ) -> Iterator[Batch]:
-    """The batches of one engine pass over `source`, counted on a bar (None: no bar)."""
+    """The batches of one engine pass over `source`, counted on a bar (None: no bar).
+
+    It runs on `spare`'s waiting supervisor if there is one, and with `ahead` launches the
+    spare for the next pass near its end (False for a one-off pass, a conversion).
+    """
     total = share.count(sum(p.num_records for p in source.plan()))
     if total == 0:
         source.close()
         return
     bar = progress_bar(total)
     try:
-        stream = Stream(source, config=config, policy=policy, share=share)
+        launched = spare.take() if spare is not None else None
+        stream = Stream(source, config=config, policy=policy, share=share, launched=launched)
+        spare = spare if ahead else None
     finally:
         # The supervisor got its own copy of the source; this one's connection can go.
         source.close()
     streams.add(stream)
+    tail = total - config.batch_rows * config.workers
+    seen = 0
     try:
         for batch in stream:
+            seen += len(batch)
+            if spare is not None and seen >= tail:
+                spare.refill(modules_of(source))
+                spare = None
             yield batch
             if bar is not None:
                 bar.update(len(batch))

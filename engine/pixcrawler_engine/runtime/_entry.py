@@ -9,13 +9,14 @@ import contextlib
 import os
 import signal
 import sys
-from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
-from pixcrawler_engine.runtime._launch import WORKER_ENV
+from pixcrawler_engine.runtime._launch import WORKER_ENV, Prepare
 from pixcrawler_engine.runtime._zygote import Zygote
 
 if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+
     from pixcrawler_engine._config import DecodePolicy, EngineConfig
     from pixcrawler_engine.runtime._epoch import Share
     from pixcrawler_engine.sources._base import Source
@@ -26,23 +27,38 @@ __all__ = ["bootstrap", "supervisor_main"]
 def bootstrap() -> None:
     """Entry point of the supervisor interpreter (see NOTE [bootstrap] in `_launch`).
 
-    argv holds the file descriptors of its two pipes; the first message is the caller's
-    `sys.path` (so that its objects unpickle here), the second the run's arguments.
+    argv holds the file descriptors of its two pipes. Messages: `Prepare` (a spare's, while
+    it waits: NOTE [spare] in `_launch`), any number; then the caller's `sys.path` (so that
+    its objects unpickle here), or None to exit; then the run's arguments.
     """
-    from multiprocess.connection import Connection as DillConnection
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the consumer handles Ctrl-C
-    conn = DillConnection(int(sys.argv[1]))
-    release = DillConnection(int(sys.argv[2]), writable=False)
-    # First of all (before our own imports): the zygote warms up the decoders meanwhile.
+    # First of all, before any import it can do without: the zygote's start (an interpreter,
+    # then numpy, pyarrow and the decoders) is the longest step to a first batch.
     zygote = Zygote({**os.environ, **WORKER_ENV})
     zygote.start()
+    from multiprocess.connection import Connection as DillConnection
+
+    from pixcrawler_engine.runtime import _supervisor  # noqa: F401  (every run needs it)
+    from pixcrawler_engine.runtime._shm import sweep_stale
+
+    conn = DillConnection(int(sys.argv[1]))
+    release = DillConnection(int(sys.argv[2]), writable=False)
     try:
-        sys.path[:] = conn.recv()
+        sweep_stale()  # before the run's arguments: a spare does it while it waits
+        while True:
+            message = conn.recv()
+            if message is None:
+                raise EOFError("sent away before a run")
+            if not isinstance(message, Prepare):
+                break
+            message.apply()
+        sys.path[:] = message
         token, source, config, policy, share = conn.recv()
     except (EOFError, OSError):
-        zygote.close()
-        os._exit(0)  # the consumer went away before the run began
+        # No run came (a spare no longer wanted, or its consumer died: NOTE [spare] in
+        # `_launch`): the zygote holds nothing yet and may be mid-import, so no polite wait.
+        zygote.lost()
+        os._exit(0)
     from pixcrawler_engine.runtime._protocol import plain_connection
 
     conn = plain_connection(conn)  # the run's messages: plain pickle
@@ -61,13 +77,11 @@ def supervisor_main(
 ) -> None:
     """The body of the supervisor process."""
     from pixcrawler_engine.runtime._protocol import ExceptionWrapper, Failed
-    from pixcrawler_engine.runtime._shm import sweep_stale
     from pixcrawler_engine.runtime._supervisor import Supervisor, _Delivered
 
     supervisor = None
     code = 0
     try:
-        sweep_stale()
         supervisor = Supervisor(conn, release, zygote, token, source, config, policy, share)
         supervisor.run()
     except (_Delivered, SystemExit):

@@ -38,7 +38,7 @@ from pixcrawler_engine.runtime._batch import (
     read_batch,
 )
 from pixcrawler_engine.runtime._epoch import Share
-from pixcrawler_engine.runtime._launch import BOOTSTRAP
+from pixcrawler_engine.runtime._launch import Launched, launch
 from pixcrawler_engine.runtime._protocol import (
     RELEASE,
     BatchReady,
@@ -59,10 +59,6 @@ from pixcrawler_engine.sources._base import Source
 __all__ = ["Batch", "SampleWarning", "Stream"]
 
 logger = logging.getLogger("pixcrawler_engine.decode")
-
-# Variables a child process must not inherit: the API key never reaches another process's
-# environment (it travels to the supervisor inside the source, over a pipe).
-_SECRET_ENV = ("PIXCRAWLER_API_KEY",)
 
 
 class SampleWarning(UserWarning):
@@ -192,6 +188,7 @@ class Stream:
         config: EngineConfig,
         policy: DecodePolicy,
         share: Share | None = None,
+        launched: Launched | None = None,
     ) -> None:
         """Starts the run: its supervisor, which starts the workers.
 
@@ -201,23 +198,19 @@ class Stream:
             policy: how images are decoded.
             share: which part of which epoch's order to deliver (see NOTE [epoch order] in
                 `runtime._epoch`); default all of epoch 0.
+            launched: a supervisor launched ahead (`_launch.Spare.take`) to run this; the
+                stream owns it from here. None (or one that died) launches a new one.
         """
-        from multiprocess.connection import Pipe
-
         self.config = config
         self.policy = policy
         self._state = _RunState()
         self._finalizer = weakref.finalize(self, _shutdown, self._state)
-        conn, child_conn = Pipe()
-        release_r, release_w = Pipe(duplex=False)
-        # See NOTE [bootstrap] in `_launch`. The supervisor's environment lacks the API key.
-        env = {k: v for k, v in os.environ.items() if k not in _SECRET_ENV}
-        fds = (child_conn.fileno(), release_r.fileno())
-        proc = subprocess.Popen(
-            [sys.executable, "-c", BOOTSTRAP, *map(str, fds)], pass_fds=fds, env=env
-        )
-        child_conn.close()
-        release_r.close()
+        # See NOTE [bootstrap] and NOTE [spare] in `_launch`.
+        if launched is None or not launched.usable():
+            if launched is not None:
+                launched.close()
+            launched = launch()
+        proc, conn, release_w = launched.proc, launched.conn, launched.release
         self._state.token = f"{proc.pid}_{secrets.token_hex(8)}"  # names the run's resources
         self._state.release_conn, self._state.release_fd = release_w, release_w.fileno()
         try:

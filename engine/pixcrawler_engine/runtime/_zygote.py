@@ -29,9 +29,11 @@ import struct
 import subprocess
 import sys
 import traceback
-from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
 
 __all__ = ["ZYGOTE_MAIN", "Zygote", "main"]
 
@@ -86,6 +88,8 @@ class Zygote:
                 socket.send_fds(self.sock, [b"S" + _SEAT_PID.pack(seat, 0)], [theirs.fileno()])
             except OSError:
                 self.lost()  # mine then reads EOF: the worker is redone like a dead one
+        from multiprocessing.connection import Connection
+
         return Connection(mine.detach())
 
     def receive(self) -> list[tuple[bytes, int, int]]:
@@ -233,6 +237,8 @@ def _become_worker(
         sock.close()
         for end in wake:
             os.close(end)
+        from multiprocessing.connection import Connection
+
         worker_main(Connection(fd), *args, seat=seat)
     except BaseException:
         code = 1

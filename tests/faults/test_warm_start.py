@@ -1,0 +1,174 @@
+"""The spare supervisor (NOTE [spare] in `runtime._launch`) on real processes.
+
+A dataset's second pass runs on a supervisor launched during its first; the spare leaves no
+process, segment or folder behind after `close()`, garbage collection, or its consumer's death.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+from engine_helpers import expected_keys, wait_gone
+
+from pixcrawler import load_dataset
+from pixcrawler_engine.runtime._launch import Spare
+
+OPTIONS: dict[str, Any] = {"num_workers": 2, "progress": False, "image_size": 16, "batch_rows": 8}
+
+
+def _family(pid: int) -> list[int]:
+    """`pid` and its descendants (a spare supervisor and its zygote)."""
+    try:
+        proc = psutil.Process(pid)
+        return [pid, *(p.pid for p in proc.children(recursive=True))]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _wait_spare(ds: Any, timeout: float = 10.0) -> int:
+    deadline = time.monotonic() + timeout
+    while ds._spare.pid is None:
+        assert time.monotonic() < deadline, "no spare supervisor was launched"
+        time.sleep(0.01)
+    return int(ds._spare.pid)
+
+
+def test_the_next_pass_runs_on_the_spare_launched_before_it(store: Path) -> None:
+    with load_dataset("demo", base_url=store.as_uri(), **OPTIONS) as ds:
+        first = [key for batch in ds.iter_engine_batches() for key in batch.keys]
+        spare = _wait_spare(ds)
+        began = time.time()
+        passes = ds.iter_engine_batches()
+        batch = next(passes)
+        (stream,) = list(ds._streams)
+        assert stream.pid == spare  # the pass took the waiting supervisor, started before it
+        assert psutil.Process(spare).create_time() < began
+        # The next spare waits for this pass's last tasks: its start-up must not slow this one.
+        assert ds._spare.pid is None
+        second = [*batch.keys, *(key for b in passes for key in b.keys)]
+        assert ds._spare.pid not in (None, spare)
+    assert first == second == expected_keys(store)
+
+
+def test_close_stops_the_spare_and_its_zygote(store: Path) -> None:
+    ds = load_dataset("demo", base_url=store.as_uri(), **OPTIONS)
+    for _ in ds.iter_engine_batches():
+        pass
+    spare = _wait_spare(ds)
+    family = _family(spare)
+    ds.close()
+    assert ds._spare.pid is None
+    assert wait_gone(family, 10.0) == []
+
+
+def test_garbage_collection_stops_the_spare(store: Path) -> None:
+    ds = load_dataset("demo", base_url=store.as_uri(), **OPTIONS)
+    for _ in ds.iter_engine_batches():
+        pass
+    family = _family(_wait_spare(ds))
+    del ds
+    gc.collect()
+    assert wait_gone(family, 10.0) == []
+
+
+def test_a_spare_sent_away_while_its_zygote_imports_exits_at_once() -> None:
+    spare = Spare()
+    spare.refill()
+    assert spare.pid is not None
+    family = _family(spare.pid)
+    began = time.monotonic()
+    spare.close()
+    assert wait_gone(family, 10.0) == []
+    assert time.monotonic() - began < 3.0
+    spare.refill()  # a closed spare launches nothing more
+    assert spare.pid is None
+
+
+def test_a_forked_child_neither_uses_nor_stops_the_parents_spare() -> None:
+    spare = Spare()
+    spare.refill()
+    assert spare.pid is not None
+    pid = os.fork()
+    if pid == 0:  # the child: like a DataLoader worker holding a copy of the dataset
+        took = spare.take()
+        spare.refill()
+        spare.close()
+        os._exit(0 if took is None else 1)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    launched = spare.take()
+    assert launched is not None and launched.usable()  # still there, still alive
+    family = _family(launched.proc.pid)
+    launched.close()
+    spare.close()
+    assert wait_gone(family, 10.0) == []
+
+
+CONSUMER = textwrap.dedent(
+    """
+    import json, sys, time
+    from pixcrawler import load_dataset
+    ds = load_dataset("demo", base_url={url!r}, **{options!r})
+    for _ in ds.iter_engine_batches():
+        pass
+    while ds._spare.pid is None:
+        time.sleep(0.01)
+    print(json.dumps({{"spare": ds._spare.pid}}), flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def test_sigkill_of_the_consumer_takes_the_spare_along(store: Path) -> None:
+    script = CONSUMER.format(url=store.as_uri(), options=OPTIONS)
+    with subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, start_new_session=True
+    ) as proc:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line, "the consumer script printed nothing"
+        family = _family(json.loads(line)["spare"])
+        assert len(family) == 2  # the supervisor and its zygote
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert wait_gone(family, 10.0) == []
+
+
+def test_warm_start_false_keeps_no_spare(store: Path) -> None:
+    with load_dataset("demo", base_url=store.as_uri(), warm_start=False, **OPTIONS) as ds:
+        for _ in ds.iter_engine_batches():
+            pass
+        assert ds._spare.pid is None
+
+
+def test_the_spare_is_told_the_modules_its_run_unpickles(store: Path) -> None:
+    from pixcrawler_engine.runtime._launch import modules_of
+    from pixcrawler_engine.sources._base import JobSource
+
+    with load_dataset("demo", base_url=store.as_uri(), **OPTIONS) as ds:
+        source = ds.ref.source()
+        named = modules_of((source, lambda x: x, {"a": "os"}))
+        source.close()
+    assert JobSource.__module__ in named and "__main__" not in named and "os" not in named
+
+
+def test_a_conversion_uses_a_waiting_spare_but_launches_none(store: Path) -> None:
+    with load_dataset("demo", base_url=store.as_uri(), **OPTIONS) as ds:
+        images, _ = ds.to_arrays()
+        assert len(images) == 120 and ds._spare.pid is None  # a one-off: nothing kept
+        for _ in ds.iter_engine_batches():
+            pass
+        spare = _wait_spare(ds)
+        family = _family(spare)
+        ds.to_arrays()
+        assert ds._spare.pid is None  # taken, not replaced
+    assert wait_gone(family, 10.0) == []

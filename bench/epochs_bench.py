@@ -1,6 +1,7 @@
 """The training feed's targets: epoch 2 from the cache, the shuffle's cost, resume's first batch.
 
-A job of real photos (640x480-class JPEGs, chunks of 100) is served over HTTP by the real
+A job of real photos (640x480-class JPEGs, chunks of 500 as `make demo` packs them; `--chunk`
+changes it) is served over HTTP by the real
 `pixcrawler serve` on loopback; each case is a fresh process reading it to 224x224 with
 2 workers and `iter_batches(64)`:
 - `cold`: epoch 1 with an empty cache (every chunk over HTTP);
@@ -68,14 +69,14 @@ def _serve(store: Path) -> tuple[subprocess.Popen[str], str]:
     return proc, line.rsplit(" on ", 1)[1].strip()
 
 
-def _store(root: Path, n_photos: int) -> Path:
+def _store(root: Path, n_photos: int, chunk: int) -> Path:
     from pixcrawler._demo_data import build_photos
     from pixcrawler_engine.sources._pack import pack
 
     src = root / "photos"
     build_photos(src, n=n_photos)
     store = root / "store"
-    pack(src, store, "photos", chunk_size=100, verify="header")
+    pack(src, store, "photos", chunk_size=chunk, verify="header")
     return store
 
 
@@ -90,11 +91,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--photos", type=int, default=1200)
+    parser.add_argument("--chunk", type=int, default=500)
     args = parser.parse_args()
     cases = ("warm", "warm_shuffled", "first_batch", "resume_90")
     runs: dict[str, list[dict[str, Any]]] = {c: [] for c in ("cold", *cases)}
     with tempfile.TemporaryDirectory(prefix="pxc-bench-epochs-") as tmp:
-        store = _store(Path(tmp), args.photos)
+        store = _store(Path(tmp), args.photos, args.chunk)
         proc, url = _serve(store)
         try:
             for r in range(args.rounds):
@@ -111,7 +113,8 @@ def main() -> None:
         return statistics.median(r[key] for r in runs[case])
 
     result = {
-        "what": "photos over HTTP (pixcrawler serve, loopback), 224x224, 2 workers, batch 64",
+        "what": f"photos over HTTP (pixcrawler serve, loopback), chunks of {args.chunk}, "
+        "224x224, 2 workers, batch 64",
         "machine": describe_machine(),
         "rounds": args.rounds,
         "images": runs["cold"][0]["images"],

@@ -325,12 +325,13 @@ class TorchIterableDataset(torch.utils.data.IterableDataset[Any]):
                 records, reads, ids = [], [], []
                 for g, lo, hi in pieces:
                     group = groups[g]
+                    ids_of = [chunks[i].index for i in group.chunks]
+                    opened = [cache.open(chunk) for chunk in ids_of]  # once per piece
                     for part, row in group.rows(lo, hi):
-                        chunk = chunks[group.chunks[part]].index
-                        reader, listed = cache.open(chunk)
+                        reader, listed = opened[part]
                         records.append(listed[row])
                         reads.append(reader.read)
-                        ids.append(chunk)
+                        ids.append(ids_of[part])
                 batch, _, errors = decode_records(records, reads, self.policy, chunk=ids)
                 if self.policy.on_error == "warn":
                     for key, message in errors:

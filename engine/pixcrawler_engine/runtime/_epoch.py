@@ -122,10 +122,6 @@ class Group:
     def size(self) -> int:
         return sum(self.counts)
 
-    @property
-    def selected(self) -> int:
-        return sum(hi - lo for lo, hi in self.ranges)
-
     def rows(self, lo: int, hi: int) -> list[tuple[int, int]]:
         """(chunk slot in `chunks`, record within that chunk) of positions [lo, hi)."""
         if self.key is None:  # the dataset order: one chunk, its records in order

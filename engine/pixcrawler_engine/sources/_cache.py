@@ -248,12 +248,8 @@ class ChunkCache:
                 break
             if entry.path == protect or entry.mtime > recent:
                 continue
-            if entry.path.is_dir():
-                if not self._try_remove_partial(entry.path):
-                    continue
-            else:
-                entry.path.unlink(missing_ok=True)
-            freed += entry.size
+            if self._remove(entry):
+                freed += entry.size
         return freed
 
     def versions(self) -> dict[str, tuple[str | None, int, int]]:
@@ -285,12 +281,8 @@ class ChunkCache:
         for entry in self.entries():
             if wanted is not None and entry.path.parent.name not in wanted:
                 continue
-            if entry.path.is_dir():
-                if not self._try_remove_partial(entry.path):
-                    continue
-            else:
-                entry.path.unlink(missing_ok=True)
-            freed += entry.size
+            if self._remove(entry):
+                freed += entry.size
         for sub in ("chunks", "partial"):
             with contextlib.suppress(FileNotFoundError):
                 for folder in (self.root / sub).iterdir():
@@ -343,6 +335,13 @@ class ChunkCache:
             yield
         finally:
             os.close(fd)  # releases the lock
+
+    def _remove(self, entry: _Entry) -> bool:
+        """Removes a cached chunk, or a partial download nobody holds; False if it is held."""
+        if entry.path.is_dir():
+            return self._try_remove_partial(entry.path)
+        entry.path.unlink(missing_ok=True)
+        return True
 
     def _try_remove_partial(self, path: Path) -> bool:
         """Removes an abandoned partial download; False while a process is downloading it."""

@@ -264,10 +264,48 @@ def test_lru_eviction_keeps_the_cache_under_its_limit(
             )
 
         first, second = fetch(0), fetch(1)
-        os.utime(second, (1, 1))  # chunk 1 least recently used...
-        os.utime(first, (2, 2))
+        # The LRU clock is each entry's stamp (NOTE [stamps] in `sources._cache`).
+        os.utime(second.with_suffix(".ok"), (1, 1))  # chunk 1 least recently used...
+        os.utime(first.with_suffix(".ok"), (2, 2))
         fetch(2)  # ...so it goes when chunk 2 comes in over the limit
         assert first.exists() and not second.exists() and cache.size_bytes() <= limit
+
+
+def test_a_stamped_hit_is_not_hashed_and_any_change_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NOTE [stamps]: a hit whose file is as verified skips sha256; a rewrite (even of the
+    same bytes) or an alteration is hashed again, and the altered one is a miss."""
+    from pixcrawler_engine.sources import _cache
+
+    hashed: list[Path] = []
+    real = _cache.file_matches
+
+    def counted(path: Path, size: int, sha: str) -> bool:
+        hashed.append(path)
+        return real(path, size, sha)
+
+    monkeypatch.setattr(_cache, "file_matches", counted)  # the real hash, counted
+    data = b"chunk bytes " * 1000
+    sha = hashlib.sha256(data).hexdigest()
+
+    def download(dest: Path) -> Path:
+        (dest / "0.zip").write_bytes(data)
+        return dest / "0.zip"
+
+    cache = ChunkCache(tmp_path / "c")
+    entry = cache.fetch("v1", sha, len(data), download)
+    assert entry.with_suffix(".ok").exists() and hashed == []
+    assert cache.get("v1", sha, len(data)) == entry and cache.get("v1", sha, len(data)) == entry
+    assert hashed == []
+    entry.write_bytes(data)  # the same bytes written again: a new identity, hashed once
+    assert cache.get("v1", sha, len(data)) == entry and hashed == [entry]
+    assert cache.get("v1", sha, len(data)) == entry and hashed == [entry]
+    entry.write_bytes(data.replace(b"chunk", b"CHUNK"))  # same size, other bytes
+    assert cache.get("v1", sha, len(data)) is None and len(hashed) == 2
+    assert cache.fetch("v1", sha, len(data), download) == entry
+    assert entry.read_bytes() == data
+    assert cache.clear() == len(data) and not (cache.root / "chunks" / "v1").exists()
 
 
 def test_clear_leaves_a_download_in_progress_alone(tmp_path: Path) -> None:

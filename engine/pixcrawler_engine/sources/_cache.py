@@ -4,20 +4,21 @@ Layout under the cache root (`$PIXCRAWLER_CACHE`, else `$XDG_CACHE_HOME/pixcrawl
 `~/.cache/pixcrawler`):
 
     chunks/<version>/<sha256>.zip      a verified chunk of job version <version>
+    chunks/<version>/<sha256>.ok       its stamp: the file's identity when last verified
     chunks/<version>/.job              the job id of that version (for `pixcrawler cache`)
     partial/<version>/<sha256>/        a download in progress (`<index>.zip.part`, resumable)
     locks/<version>-<sha256>.lock      one process downloads a chunk at a time
 
 The file system is the index, so any number of processes can share one cache without a
 database: an entry appears only by `os.replace` of a complete, sha256-verified file (a reader
-never sees half a chunk), a hit bumps the entry's mtime (the LRU clock), and eviction unlinks
+never sees half a chunk), a hit bumps its stamp's mtime (the LRU clock), and eviction unlinks
 the oldest entries until the total is under the limit. Unlinking an entry another process has
-open is safe on POSIX (its reader keeps the inode). A hit is verified again (size, then
-sha256: ~1.4 GB/s here, once per chunk per process or engine pass), because the disk is not
-ours alone: a truncated or altered entry is a miss, removed under the chunk's lock and fetched
-again, never handed out. Entries used in the last `grace_s` seconds are never evicted, because
-a run may have fetched a chunk that its decode workers have not opened yet: the limit is
-therefore soft by at most the chunks in flight.
+open is safe on POSIX (its reader keeps the inode). Entries used in the last `grace_s` seconds
+are never evicted, because a run may have fetched a chunk that its decode workers have not
+opened yet: the limit is therefore soft by at most the chunks in flight.
+
+A hit is checked before it is handed out (NOTE [stamps] in `_stamp`): a truncated or altered
+entry is a miss, removed under the chunk's lock and fetched again, never delivered.
 
 `ChunkCache` owns everything under its root; nothing else writes there. `CachedSource`
 (`_cached_source`) puts a job source's downloads through it.
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pixcrawler_engine.sources._download import file_matches
+from pixcrawler_engine.sources._stamp import stamp_matches, stamp_path, write_stamp
 
 __all__ = ["ENV_CACHE", "CacheWarning", "ChunkCache", "default_cache_dir", "disk_error"]
 
@@ -140,14 +142,17 @@ class ChunkCache:
         """
         path = self.path_for(version, sha256)
         try:
-            if path.stat().st_size != size:
+            st = path.stat()
+            if st.st_size != size:
                 return None
-            if verify and not file_matches(path, size, sha256):
-                return None
-            with contextlib.suppress(OSError):
-                os.utime(path)  # the LRU clock; a read-only cache still serves its hits
+            if verify and not stamp_matches(path, st):  # NOTE [stamps]
+                if not file_matches(path, size, sha256):
+                    return None
+                write_stamp(path, st)  # the identity seen before hashing: safe if it moved
         except FileNotFoundError:
             return None
+        with contextlib.suppress(OSError):
+            os.utime(stamp_path(path))  # the LRU clock; a read-only cache still serves hits
         return path
 
     def fetch(
@@ -201,6 +206,7 @@ class ChunkCache:
                     os.replace(tmp, final)
                 finally:
                     tmp.unlink(missing_ok=True)
+            write_stamp(final, final.stat())  # `download` verified what it wrote
             shutil.rmtree(partial, ignore_errors=True)
             with contextlib.suppress(OSError):
                 partial.parent.rmdir()  # only if no other download of this version is open
@@ -215,7 +221,10 @@ class ChunkCache:
         for path in self._walk(self.root / "chunks", files=True):
             with contextlib.suppress(FileNotFoundError):
                 st = path.stat()
-                found.append(_Entry(path, st.st_size, st.st_mtime))
+                used = st.st_mtime
+                with contextlib.suppress(OSError):
+                    used = stamp_path(path).stat().st_mtime  # the LRU clock, when stamped
+                found.append(_Entry(path, st.st_size, used))
         for path in self._walk(self.root / "partial", files=False):
             size, mtime = 0, 0.0
             with contextlib.suppress(FileNotFoundError):
@@ -289,6 +298,8 @@ class ChunkCache:
                     if wanted is None or folder.name in wanted:
                         if not any(folder.glob("*.zip")):
                             (folder / ".job").unlink(missing_ok=True)
+                            for stamp in folder.glob("*.ok"):  # of entries gone meanwhile
+                                stamp.unlink(missing_ok=True)
                         with contextlib.suppress(OSError):
                             folder.rmdir()  # only once empty
         return freed
@@ -341,6 +352,7 @@ class ChunkCache:
         if entry.path.is_dir():
             return self._try_remove_partial(entry.path)
         entry.path.unlink(missing_ok=True)
+        stamp_path(entry.path).unlink(missing_ok=True)
         return True
 
     def _try_remove_partial(self, path: Path) -> bool:

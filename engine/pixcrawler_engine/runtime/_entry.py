@@ -35,7 +35,7 @@ def bootstrap() -> None:
     # First of all, before any import it can do without: the zygote's start (an interpreter,
     # then numpy, pyarrow and the decoders) is the longest step to a first batch.
     zygote = Zygote({**os.environ, **WORKER_ENV})
-    zygote.start()
+    zygote.start(fork=True)  # no thread yet: see NOTE [zygote]
     from multiprocess.connection import Connection as DillConnection
 
     from pixcrawler_engine.runtime import _supervisor  # noqa: F401  (every run needs it)

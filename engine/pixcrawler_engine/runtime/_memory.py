@@ -20,13 +20,13 @@ import functools
 import sys
 from typing import Any
 
-__all__ = ["TRIM_ABOVE", "MemoryKeeper", "anon_rss", "release"]
+__all__ = ["TRIM_ABOVE", "MemoryKeeper", "anon_rss", "libc", "release"]
 
 TRIM_ABOVE = 32 << 20
 
 
 @functools.cache
-def _libc() -> Any:
+def libc() -> Any:
     """glibc, or None (another C library, another OS: nothing to trim)."""
     if not sys.platform.startswith("linux"):
         return None
@@ -41,9 +41,9 @@ def _libc() -> Any:
 
 def release() -> None:
     """Returns free memory to the system: glibc's heap, and Arrow's pool if it is loaded."""
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
+    glibc = libc()
+    if glibc is not None:
+        glibc.malloc_trim(0)
     arrow = sys.modules.get("pyarrow")
     if arrow is not None:
         arrow.default_memory_pool().release_unused()

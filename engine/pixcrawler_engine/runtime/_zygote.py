@@ -1,9 +1,14 @@
 """The zygote: a single-threaded process that forks decode workers when the supervisor asks.
 
 NOTE [zygote]: the supervisor runs download threads, and a process with threads must never
-fork. So it starts this fresh interpreter first (`Zygote.start`), which imports and warms up the
-decoders once, with no thread of its own, and forks every worker from there: a worker costs a
-fork, not an interpreter and its imports. The two talk over a `SOCK_SEQPACKET` socket:
+fork. So its first act, while it has no thread, is to fork the zygote (`Zygote.start(fork=
+True)`), which imports and warms up the decoders once, with no thread of its own, and forks
+every worker from there: a worker costs a fork, not an interpreter and its imports. Forking
+the zygote rather than starting an interpreter for it saves that interpreter's start and
+imports, ~80 ms before a first batch on 2 busy cores; a zygote started again later (the first
+one died), when the supervisor has threads, is a fresh interpreter. The zygote and the workers
+are named `pxc-zygote` and `pxc-worker` (what `ps -o comm` and `top` show). The two talk over
+a `SOCK_SEQPACKET` socket:
 
     supervisor -> zygote:  b"A" <path>             the workers' arguments (a dill file)
                            b"S" <seat> + one fd    fork a worker on this socket end
@@ -28,9 +33,12 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from pixcrawler_engine.runtime._memory import libc
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -40,6 +48,8 @@ __all__ = ["ZYGOTE_MAIN", "Zygote", "main"]
 ZYGOTE_MAIN = "from pixcrawler_engine.runtime._zygote import main; main()"
 _SEAT_PID = struct.Struct("<ii")
 _MAX_MESSAGE = 4096
+# glibc's mallopt parameters that the `MALLOC_*_` variables set at a process's start.
+_MALLOPT = {"MALLOC_TRIM_THRESHOLD_": -1, "MALLOC_MMAP_THRESHOLD_": -3}
 
 
 class Zygote:
@@ -47,20 +57,31 @@ class Zygote:
 
     def __init__(self, env: dict[str, str]) -> None:
         self.env = env
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: subprocess.Popen[bytes] | _Forked | None = None
         self.sock: socket.socket | None = None
         self.args_path: Path | None = None
 
-    def start(self) -> None:
-        """Starts a fresh zygote interpreter; it warms up while the supervisor goes on."""
+    def start(self, *, fork: bool = False) -> None:
+        """Starts a zygote; it warms up while the supervisor goes on.
+
+        Args:
+            fork: fork this process rather than start an interpreter; only while it has no
+                thread (see NOTE [zygote]).
+        """
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with theirs:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", ZYGOTE_MAIN, str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),),
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-            )
+            if fork:
+                pid = os.fork()
+                if pid == 0:
+                    _forked(theirs.fileno(), self.env)
+                self.proc = _Forked(pid)
+            else:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-c", ZYGOTE_MAIN, str(theirs.fileno())],
+                    pass_fds=(theirs.fileno(),),
+                    env=self.env,
+                    stdin=subprocess.DEVNULL,
+                )
         self.sock = mine
         if self.args_path is not None:
             self._send(b"A" + os.fsencode(self.args_path))
@@ -148,11 +169,68 @@ class Zygote:
             self.lost()
 
 
+class _Forked:
+    """A forked zygote, stopped and reaped like a `subprocess.Popen`."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def kill(self) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, signal.SIGKILL)
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.returncode is None:
+            pid, status = os.waitpid(self.pid, 0 if deadline is None else os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+            elif deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(f"zygote {self.pid}", timeout or 0.0)
+            else:
+                time.sleep(0.005)
+        return self.returncode
+
+
 # ---- the zygote process ----------------------------------------------------------------------
-def main() -> None:
-    """Entry point of the zygote interpreter: warm up, then fork workers on request."""
+def _forked(fd: int, env: dict[str, str]) -> None:
+    """The child of `Zygote.start(fork=True)`: becomes the zygote, as a fresh interpreter would
+    (only its socket and standard streams open, stdin empty, the workers' environment), and
+    never returns."""
+    code = 0
+    try:
+        os.closerange(3, fd)
+        os.closerange(fd + 1, os.sysconf("SC_OPEN_MAX"))
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        os.environ.clear()
+        os.environ.update(env)
+        glibc = libc()
+        for name, param in _MALLOPT.items():  # read by glibc only when a process starts
+            if glibc is not None and name in env:
+                glibc.mallopt(param, int(env[name]))
+        main(fd)
+    except BaseException:
+        code = 1
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
+def _set_name(name: bytes) -> None:
+    """What `ps -o comm` and `top` show for this process (Linux; elsewhere nothing)."""
+    glibc = libc()
+    if glibc is not None:
+        glibc.prctl(15, name, 0, 0, 0)  # PR_SET_NAME
+
+
+def main(fd: int | None = None) -> None:
+    """Entry point of the zygote: warm up, then fork workers on request."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the consumer decides what stops
-    sock = socket.socket(fileno=int(sys.argv[1]))
+    _set_name(b"pxc-zygote")
+    sock = socket.socket(fileno=int(sys.argv[1]) if fd is None else fd)
     from pixcrawler_engine.runtime._worker import warm_up, worker_main
 
     try:
@@ -234,6 +312,7 @@ def _become_worker(
     try:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        _set_name(b"pxc-worker")
         sock.close()
         for end in wake:
             os.close(end)

@@ -11,7 +11,9 @@ the first and the last batch, the last quarter of the samples is compared with t
   batch of pixels, a chunk's records) fails it, and of 1 KiB a chunk in the 10,000-chunk
   soak. Measured noise: under 1 MiB of growth (it more often shrinks, by up to 12 MiB).
 - Open file descriptors (summed) grow by at most 4: the two download threads and the two
-  workers may each hold one chunk file at a sampling instant, never one per chunk.
+  workers may each hold one chunk file at a sampling instant, never one per chunk. A worker
+  holds the chunk files of its latest two groups (`KEEP_GROUPS`; a group is one chunk here),
+  never more: a file kept open after its group was delivered would keep its disk space.
 - /dev/shm pages of the run's segments do not grow at all, and the pool never grows: every
   slot is back in the pool before the consumer asks for more.
 
@@ -36,6 +38,7 @@ import pytest
 from engine_helpers import job_source
 
 from pixcrawler_engine import DecodePolicy, EngineConfig, Stream
+from pixcrawler_engine.runtime._worker import KEEP_GROUPS
 
 from .bad_data import Sample, TreeMonitor, chunk_zip, digits, encode, tally, write_job
 
@@ -50,6 +53,17 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def _open_chunks(pid: int) -> list[str]:
+    """The chunk files a process holds open (deleted ones included)."""
+    links = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            continue  # closed meanwhile
+    return [link for link in links if ".zip" in link]
 
 
 def _quarters(samples: list[Sample], start: float, end: float) -> tuple[list[Sample], list[Sample]]:
@@ -99,6 +113,9 @@ def test_resources_stay_flat_under_a_slow_consumer(tmp_path: Path, n_chunks: int
                 assert np.asarray(batch.images).shape == (len(batch), 32, 32, 3)
                 if len(keys) in checkpoints:  # the first workers live on: none was killed
                     assert all(_alive(pid) for pid in stream.worker_pids), len(keys)
+                    for pid in stream.worker_pids:
+                        held = _open_chunks(pid)
+                        assert len(held) <= KEEP_GROUPS, (len(keys), pid, held)
                 pause.wait(PAUSE)
                 last = time.monotonic()
         stats = stream.stats

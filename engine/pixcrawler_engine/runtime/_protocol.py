@@ -153,6 +153,7 @@ class Task:
     `parts[i]` is the position in `chunks`/`paths` of record i's chunk; None when all come
     from the first. Records travel as plain tuples (`Record._make` rebuilds them): a named
     tuple pickles through a Python call each, which cost the supervisor ~6 us per image.
+    `group` is the task's group in the run's order (groups are dispatched in order).
     """
 
     task_id: int
@@ -161,6 +162,7 @@ class Task:
     records: tuple[tuple[Any, ...], ...]
     slot: int
     parts: tuple[int, ...] | None = None
+    group: int = 0
 
 
 # worker -> supervisor

@@ -130,15 +130,15 @@ class State:
 
 
 def build_task(
-    task_id: int, group: Group, chunks: list[Chunk], ids: list[int], start: int, end: int,
-    slot: int,
+    task_id: int, g: int, group: Group, chunks: list[Chunk], ids: list[int], start: int,
+    end: int, slot: int,
 ) -> Task:  # fmt: skip
-    """The task of positions [start, end) of a group whose chunks (with `ids`) are on disk."""
+    """The task of positions [start, end) of group `g`, whose chunks (with `ids`) are on disk."""
     if len(chunks) == 1 and group.key is None:  # the dataset order: a slice of one chunk
         chunk = chunks[0]
         assert chunk.records is not None and chunk.path is not None
         rows_of = tuple(map(tuple, chunk.records[start:end]))
-        return Task(task_id, (ids[0],), (str(chunk.path),), rows_of, slot)
+        return Task(task_id, (ids[0],), (str(chunk.path),), rows_of, slot, group=g)
     rows = group.rows(start, end)
     used = sorted({part for part, _ in rows})
     at = {part: i for i, part in enumerate(used)}
@@ -154,6 +154,7 @@ def build_task(
         tuple(records),
         slot,
         tuple(at[part] for part, _ in rows) if len(used) > 1 else None,
+        g,
     )
 
 

@@ -263,7 +263,7 @@ class Supervisor:
             self.task_ids += 1
             chunks = [st.chunks[p] for p in range(self.first[g], self.first[g + 1])]
             ids = [self.plans[c.plan_index].index for c in chunks]
-            task = build_task(self.task_ids, self.groups[g], chunks, ids, start, end, slot)
+            task = build_task(self.task_ids, g, self.groups[g], chunks, ids, start, end, slot)
             worker.task, worker.task_id = (g, start, end, slot), task.task_id
             death = self.pool.send(worker, task)
             if death is not None:

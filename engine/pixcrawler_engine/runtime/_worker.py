@@ -31,9 +31,11 @@ from pixcrawler_engine.sources._record import Record
 __all__ = ["worker_main"]
 
 
-# Chunk files a worker keeps open: a shuffled task draws from a block of chunks (see NOTE
-# [epoch order] in `_epoch`), and reopening a zip reads its whole directory again.
-OPEN_CHUNKS = 32
+# A worker keeps open the chunk files of the latest groups it decoded: a shuffled group's
+# tasks draw from all of its chunks (NOTE [epoch order] in `_epoch`), and reopening a zip reads
+# its whole directory again. Older ones are closed: the supervisor deletes a group's files once
+# it is delivered, and a file held open would keep its disk space (and a descriptor).
+KEEP_GROUPS = 2
 
 
 class _Worker:
@@ -53,7 +55,7 @@ class _Worker:
         self.slot_prefix = slot_prefix
         self.slot_bytes = slot_bytes
         self.slots: dict[int, Any] = {}
-        self.readers: dict[str, ChunkReader] = {}  # by path, least recently used first
+        self.readers: dict[str, tuple[ChunkReader, int]] = {}  # path -> (reader, its group)
         self.beats = attach(beats_name)
         self.counts = self.beats.buf.cast("Q")
         self.seat = seat
@@ -62,20 +64,20 @@ class _Worker:
         """One more sample started: the supervisor measures silence per sample with this."""
         self.counts[self.seat] += 1
 
-    def _open(self, paths: tuple[str, ...]) -> list[Any]:
-        """The `read` of each path's chunk, opened or reused; closes the least recent others."""
+    def _open(self, paths: tuple[str, ...], group: int) -> list[Any]:
+        """The `read` of each path's chunk, opened or reused; closes those of older groups."""
         for path in paths:
-            reader = self.readers.pop(path, None)
-            self.readers[path] = reader if reader is not None else self.opener.open(path)
-        while len(self.readers) > max(OPEN_CHUNKS, len(paths)):
-            self.readers.pop(next(iter(self.readers))).close()
-        return [self.readers[path].read for path in paths]
+            reader, last = self.readers.get(path, (None, group))
+            self.readers[path] = (reader or self.opener.open(path), max(last, group))
+        for path in [p for p, (_, g) in self.readers.items() if g <= group - KEEP_GROUPS]:
+            self.readers.pop(path)[0].close()
+        return [self.readers[path][0].read for path in paths]
 
     def run(self, task: Task) -> TaskDone:
         if task.slot not in self.slots:
             self.slots[task.slot] = attach(f"{self.slot_prefix}{task.slot}")
         buf = self.slots[task.slot].buf
-        readers = self._open(task.paths)
+        readers = self._open(task.paths, task.group)
         read: Any = readers[0]
         chunk: int | list[int] = task.chunks[0]
         if task.parts is not None:
@@ -105,7 +107,7 @@ class _Worker:
         return TaskDone(task.task_id, nbytes, batch.num_rows, covered, tuple(errors), tuple(notes))
 
     def close(self) -> None:
-        for reader in self.readers.values():
+        for reader, _ in self.readers.values():
             reader.close()
         for shm in self.slots.values():
             shm.close()

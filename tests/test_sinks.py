@@ -341,7 +341,8 @@ def test_cache_downloads_once_and_evicts_least_recently_used(tmp_path: Path) -> 
     old = time.time() - 100
     import os
 
-    os.utime(cache.path_for("v1", shas[1]), (old, old))  # chunk 1 is now the least recent
+    # The LRU clock is an entry's stamp (NOTE [stamps] in `sources._stamp`).
+    os.utime(cache.path_for("v1", shas[1]).with_suffix(".ok"), (old, old))  # the least recent
     assert cache.get("v1", shas[0], 100) is not None  # a hit refreshes chunk 0
     path = cache.fetch("v1", shas[2], 100, _fake_download(blobs[2], calls))
     assert path.read_bytes() == blobs[2]

@@ -1,0 +1,70 @@
+"""One stored member of a zip, found without parsing the whole central directory.
+
+`zipfile.ZipFile` builds a `ZipInfo` for every member when it opens a zip: 3.3 us a member
+here, 1.6 ms for a chunk of 500 images, paid by the supervisor for every chunk of every epoch
+just to read `manifest.jsonl`. `stored_member` reads the end-of-directory record, the
+directory's bytes and the one member, in four `pread`s, and returns its bytes only when
+everything is plain: no zip64, no prefix before the archive, exactly one directory entry of that
+name, stored (not compressed or encrypted), and a local header and CRC that agree. Anything
+else returns None, and the caller opens the zip with `zipfile`, which reads it or explains.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from pathlib import Path
+
+__all__ = ["stored_member"]
+
+_END = struct.Struct("<4s4H2LH")  # signature, disks, entries here / in all, size, offset, comment
+# A directory entry: signature, flags, method, CRC, sizes, name/extra/comment lengths, offset.
+_ENTRY = struct.Struct("<4s4xHH4xLLLHHH8xL")
+_LOCAL = struct.Struct("<4s22xHH")  # a local header: signature, then name and extra lengths
+
+
+def stored_member(path: Path, name: str, max_bytes: int) -> bytes | None:
+    """The bytes of member `name` of the zip at `path` (at most `max_bytes`), or None."""
+    wanted = name.encode()
+    with open(path, "rb") as f:
+        fd = f.fileno()
+        size = os.fstat(fd).st_size
+        if size < _END.size:
+            return None
+        end = os.pread(fd, _END.size, size - _END.size)
+        magic, disk, cd_disk, here, total, cd_size, cd_offset, comment = _END.unpack(end)
+        if (
+            magic != b"PK\x05\x06"
+            or disk
+            or cd_disk
+            or here != total
+            or comment
+            or cd_offset + cd_size != size - _END.size  # zip64, a prefix, a gap: zipfile's
+        ):
+            return None
+        directory = os.pread(fd, cd_size, cd_offset)
+        hits = []
+        at = directory.find(wanted)
+        while at != -1:
+            start = at - _ENTRY.size
+            if start >= 0 and directory.startswith(b"PK\x01\x02", start):
+                entry = _ENTRY.unpack_from(directory, start)
+                if entry[6] == len(wanted):
+                    hits.append(entry)
+            at = directory.find(wanted, at + 1)
+        if len(hits) != 1:
+            return None
+        _, flags, method, crc, packed, unpacked, _, _, _, offset = hits[0]
+        if method != 0 or flags & 0x1 or packed != unpacked or unpacked > max_bytes:
+            return None
+        head = os.pread(fd, _LOCAL.size + len(wanted), offset)
+        if len(head) != _LOCAL.size + len(wanted) or head[_LOCAL.size :] != wanted:
+            return None
+        magic, name_len, extra_len = _LOCAL.unpack_from(head)
+        if magic != b"PK\x03\x04":
+            return None
+        data = os.pread(fd, unpacked, offset + _LOCAL.size + name_len + extra_len)
+    if len(data) != unpacked or zlib.crc32(data) != crc:
+        return None
+    return data

@@ -1,0 +1,96 @@
+"""A chunk's manifest read without `zipfile` (`sources._zipdir`), and every case it leaves to it.
+
+The fast path must give exactly what `zipfile` gives, on chunks `pixcrawler pack` wrote from
+real images; on any zip that is not plain (a compressed or encrypted manifest, two of them, a
+prefix, a comment, a bad CRC) it must step aside, so that `read_zip_manifest` behaves
+as before: the same records, or the same error.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from pixcrawler_engine import DecompressionError
+from pixcrawler_engine.sources._base import MAX_MANIFEST_BYTES, read_zip_manifest
+from pixcrawler_engine.sources._zipdir import stored_member
+
+
+def _chunks(store: Path) -> list[Path]:
+    return sorted((store / "jobs" / "demo" / "chunks").glob("*.zip"))
+
+
+def test_packed_chunks_read_fast_exactly_as_zipfile_reads_them(store: Path) -> None:
+    chunks = _chunks(store)
+    assert len(chunks) >= 8
+    for path in chunks:
+        with zipfile.ZipFile(path) as zf:
+            expected = zf.read("manifest.jsonl")
+        assert stored_member(path, "manifest.jsonl", MAX_MANIFEST_BYTES) == expected
+        assert read_zip_manifest(path, 3, 100) == read_zip_manifest(zipfile.ZipFile(path), 3, 100)
+
+
+def _rezip(
+    path: Path, out: Path, *, deflate: bool = False, comment: bytes = b"", twice: bool = False
+) -> Path:
+    """The same members written again by `zipfile` with other settings."""
+    method = zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(out, "w", method) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info))
+        if twice:
+            dst.writestr("manifest.jsonl", b'{"file": "other.png"}\n')
+        dst.comment = comment
+    return out
+
+
+@pytest.mark.filterwarnings("ignore:Duplicate name:UserWarning")
+@pytest.mark.parametrize(
+    "case",
+    ["deflated", "comment", "prefix", "twice", "zip64", "bad crc", "too big"],
+)
+def test_any_zip_that_is_not_plain_is_left_to_zipfile(
+    store: Path, tmp_path: Path, case: str
+) -> None:
+    path = _chunks(store)[0]
+    out = tmp_path / "odd.zip"
+    limit = MAX_MANIFEST_BYTES
+    if case == "deflated":
+        _rezip(path, out, deflate=True)
+    elif case == "comment":
+        _rezip(path, out, comment=b"made elsewhere")
+    elif case == "prefix":  # a self-extractor's stub before the archive
+        out.write_bytes(b"#!/bin/sh\nexit 0\n" + path.read_bytes())
+    elif case == "twice":
+        _rezip(path, out, twice=True)
+    elif case == "zip64":
+        buf = io.BytesIO()
+        with zipfile.ZipFile(path) as src, zipfile.ZipFile(buf, "w") as dst:
+            for info in src.infolist():
+                with dst.open(info.filename, "w", force_zip64=True) as member:
+                    member.write(src.read(info))
+        out.write_bytes(buf.getvalue())
+    elif case == "bad crc":
+        data = bytearray(path.read_bytes())
+        with zipfile.ZipFile(path) as zf:
+            info = zf.getinfo("manifest.jsonl")
+        data[info.header_offset + 30 + len("manifest.jsonl")] ^= 0x01  # its first byte
+        out.write_bytes(bytes(data))
+    else:
+        out.write_bytes(path.read_bytes())
+        limit = 10
+    got = stored_member(out, "manifest.jsonl", limit)
+    if case == "zip64":  # zip64 local headers, a plain directory: read, and read right
+        with zipfile.ZipFile(out) as zf:
+            assert got == zf.read("manifest.jsonl")
+    else:
+        assert got is None
+    if case == "bad crc":
+        with pytest.raises(DecompressionError, match="cannot be read as a zip"):
+            read_zip_manifest(out, 0, 0)
+        return
+    with zipfile.ZipFile(out) as zf:
+        assert read_zip_manifest(out, 0, 0) == read_zip_manifest(zf, 0, 0)

@@ -11,6 +11,7 @@ through here.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -67,7 +68,7 @@ def aligned_empty(shape: tuple[int, ...], align: int = 64) -> np.ndarray:
     TensorFlow adopts a numpy array handed to `from_generator` without copying it only when
     the data is 64-byte aligned; numpy's allocator gives 16.
     """
-    size = int(np.prod(shape))
+    size = math.prod(shape)
     raw = np.empty(size + align, dtype=np.uint8)
     start = -raw.ctypes.data % align
     return raw[start : start + size].reshape(shape)

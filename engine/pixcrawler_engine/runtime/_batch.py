@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -138,7 +139,7 @@ class BatchBuilder:
     def __post_init__(self) -> None:
         if self.fixed_shape is not None and self.pixels is None:
             shape = (self.capacity, *self.fixed_shape)
-            size = int(np.prod(shape))
+            size = math.prod(shape)
             start = 0 if self.out is None else pixels_offset(self.fixed_shape)
             if self.out is not None and start + size <= len(self.out):
                 self.pixels = np.frombuffer(self.out, np.uint8, size, start).reshape(shape)
@@ -274,8 +275,8 @@ def image_views(batch: pa.RecordBatch) -> np.ndarray | list[np.ndarray]:
     if isinstance(column.type, pa.FixedShapeTensorType):
         shape = tuple(column.type.shape)
         flat = _view(column.storage.values, np.uint8)
-        start = column.offset * int(np.prod(shape))
-        return flat[start : start + len(column) * int(np.prod(shape))].reshape(len(column), *shape)
+        start = column.offset * math.prod(shape)
+        return flat[start : start + len(column) * math.prod(shape)].reshape(len(column), *shape)
     offsets = np.frombuffer(column.buffers()[1], dtype=np.int64)[
         column.offset : column.offset + len(column) + 1
     ]
@@ -292,7 +293,7 @@ def mask_views(batch: pa.RecordBatch) -> np.ndarray | list[np.ndarray] | None:
     column = batch.column("mask")
     if isinstance(column.type, pa.FixedShapeTensorType):
         shape = tuple(column.type.shape)
-        size = int(np.prod(shape))
+        size = math.prod(shape)
         flat = _view(column.storage.values, np.uint8)
         start = column.offset * size
         return flat[start : start + len(column) * size].reshape(len(column), *shape)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import zipfile
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -147,7 +148,7 @@ def _decode_one(
         check_budget(header, policy.max_pixels)  # a bomb is refused as a bomb, first
         shape = output_shape(header, policy)
         # ROW_OVERHEAD covers small labels and metadata; slots are sized with it.
-        need = int(np.prod(shape)) + ROW_OVERHEAD + max(0, len(record.metadata) - 1024)
+        need = math.prod(shape) + ROW_OVERHEAD + max(0, len(record.metadata) - 1024)
         if room is not None and need > room:
             if started:
                 return None

@@ -28,7 +28,7 @@ from pixcrawler_engine import DecodePolicy, EngineConfig, ParquetSource, Stream
 from pixcrawler_engine._config import ColorMode, ResizeMode
 from pixcrawler_engine.decode._image import decode_image
 from pixcrawler_engine.decode._mask import decode_mask
-from pixcrawler_engine.runtime._launch import WORKER_ENV
+from pixcrawler_engine.runtime._entry import WORKER_ENV
 
 needs_vips = pytest.mark.skipif(
     importlib.util.find_spec("pyvips") is None, reason="the vips extra is not installed"

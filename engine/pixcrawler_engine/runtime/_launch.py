@@ -1,11 +1,11 @@
-"""How the engine's processes start: the supervisor's launch, a spare one, the workers' environment.
+"""How the engine's processes start: the supervisor's launch, and a spare one.
 
 NOTE [bootstrap]: the consumer starts the supervisor as a fresh interpreter
 (`python -c "...bootstrap()" <conn fd> <release fd>`), not as a multiprocessing child: spawn
 would re-run the caller's `__main__` (a script without an `if __name__ == "__main__"` guard
 would start itself again). Its arguments arrive over the pipe, pickled with dill, so lambdas and
 `__main__` functions travel by value. The supervisor's first act, before its own imports, is to
-start the zygote (see NOTE [zygote]), which warms up the decoders while the supervisor reads its
+fork the zygote (see NOTE [zygote]), which warms up the decoders while the supervisor reads its
 arguments; workers are forked from the zygote. A stream is thus the consumer, the supervisor,
 the zygote and the workers: no fork server, no resource tracker.
 
@@ -38,7 +38,6 @@ from typing import Any
 __all__ = [
     "BOOTSTRAP",
     "SECRET_ENV",
-    "WORKER_ENV",
     "Launched",
     "Prepare",
     "Spare",
@@ -47,13 +46,6 @@ __all__ = [
 ]
 
 BOOTSTRAP = "from pixcrawler_engine.runtime._entry import bootstrap; bootstrap()"
-# The zygote's (and so the workers') allocator settings; the supervisor keeps glibc's defaults.
-WORKER_ENV = {
-    # glibc's malloc trimming slows Pillow in long-lived processes (measured, see README).
-    "MALLOC_MMAP_THRESHOLD_": "33554432",
-    "MALLOC_TRIM_THRESHOLD_": "1073741824",
-    "OMP_NUM_THREADS": "1",
-}
 # Variables a child process must not inherit: the API key never reaches another process's
 # environment (it travels to the supervisor inside the source, over a pipe).
 SECRET_ENV = ("PIXCRAWLER_API_KEY",)

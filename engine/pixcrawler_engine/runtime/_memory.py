@@ -4,7 +4,7 @@ glibc's malloc returns freed memory to the system eagerly (trimming the heap top
 large blocks), which costs Pillow dearly on small images in a long-lived process: the same
 pages are given back and faulted in again for every image. Workers therefore run with a high
 trim threshold and a fixed 32 MiB mmap threshold (`MALLOC_*` in their environment, see
-`_launch.WORKER_ENV`). The price is that a worker stays at the peak of its largest image:
+`_entry.WORKER_ENV`). The price is that a worker stays at the peak of its largest image:
 249 MB after one ARTeFACT sample against 88 MB with glibc's defaults.
 
 `MemoryKeeper` pays it back: after each task it reads the process's anonymous RSS (one read of

@@ -1,12 +1,13 @@
 """The zygote: a single-threaded process that forks decode workers when the supervisor asks.
 
 NOTE [zygote]: the supervisor runs download threads, and a process with threads must never
-fork. So its first act, while it has no thread, is to fork the zygote (`Zygote.start(fork=
-True)`), which imports and warms up the decoders once, with no thread of its own, and forks
-every worker from there: a worker costs a fork, not an interpreter and its imports. Forking
-the zygote rather than starting an interpreter for it saves that interpreter's start and
-imports, ~80 ms before a first batch on 2 busy cores; a zygote started again later (the first
-one died), when the supervisor has threads, is a fresh interpreter. The zygote and the workers
+fork. So its first act, while it has no thread and before it imports what it can do without,
+is to fork the zygote (`_entry._fork_zygote`), which imports and warms up the decoders once,
+with no thread of its own, and forks every worker from there: a worker costs a fork, not an
+interpreter and its imports. Forking the zygote rather than starting an interpreter for it
+saves that interpreter's start and imports, ~80 ms before a first batch on 2 busy cores; a
+zygote started again later (the first one died), when the supervisor has threads, is a fresh
+interpreter (`Zygote.start`). The zygote and the workers
 are named `pxc-zygote` and `pxc-worker` (what `ps -o comm` and `top` show). The two talk over
 a `SOCK_SEQPACKET` socket:
 
@@ -43,7 +44,7 @@ from pixcrawler_engine.runtime._memory import libc
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
 
-__all__ = ["ZYGOTE_MAIN", "Zygote", "main"]
+__all__ = ["ZYGOTE_MAIN", "Zygote", "forked", "main"]
 
 ZYGOTE_MAIN = "from pixcrawler_engine.runtime._zygote import main; main()"
 _SEAT_PID = struct.Struct("<ii")
@@ -55,33 +56,28 @@ _MALLOPT = {"MALLOC_TRIM_THRESHOLD_": -1, "MALLOC_MMAP_THRESHOLD_": -3}
 class Zygote:
     """The supervisor's handle on its zygote process (see NOTE [zygote])."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(
+        self, env: dict[str, str], *, forked: tuple[int, socket.socket] | None = None
+    ) -> None:
+        """A handle on no zygote yet (`start` makes one), or on the child `forked` (its pid,
+        and this end of its socket) that `_entry._fork_zygote` made."""
         self.env = env
         self.proc: subprocess.Popen[bytes] | _Forked | None = None
         self.sock: socket.socket | None = None
         self.args_path: Path | None = None
+        if forked is not None:
+            self.proc, self.sock = _Forked(forked[0]), forked[1]
 
-    def start(self, *, fork: bool = False) -> None:
-        """Starts a zygote; it warms up while the supervisor goes on.
-
-        Args:
-            fork: fork this process rather than start an interpreter; only while it has no
-                thread (see NOTE [zygote]).
-        """
+    def start(self) -> None:
+        """Starts a fresh zygote interpreter; it warms up while the supervisor goes on."""
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with theirs:
-            if fork:
-                pid = os.fork()
-                if pid == 0:
-                    _forked(theirs.fileno(), self.env)
-                self.proc = _Forked(pid)
-            else:
-                self.proc = subprocess.Popen(
-                    [sys.executable, "-c", ZYGOTE_MAIN, str(theirs.fileno())],
-                    pass_fds=(theirs.fileno(),),
-                    env=self.env,
-                    stdin=subprocess.DEVNULL,
-                )
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", ZYGOTE_MAIN, str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+            )
         self.sock = mine
         if self.args_path is not None:
             self._send(b"A" + os.fsencode(self.args_path))
@@ -194,10 +190,10 @@ class _Forked:
 
 
 # ---- the zygote process ----------------------------------------------------------------------
-def _forked(fd: int, env: dict[str, str]) -> None:
-    """The child of `Zygote.start(fork=True)`: becomes the zygote, as a fresh interpreter would
-    (only its socket and standard streams open, stdin empty, the workers' environment), and
-    never returns."""
+def forked(fd: int, env: dict[str, str]) -> None:
+    """The supervisor's forked child (`_entry._fork_zygote`) becomes the zygote, as a fresh
+    interpreter would (only its socket and standard streams open, stdin empty, the workers'
+    environment), and never returns."""
     code = 0
     try:
         os.closerange(3, fd)

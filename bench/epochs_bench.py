@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._util import describe_machine
+from pixcrawler._demo import start_server, stop_server
 
 SCRIPT = """
 import json, sys, time
@@ -57,18 +58,6 @@ print(json.dumps(out))
 """
 
 
-def _serve(store: Path) -> tuple[subprocess.Popen[str], str]:
-    cmd = [sys.executable, "-m", "pixcrawler", "serve", str(store), "--port", "0",
-           "--host", "127.0.0.1"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if " on http://" not in line:
-        proc.kill()
-        raise RuntimeError(f"pixcrawler serve did not start: {line!r}")
-    return proc, line.rsplit(" on ", 1)[1].strip()
-
-
 def _store(root: Path, n_photos: int, chunk: int) -> Path:
     from pixcrawler._demo_data import build_photos
     from pixcrawler_engine.sources._pack import pack
@@ -97,7 +86,7 @@ def main() -> None:
     runs: dict[str, list[dict[str, Any]]] = {c: [] for c in ("cold", *cases)}
     with tempfile.TemporaryDirectory(prefix="pxc-bench-epochs-") as tmp:
         store = _store(Path(tmp), args.photos, args.chunk)
-        proc, url = _serve(store)
+        proc, url = start_server(store)
         try:
             for r in range(args.rounds):
                 cache = Path(tmp) / f"cache-{r}"
@@ -106,8 +95,7 @@ def main() -> None:
                     runs[case].append(_run(url, cache, case))
                     time.sleep(0.2)
         finally:
-            proc.terminate()
-            proc.wait(10)
+            stop_server(proc)
 
     def med(case: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[case])

@@ -48,7 +48,7 @@ def _pack_demo(out: Path) -> Path:
     return store
 
 
-def _start_server(store: Path) -> tuple[subprocess.Popen[str], str]:
+def start_server(store: Path) -> tuple[subprocess.Popen[str], str]:
     # On loopback no key is needed; a key in the caller's environment would turn auth on.
     env = {k: v for k, v in os.environ.items() if k != "PIXCRAWLER_API_KEY"}
     proc = subprocess.Popen(
@@ -66,7 +66,7 @@ def _start_server(store: Path) -> tuple[subprocess.Popen[str], str]:
     return proc, line.rsplit(" on ", 1)[1].strip()
 
 
-def _stop_server(proc: subprocess.Popen[str]) -> None:
+def stop_server(proc: subprocess.Popen[str]) -> None:
     proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(10)
@@ -137,13 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     out: Path = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     store = _pack_demo(out)
-    server, url = _start_server(store)
+    server, url = start_server(store)
     print(f"server: {url} (store {store})", flush=True)
     try:
         results = [_export(job, url, out / "parquet" / job) for job in JOBS]
         preview = _preview(url, out)
     finally:
-        _stop_server(server)
+        stop_server(server)
     print("\nsummary")
     for r in results:
         print(

@@ -9,10 +9,7 @@ secret, because it is sent to every worker process.
 from __future__ import annotations
 
 import json
-import os
-import struct
 import zipfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -20,7 +17,7 @@ from zlib import error as zlib_error
 
 from pixcrawler_engine._errors import DecodeError, DecompressionError
 from pixcrawler_engine.sources._record import Record
-from pixcrawler_engine.sources._zipdir import stored_member
+from pixcrawler_engine.sources._zipdir import read_stored, stored_member
 
 __all__ = [
     "ChunkOpener",
@@ -118,24 +115,10 @@ class _ZipReader:
         ):
             return None
         name = info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437")
-        head = os.pread(self._fd, _LOCAL.size + len(name), info.header_offset)
-        if len(head) != _LOCAL.size + len(name) or head[_LOCAL.size :] != name:
-            return None
-        magic, name_len, extra_len = _LOCAL.unpack_from(head)
-        if magic != b"PK\x03\x04" or name_len != len(name):
-            return None
-        start = info.header_offset + _LOCAL.size + name_len + extra_len
-        data = os.pread(self._fd, info.file_size, start)
-        if len(data) != info.file_size or zlib.crc32(data) != info.CRC:
-            return None
-        return data
+        return read_stored(self._fd, name, info.header_offset, info.file_size, info.CRC)
 
     def close(self) -> None:
         self._zip.close()
-
-
-# A zip local file header: its signature, then (at 26) the name and extra field lengths.
-_LOCAL = struct.Struct("<4s22xHH")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import struct
 import zlib
 from pathlib import Path
 
-__all__ = ["stored_member"]
+__all__ = ["read_stored", "stored_member"]
 
 _END = struct.Struct("<4s4H2LH")  # signature, disks, entries here / in all, size, offset, comment
 # A directory entry: signature, flags, method, CRC, sizes, name/extra/comment lengths, offset.
@@ -58,13 +58,19 @@ def stored_member(path: Path, name: str, max_bytes: int) -> bytes | None:
         _, flags, method, crc, packed, unpacked, _, _, _, offset = hits[0]
         if method != 0 or flags & 0x1 or packed != unpacked or unpacked > max_bytes:
             return None
-        head = os.pread(fd, _LOCAL.size + len(wanted), offset)
-        if len(head) != _LOCAL.size + len(wanted) or head[_LOCAL.size :] != wanted:
-            return None
-        magic, name_len, extra_len = _LOCAL.unpack_from(head)
-        if magic != b"PK\x03\x04":
-            return None
-        data = os.pread(fd, unpacked, offset + _LOCAL.size + name_len + extra_len)
-    if len(data) != unpacked or zlib.crc32(data) != crc:
+        return read_stored(fd, wanted, offset, unpacked, crc)
+
+
+def read_stored(fd: int, name: bytes, offset: int, size: int, crc: int) -> bytes | None:
+    """A stored member's bytes from its local header at `offset`, in two `pread`s; None when
+    the header names another member or the bytes do not match `size` and `crc`."""
+    head = os.pread(fd, _LOCAL.size + len(name), offset)
+    if len(head) != _LOCAL.size + len(name) or head[_LOCAL.size :] != name:
+        return None
+    magic, name_len, extra_len = _LOCAL.unpack_from(head)
+    if magic != b"PK\x03\x04" or name_len != len(name):
+        return None
+    data = os.pread(fd, size, offset + _LOCAL.size + name_len + extra_len)
+    if len(data) != size or zlib.crc32(data) != crc:
         return None
     return data

@@ -31,10 +31,11 @@ from pixcrawler_engine.sources._record import Record
 __all__ = ["worker_main"]
 
 
-# A worker keeps open the chunk files of the latest groups it decoded: a shuffled group's
-# tasks draw from all of its chunks (NOTE [epoch order] in `_epoch`), and reopening a zip reads
-# its whole directory again. Older ones are closed: the supervisor deletes a group's files once
-# it is delivered, and a file held open would keep its disk space (and a descriptor).
+# A worker keeps open the chunk files of the latest groups it decoded (and those of its current
+# task, which may be an older group's, redone after an eviction): a shuffled group's tasks draw
+# from all of its chunks (NOTE [epoch order] in `_epoch`), and reopening a zip reads its whole
+# directory again. Older ones are closed: the supervisor deletes a group's files once it is
+# delivered, and a file held open would keep its disk space (and a descriptor).
 KEEP_GROUPS = 2
 
 
@@ -56,6 +57,7 @@ class _Worker:
         self.slot_bytes = slot_bytes
         self.slots: dict[int, Any] = {}
         self.readers: dict[str, tuple[ChunkReader, int]] = {}  # path -> (reader, its group)
+        self.latest = 0  # the latest group decoded
         self.beats = attach(beats_name)
         self.counts = self.beats.buf.cast("Q")
         self.seat = seat
@@ -66,10 +68,12 @@ class _Worker:
 
     def _open(self, paths: tuple[str, ...], group: int) -> list[Any]:
         """The `read` of each path's chunk, opened or reused; closes those of older groups."""
+        self.latest = max(self.latest, group)
         for path in paths:
             reader, last = self.readers.get(path, (None, group))
             self.readers[path] = (reader or self.opener.open(path), max(last, group))
-        for path in [p for p, (_, g) in self.readers.items() if g <= group - KEEP_GROUPS]:
+        old = self.latest - KEEP_GROUPS
+        for path in [p for p, (_, g) in self.readers.items() if g <= old and p not in paths]:
             self.readers.pop(path)[0].close()
         return [self.readers[path][0].read for path in paths]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import subprocess
 import sys
 import warnings
@@ -27,8 +28,10 @@ from skimage import data as skdata
 from pixcrawler import DecodeError, UnsupportedImageError, load_dataset
 from pixcrawler_engine import DecodePolicy, EngineConfig, JobClient, JobSource, Stream
 from pixcrawler_engine.decode._image import decode_image, probe
+from pixcrawler_engine.runtime._chunk import decode_records
 from pixcrawler_engine.runtime._stream import SampleWarning
 from pixcrawler_engine.sources._pack import pack
+from pixcrawler_engine.sources._record import Record
 
 # --------------------------------------------------------------------------- orientation
 
@@ -123,6 +126,29 @@ def test_libtiff_lines_never_reach_stderr(capfd: pytest.CaptureFixture[str]) -> 
         decode_image(odd.damaged_tiff(), DecodePolicy())
     assert "ZIPDecode" in str(info.value)  # quoted in the sample's error
     assert capfd.readouterr().err == ""  # and nowhere else
+
+
+def test_chatter_in_a_batch_names_its_own_sample(capfd: pytest.CaptureFixture[str]) -> None:
+    # A batch holds fd 2 on the chatter sink from its first sample to its last: a line a C
+    # library prints in the middle of one sample (here the read of the second) belongs to that
+    # sample, not to the next, and fd 2 is the process's own again afterwards.
+    images = {f"d{i}": _real("PNG", name) for i, name in enumerate(("coffee", "astronaut", "cat"))}
+
+    def read(ref: str) -> bytes:
+        if ref == "d1":
+            os.write(2, b"libfoo: warning: odd marker in the second image\n")
+        return images[ref]
+
+    records = [Record(key=f"k{i}", ref=ref, label=0, index=i) for i, ref in enumerate(images)]
+    notes: list[tuple[str, str]] = []
+    batch, covered, errors = decode_records(
+        records, read, DecodePolicy(image_size=(32, 32)), chunk=7, notes=notes
+    )
+    assert (batch.num_rows, covered, errors) == (3, 3, [])
+    assert [key for key, _ in notes] == ["k1"], notes
+    assert "chunk 7, sample 'k1': the decoder said: libfoo: warning: odd marker" in notes[0][1]
+    os.write(2, b"after the batch\n")
+    assert capfd.readouterr().err == "after the batch\n"
 
 
 def _odd_source(root: Path) -> Path:

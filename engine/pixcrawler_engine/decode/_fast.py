@@ -45,7 +45,7 @@ from pixcrawler_engine.decode._headers import ImageHeader
 from pixcrawler_engine.decode._plan import Plan
 from pixcrawler_engine.decode._vips import VIPS_MIN_PIXELS
 
-__all__ = ["FAST_FORMATS", "decode_other", "opencv", "resize_into"]
+__all__ = ["FAST_FORMATS", "copy_into", "decode_other", "opencv", "resize_into"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def resize_into(
     ow, oh = size
     if box == (0.0, 0.0, pixels.shape[1], pixels.shape[0]) and size == box[2:]:
         # Already the output size: the very pixels (what Pillow's resize returns too).
-        np.copyto(target, pixels if pixels.ndim == 3 else pixels[:, :, None])
+        copy_into(pixels, target)
         return True
     cv2 = opencv()
     if cv2 is None:
@@ -113,11 +113,26 @@ def resize_into(
         out = cv2.resize(pixels, (ow, oh), dst=dst, interpolation=cv2.INTER_AREA)
     else:
         return False
-    if out.ndim == 2:
-        out = out[:, :, None]
     if not np.shares_memory(out, target):
-        np.copyto(target, out)  # a grey image into three channels, or an unusual target
+        copy_into(out, target)  # a grey image into three channels, or an unusual target
     return True
+
+
+def copy_into(pixels: np.ndarray, target: np.ndarray) -> None:
+    """`pixels` (H, W) or (H, W, C) into `target` (H, W, C'), a grey image repeated into RGB.
+
+    OpenCV repeats grey into RGB 6x faster than numpy's broadcasting copy (0.8 against 4.9 us
+    for 32x32): per image, that is most of the cost of a tiny one.
+    """
+    cv2 = opencv()
+    if pixels.ndim == 3 and pixels.shape[2] == 1:
+        pixels = pixels[:, :, 0]
+    if pixels.ndim == 2 and target.shape[2] == 3 and cv2 is not None:
+        out = cv2.cvtColor(pixels, cv2.COLOR_GRAY2RGB, dst=target)
+        if out is not target:  # a target OpenCV could not write in place
+            np.copyto(target, out)
+    else:
+        np.copyto(target, pixels if pixels.ndim == 3 else pixels[:, :, None])
 
 
 def decode_other(view: memoryview, header: ImageHeader, plan: Plan) -> np.ndarray | None:
@@ -142,9 +157,8 @@ def decode_other(view: memoryview, header: ImageHeader, plan: Plan) -> np.ndarra
         return None
     flag = cv2.IMREAD_GRAYSCALE if header.mode == "L" else cv2.IMREAD_COLOR_RGB
     said: list[str] = []
-    try:
-        with _chatter.capture(said, python_warnings=False):  # libpng/libwebp write to fd 2
-            pixels = cv2.imdecode(np.frombuffer(view, np.uint8), flag)
+    try:  # libpng and libwebp write to fd 2
+        pixels = _chatter.quietly(lambda: cv2.imdecode(np.frombuffer(view, np.uint8), flag), said)
     except cv2.error:
         return None
     if said or pixels is None or pixels.shape[:2] != (header.height, header.width):

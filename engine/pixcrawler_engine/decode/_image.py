@@ -63,7 +63,7 @@ import simplejpeg
 from PIL import Image, ImageFile, JpegImagePlugin, TiffImagePlugin
 
 from pixcrawler_engine._config import DecodePolicy
-from pixcrawler_engine.decode._fast import decode_other, resize_into
+from pixcrawler_engine.decode._fast import copy_into, decode_other, resize_into
 from pixcrawler_engine.decode._headers import (
     ImageHeader,
     as_view,
@@ -115,6 +115,7 @@ def decode_image(
     *,
     out: np.ndarray | None = None,
     header: ImageHeader | None = None,
+    plan: Plan | None = None,
 ) -> np.ndarray:
     """Decodes one encoded image into a C-contiguous uint8 (H, W, C) array.
 
@@ -124,6 +125,8 @@ def decode_image(
         out: an array of exactly `output_shape(probe(data), policy)` and dtype uint8 (e.g. a
             view into a shared-memory slot) that receives the pixels; allocated if None.
         header: `probe(data)`, when the caller has it already (it is not read again).
+        plan: `make_plan(header, policy)`, with the header's budget checked, when the caller
+            has both already.
 
     Returns:
         `out` (or the new array) holding the pixels: C = 3 for RGB, 1 for L, the file's own
@@ -142,8 +145,9 @@ def decode_image(
         with library_errors("image"):
             opened = open_pillow(view)
             header = header_from_pillow(opened)
-    check_budget(header, policy.max_pixels)
-    plan = make_plan(header, policy)
+    if plan is None:
+        check_budget(header, policy.max_pixels)
+        plan = make_plan(header, policy)
     target = _target(plan.shape, out)
     if (
         header.format == "JPEG"
@@ -313,14 +317,17 @@ def _finish(im: Image.Image, orientation: int, plan: Plan, scale: float) -> Imag
 def _fast_finish(pixels: np.ndarray, scale: float, plan: Plan, target: np.ndarray) -> bool:
     """The fast path's resize (see `_fast`) of an upright image decoded at `scale` of its size,
     into `target` as `_write` places it; False (nothing written): Pillow's path finishes."""
-    if plan.size is None:
-        if pixels.shape[:2] != target.shape[:2]:
-            return False
-        np.copyto(target, pixels)  # a grey image is repeated into RGB
+    height, width = pixels.shape[:2]
+    as_is = plan.size is None or (
+        plan.box is None and scale == 1.0 and plan.size == (width, height)
+    )
+    if as_is and (height, width) == target.shape[:2]:
+        copy_into(pixels, target)  # a grey image is repeated into RGB
         return True
+    if plan.size is None:
+        return False
     sw, sh = plan.source
     left, top, right, bottom = plan.box or (0.0, 0.0, float(sw), float(sh))
-    height, width = pixels.shape[:2]
     box = (
         max(0.0, left * scale),
         max(0.0, top * scale),

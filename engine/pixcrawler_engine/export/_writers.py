@@ -128,7 +128,7 @@ def pieces_from_zip(
         size = 0
         for record in records:
             try:
-                blob = bytes(reader.read(record.ref))  # a zip member: bytes already
+                blob = bytes(reader.read(record.ref))  # one copy of a view into the read
             except DecodeError as exc:
                 if on_error == "raise":
                     raise DecodeError(

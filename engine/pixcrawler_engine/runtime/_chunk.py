@@ -18,12 +18,12 @@ import pyarrow as pa
 
 from pixcrawler_engine._config import DecodePolicy
 from pixcrawler_engine._errors import DecodeError, DecompressionError, UnsupportedImageError
-from pixcrawler_engine.decode._chatter import collect, summary
+from pixcrawler_engine.decode import _chatter
 from pixcrawler_engine.decode._headers import ImageHeader
 from pixcrawler_engine.decode._image import decode_image, probe
 from pixcrawler_engine.decode._mask import decode_mask
 from pixcrawler_engine.decode._pixels import check_budget
-from pixcrawler_engine.decode._plan import output_shape
+from pixcrawler_engine.decode._plan import make_plan
 from pixcrawler_engine.runtime._batch import BatchBuilder
 from pixcrawler_engine.runtime._schedule import ROW_OVERHEAD, SLOT_OVERHEAD
 from pixcrawler_engine.sources._base import ZipOpener, read_zip_manifest
@@ -79,47 +79,59 @@ def decode_records(
     used = SLOT_OVERHEAD
     chunks: Sequence[int] = [chunk] * len(records) if isinstance(chunk, int) else chunk
     reads: Sequence[Any] = [read] * len(records) if callable(read) else read
-    for record, chunk_id, read_one in zip(records, chunks, reads, strict=True):
-        if on_sample is not None:
-            on_sample()
-        started = bool(len(builder) or errors)
-        with collect() as said:
-            outcome = _decode_one(record, read_one, policy, builder, byte_limit - used
-                                  if byte_limit is not None else None, started)  # fmt: skip
-        if said and not isinstance(outcome, DecodeError):
-            note = f"chunk {chunk_id}, sample {_name(record)}: the decoder said: {summary(said)}"
-            if notes is None:
+    said_of: list[tuple[str, str]] = [] if notes is None else notes
+    # fd 2 stays on the chatter sink for the whole loop (see `_chatter.held`): per sample,
+    # what the decoders said is in `said`, and nothing else here writes to fd 2.
+    try:
+        with _chatter.held(), _chatter.collect() as said:
+            for record, chunk_id, read_one in zip(records, chunks, reads, strict=True):
+                if on_sample is not None:
+                    on_sample()
+                started = bool(len(builder) or errors)
+                room = byte_limit - used if byte_limit is not None else None
+                outcome = _decode_one(record, read_one, policy, builder, room, started)
+                _chatter.drain(said)
+                if said:
+                    if not isinstance(outcome, DecodeError):
+                        note = f"the decoder said: {_chatter.summary(said)}"
+                        said_of.append(
+                            (record.key, f"chunk {chunk_id}, sample {_name(record)}: {note}")
+                        )
+                    said.clear()
+                if outcome is None:
+                    break  # the rest goes in the next batch
+                if isinstance(outcome, DecodeError):
+                    kind = (
+                        UnsupportedImageError
+                        if isinstance(outcome, UnsupportedImageError)
+                        else DecodeError
+                    )
+                    message = f"chunk {chunk_id}, sample {_name(record)}: {outcome}"
+                    error = kind(message, chunk_id=chunk_id, key=record.key)
+                    if policy.on_error == "raise":
+                        raise error from outcome
+                    errors.append((record.key, str(error)))
+                    covered += 1
+                    continue
+                header, image, mask, need = outcome
+                used += need
+                builder.add(
+                    image,
+                    label=record.label,
+                    key=record.key,
+                    chunk=chunk_id,
+                    index=record.index,
+                    orig_size=(header.width, header.height)
+                    if header.orientation < 5
+                    else (header.height, header.width),
+                    metadata=record.metadata,
+                    mask=mask,
+                )
+                covered += 1
+    finally:
+        if notes is None:  # logged once fd 2 is back
+            for _, note in said_of:
                 logger.warning("%s", note)
-            else:
-                notes.append((record.key, note))
-        if outcome is None:
-            break  # the rest goes in the next batch
-        if isinstance(outcome, DecodeError):
-            kind = (
-                UnsupportedImageError if isinstance(outcome, UnsupportedImageError) else DecodeError
-            )
-            message = f"chunk {chunk_id}, sample {_name(record)}: {outcome}"
-            error = kind(message, chunk_id=chunk_id, key=record.key)
-            if policy.on_error == "raise":
-                raise error from outcome
-            errors.append((record.key, str(error)))
-            covered += 1
-            continue
-        header, image, mask, need = outcome
-        used += need
-        builder.add(
-            image,
-            label=record.label,
-            key=record.key,
-            chunk=chunk_id,
-            index=record.index,
-            orig_size=(header.width, header.height)
-            if header.orientation < 5
-            else (header.height, header.width),
-            metadata=record.metadata,
-            mask=mask,
-        )
-        covered += 1
     return builder.build(), covered, errors
 
 
@@ -146,7 +158,8 @@ def _decode_one(
         data = read(record.ref)
         header = probe(data)
         check_budget(header, policy.max_pixels)  # a bomb is refused as a bomb, first
-        shape = output_shape(header, policy)
+        plan = make_plan(header, policy)
+        shape = plan.shape
         # ROW_OVERHEAD covers small labels and metadata; slots are sized with it.
         need = math.prod(shape) + ROW_OVERHEAD + max(0, len(record.metadata) - 1024)
         if room is not None and need > room:
@@ -157,7 +170,7 @@ def _decode_one(
                 f"whole shared-memory slot ({room + SLOT_OVERHEAD} bytes); pass image_size= "
                 "to shrink images, or a larger slot_bytes"
             )
-        image = decode_image(data, policy, out=builder.next_image(), header=header)
+        image = decode_image(data, policy, out=builder.next_image(), header=header, plan=plan)
         del data  # a memory-mapped value is unmapped before the mask is decoded
         mask = None
         if record.mask_ref is not None:

@@ -76,15 +76,15 @@ class _ZipReader:
         fp = self._zip.fp
         self._fd = fp.fileno() if isinstance(path, str) and fp is not None else None
 
-    def read(self, ref: Any) -> bytes:
+    def read(self, ref: Any) -> bytes | memoryview:
         try:
             info = self._zip.getinfo(ref)
         except KeyError as exc:
             raise DecodeError(f"the manifest lists {ref!r} but the chunk has no such file") from exc
         _check_member(info)
-        data = self._read_stored(info)
-        if data is not None:
-            return data
+        stored = self._read_stored(info)
+        if stored is not None:
+            return stored
         try:
             with self._zip.open(info) as member:
                 # The header's size may lie (a zip bomb): never read past what it declares.
@@ -103,8 +103,8 @@ class _ZipReader:
             )
         return data
 
-    def _read_stored(self, info: zipfile.ZipInfo) -> bytes | None:
-        """A stored member read in two `pread`s, as zipfile would read it (what `pack`
+    def _read_stored(self, info: zipfile.ZipInfo) -> memoryview | None:
+        """A stored member read in one `pread`, as zipfile would read it (what `pack`
         writes; ~25 us less per member than `ZipFile.open`). None: anything unusual (another
         method, a header that disagrees, a bad CRC), which zipfile then reads or explains."""
         if (

@@ -58,19 +58,29 @@ def stored_member(path: Path, name: str, max_bytes: int) -> bytes | None:
         _, flags, method, crc, packed, unpacked, _, _, _, offset = hits[0]
         if method != 0 or flags & 0x1 or packed != unpacked or unpacked > max_bytes:
             return None
-        return read_stored(fd, wanted, offset, unpacked, crc)
+        data = read_stored(fd, wanted, offset, unpacked, crc)
+        return None if data is None else data.tobytes()
 
 
-def read_stored(fd: int, name: bytes, offset: int, size: int, crc: int) -> bytes | None:
-    """A stored member's bytes from its local header at `offset`, in two `pread`s; None when
-    the header names another member or the bytes do not match `size` and `crc`."""
-    head = os.pread(fd, _LOCAL.size + len(name), offset)
-    if len(head) != _LOCAL.size + len(name) or head[_LOCAL.size :] != name:
+def read_stored(fd: int, name: bytes, offset: int, size: int, crc: int) -> memoryview | None:
+    """A stored member's bytes from its local header at `offset`; None when the header names
+    another member or the bytes do not match `size` and `crc`.
+
+    One `pread` takes the header, the name and the bytes when the header has no extra field
+    (what `pack` writes); the bytes are a view of it, not a copy.
+    """
+    start = _LOCAL.size + len(name)
+    blob = os.pread(fd, start + size, offset)
+    if len(blob) < start or blob[_LOCAL.size : start] != name:
         return None
-    magic, name_len, extra_len = _LOCAL.unpack_from(head)
+    magic, name_len, extra_len = _LOCAL.unpack_from(blob)
     if magic != b"PK\x03\x04" or name_len != len(name):
         return None
-    data = os.pread(fd, size, offset + _LOCAL.size + name_len + extra_len)
+    data = (
+        memoryview(blob)[start:]
+        if not extra_len
+        else os.pread(fd, size, offset + start + extra_len)
+    )
     if len(data) != size or zlib.crc32(data) != crc:
         return None
-    return data
+    return memoryview(data)

@@ -5,10 +5,14 @@ See NOTE [pixels in place] in `runtime/_batch.py`.
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import numpy as np
 import pyarrow as pa
 import pytest
 
+from pixcrawler_engine._json import dumps
 from pixcrawler_engine.runtime._batch import (
     BatchBuilder,
     image_views,
@@ -84,3 +88,24 @@ def test_a_slot_too_small_falls_back_to_memory_and_a_full_one_raises() -> None:
     _fill(builder, 2)
     with pytest.raises(ValueError, match="more than the 1000 bytes"):
         write_batch(builder.build(), small)
+
+
+def test_labels_keys_and_metadata_survive_the_trip_byte_for_byte() -> None:
+    # The string columns are built from one join when ASCII and per value otherwise; labels
+    # and metadata are JSON from the engine's reused encoder, which must equal json.dumps.
+    values: list[Any] = ["7", 3, {"b": [1, 2.5, None], "a": "é"}, "日本", "", float("nan"), True]
+    for value in values:
+        assert dumps(value) == json.dumps(value)
+    with pytest.raises(TypeError):
+        dumps({"x": object()})
+    slot = memoryview(bytearray(1 << 20))
+    builder = BatchBuilder(SHAPE, capacity=len(values), out=slot)
+    keys = [f"k{i}-{'é' * i}" for i in range(len(values))]
+    for i, (value, key) in enumerate(zip(values, keys, strict=True)):
+        builder.next_image()
+        builder.add(builder.pixels[i], label=value, key=key, chunk=0, index=i,  # type: ignore[index]
+                    orig_size=(48, 32), metadata={"v": value})  # fmt: skip
+    _, back = _copied(builder.build(), slot)
+    assert back.column("key").to_pylist() == keys
+    assert back.column("label").to_pylist() == [json.dumps(v) for v in values]
+    assert back.column("metadata").to_pylist() == [json.dumps({"v": v}) for v in values]

@@ -1,4 +1,7 @@
-"""A chunk's manifest read without `zipfile` (`sources._zipdir`), and every case it leaves to it.
+"""Chunk zips read without `zipfile` (`sources._zipdir`), and every case left to it.
+
+The supervisor reads a chunk's manifest, and a worker the chunk's members, by their own walk of
+the zip's directory.
 
 The fast path must give exactly what `zipfile` gives, on chunks `pixcrawler pack` wrote from
 real images; on any zip that is not plain (a compressed or encrypted manifest, two of them, a
@@ -14,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from pixcrawler_engine import DecompressionError
-from pixcrawler_engine.sources._base import MAX_MANIFEST_BYTES, read_zip_manifest
-from pixcrawler_engine.sources._zipdir import stored_member
+from pixcrawler_engine import DecodeError, DecompressionError
+from pixcrawler_engine.sources._base import MAX_MANIFEST_BYTES, ZipOpener, read_zip_manifest
+from pixcrawler_engine.sources._zipdir import stored_member, stored_members
 
 
 def _chunks(store: Path) -> list[Path]:
@@ -94,3 +97,65 @@ def test_any_zip_that_is_not_plain_is_left_to_zipfile(
         return
     with zipfile.ZipFile(out) as zf:
         assert read_zip_manifest(out, 0, 0) == read_zip_manifest(zf, 0, 0)
+
+
+# ---------------------------------------------------------------- members, in the workers
+
+
+def _read_all(path: Path) -> dict[str, bytes]:
+    reader = ZipOpener().open(str(path))
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return {name: bytes(reader.read(name)) for name in zf.namelist()}
+    finally:
+        reader.close()
+
+
+def test_a_worker_reads_every_member_of_a_packed_chunk_as_zipfile_does(store: Path) -> None:
+    for path in _chunks(store):
+        with zipfile.ZipFile(path) as zf, path.open("rb") as f:
+            members = stored_members(f.fileno())
+            assert members is not None
+            assert members == {
+                i.filename: (i.orig_filename.encode(), i.header_offset, i.file_size, i.CRC)
+                for i in zf.infolist()
+            }
+            assert _read_all(path) == {name: zf.read(name) for name in zf.namelist()}
+
+
+@pytest.mark.filterwarnings("ignore:Duplicate name:UserWarning")
+@pytest.mark.parametrize("case", ["deflated", "comment", "prefix", "twice"])
+def test_a_chunk_that_is_not_plain_is_read_by_zipfile(
+    store: Path, tmp_path: Path, case: str
+) -> None:
+    path, out = _chunks(store)[0], tmp_path / "odd.zip"
+    if case == "prefix":
+        out.write_bytes(b"#!/bin/sh\nexit 0\n" + path.read_bytes())
+    else:
+        _rezip(path, out, deflate=case == "deflated", comment=b"x" * (case == "comment"),
+               twice=case == "twice")  # fmt: skip
+    with out.open("rb") as f:
+        assert stored_members(f.fileno()) is None
+    with zipfile.ZipFile(out) as zf:
+        expected = {name: zf.read(name) for name in zf.namelist()}  # the last of a twice
+    assert _read_all(out) == expected
+
+
+def test_a_damaged_member_is_named_and_the_others_still_read(store: Path, tmp_path: Path) -> None:
+    path, out = _chunks(store)[0], tmp_path / "damaged.zip"
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as zf:
+        names = [n for n in zf.namelist() if n != "manifest.jsonl"]
+        info = zf.getinfo(names[1])
+        expected = zf.read(names[2])
+    data[info.header_offset + 30 + len(info.orig_filename.encode()) + 40] ^= 0xFF
+    out.write_bytes(bytes(data))
+    reader = ZipOpener().open(str(out))
+    try:
+        with pytest.raises(DecodeError, match="Bad CRC-32"):
+            reader.read(names[1])
+        with pytest.raises(DecodeError, match="no such file"):
+            reader.read("not/in/the/chunk.png")
+        assert bytes(reader.read(names[2])) == expected
+    finally:
+        reader.close()

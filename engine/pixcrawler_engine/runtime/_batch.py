@@ -28,7 +28,9 @@ a layout that ever differs) is copied as before.
 
 from __future__ import annotations
 
+import array
 import functools
+import itertools
 import json
 import math
 from collections.abc import Sequence
@@ -38,6 +40,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from pixcrawler_engine._json import dumps
 from pixcrawler_engine.runtime._sink import InPlaceSink, write_stream
 
 __all__ = [
@@ -100,11 +103,14 @@ def _numeric(values: np.ndarray, type_: pa.DataType) -> pa.Array:
 
 
 def _strings(values: Sequence[str]) -> pa.Array:
-    encoded = [v.encode() for v in values]
-    offsets = np.zeros(len(encoded) + 1, dtype=np.int32)
-    np.cumsum([len(b) for b in encoded], out=offsets[1:])
-    data = b"".join(encoded)
-    return pa.StringArray.from_buffers(len(encoded), pa.py_buffer(offsets), pa.py_buffer(data))
+    joined = "".join(values)
+    if joined.isascii():  # one encode, and the lengths in characters are the lengths in bytes
+        data, lengths = joined.encode(), map(len, values)
+    else:
+        encoded = [v.encode() for v in values]
+        data, lengths = b"".join(encoded), map(len, encoded)
+    offsets = array.array("i", itertools.accumulate(lengths, initial=0))
+    return pa.StringArray.from_buffers(len(values), pa.py_buffer(offsets), pa.py_buffer(data))
 
 
 def _tensor(type_: pa.DataType, array: np.ndarray, width: int) -> pa.ExtensionArray:
@@ -169,7 +175,7 @@ class BatchBuilder:
             self.images.append(image)
         if mask is not None:
             self.masks.append(mask)
-        self.labels.append(json.dumps(label))
+        self.labels.append(dumps(label))
         self.keys.append(key)
         self.chunks.append(chunk)
         self.indices.append(index)
@@ -178,7 +184,7 @@ class BatchBuilder:
         if metadata is None or isinstance(metadata, str):
             self.metadata.append(metadata or "{}")
         else:
-            self.metadata.append(json.dumps(metadata))
+            self.metadata.append(dumps(metadata))
 
     def build(self) -> pa.RecordBatch:
         n = len(self.keys)
@@ -318,7 +324,7 @@ def label_value_set(names: Sequence[str | None]) -> pa.StringArray:
 
     A None holds a class index that no label matches (the column never holds an empty string).
     """
-    return _strings(["" if name is None else json.dumps(name) for name in names])
+    return _strings(["" if name is None else dumps(name) for name in names])
 
 
 def label_indices(batch: pa.RecordBatch, value_set: pa.StringArray) -> np.ndarray:

@@ -24,26 +24,29 @@ class InPlaceSink:
     closed = False
 
     def __init__(self, buf: memoryview | None) -> None:
-        self.dest = None if buf is None else np.frombuffer(buf, np.uint8)
-        self.base = 0 if self.dest is None else self.dest.ctypes.data
+        self.dest = None if buf is None else memoryview(buf).cast("B")
+        self.base = 0 if self.dest is None else np.frombuffer(self.dest, np.uint8).ctypes.data
         self.position = 0
         self.copied = 0
         self.marks: dict[int, int] = {}  # address of a body buffer -> where it was written
 
     def write(self, data: Any) -> int:
-        view = np.frombuffer(data, np.uint8)
-        size = view.size
+        address = -1
         if isinstance(data, pa.Buffer):
-            self.marks[data.address] = self.position
+            address = data.address
+            self.marks[address] = self.position
+            data = memoryview(data).cast("B")  # Arrow's buffers export signed bytes
+        size = len(data)
+        end = self.position + size
         if self.dest is not None:
-            if self.position + size > self.dest.size:
+            if end > len(self.dest):
                 raise ValueError(
-                    f"the batch needs more than the {self.dest.size} bytes of its buffer"
+                    f"the batch needs more than the {len(self.dest)} bytes of its buffer"
                 )
-            if size and view.ctypes.data != self.base + self.position:
-                np.copyto(self.dest[self.position : self.position + size], view)
+            if size and address != self.base + self.position:
+                self.dest[self.position : end] = data
                 self.copied += size
-        self.position += size
+        self.position = end
         return size
 
     def tell(self) -> int:

@@ -9,6 +9,7 @@ secret, because it is sent to every worker process.
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +17,9 @@ from typing import IO, Any, Protocol
 from zlib import error as zlib_error
 
 from pixcrawler_engine._errors import DecodeError, DecompressionError
+from pixcrawler_engine._json import dumps
 from pixcrawler_engine.sources._record import Record
-from pixcrawler_engine.sources._zipdir import read_stored, stored_member
+from pixcrawler_engine.sources._zipdir import Stored, read_stored, stored_member, stored_members
 
 __all__ = [
     "ChunkOpener",
@@ -68,25 +70,57 @@ class Source(Protocol):
 
 
 class _ZipReader:
+    """A chunk zip opened by a worker: by its own directory walk when every member is plainly
+    stored (what `pack` writes; see `_zipdir.stored_members`), else by `zipfile`."""
+
     def __init__(self, path: str | IO[bytes]) -> None:
-        try:
-            self._zip = zipfile.ZipFile(path)
-        except (OSError, zipfile.BadZipFile) as exc:
-            raise DecompressionError(f"{path} is not a readable zip: {exc}") from exc
-        fp = self._zip.fp
-        self._fd = fp.fileno() if isinstance(path, str) and fp is not None else None
+        self._path = path
+        self._zip: zipfile.ZipFile | None = None
+        self._fd: int | None = None
+        self._members: dict[str, Stored] | None = None
+        if isinstance(path, str):
+            try:
+                self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                self._members = stored_members(self._fd)
+            except OSError as exc:
+                if self._fd is not None:
+                    os.close(self._fd)
+                raise DecompressionError(f"{path} is not a readable zip: {exc}") from exc
+        if self._members is None:
+            if self._fd is not None:  # zipfile's own file serves both
+                os.close(self._fd)
+                self._fd = None
+            zf = self._open_zip()
+            if isinstance(path, str) and zf.fp is not None:
+                self._fd = zf.fp.fileno()
+
+    def _open_zip(self) -> zipfile.ZipFile:
+        if self._zip is None:
+            try:
+                self._zip = zipfile.ZipFile(self._path)
+            except (OSError, zipfile.BadZipFile) as exc:
+                raise DecompressionError(f"{self._path} is not a readable zip: {exc}") from exc
+        return self._zip
 
     def read(self, ref: Any) -> bytes | memoryview:
+        if self._members is not None and self._fd is not None:
+            where = self._members.get(ref)
+            if where is not None and where.size <= MAX_MEMBER_BYTES:
+                view = read_stored(self._fd, *where)
+                if view is not None:
+                    return view
+            # Missing, over the cap, or a local header or CRC that disagrees: zipfile says.
+        zf = self._open_zip()
         try:
-            info = self._zip.getinfo(ref)
+            info = zf.getinfo(ref)
         except KeyError as exc:
             raise DecodeError(f"the manifest lists {ref!r} but the chunk has no such file") from exc
         _check_member(info)
-        stored = self._read_stored(info)
+        stored = self._read_stored(zf, info)
         if stored is not None:
             return stored
         try:
-            with self._zip.open(info) as member:
+            with zf.open(info) as member:
                 # The header's size may lie (a zip bomb): never read past what it declares.
                 data = member.read(info.file_size + 1)
         except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib_error) as exc:
@@ -103,22 +137,27 @@ class _ZipReader:
             )
         return data
 
-    def _read_stored(self, info: zipfile.ZipInfo) -> memoryview | None:
+    def _read_stored(self, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> memoryview | None:
         """A stored member read in one `pread`, as zipfile would read it (what `pack`
         writes; ~25 us less per member than `ZipFile.open`). None: anything unusual (another
         method, a header that disagrees, a bad CRC), which zipfile then reads or explains."""
+        fd = self._fd
         if (
-            self._fd is None
+            fd is None
             or info.compress_type != zipfile.ZIP_STORED
             or info.flag_bits & 0x1  # encrypted
             or info.compress_size != info.file_size
         ):
             return None
         name = info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437")
-        return read_stored(self._fd, name, info.header_offset, info.file_size, info.CRC)
+        return read_stored(fd, name, info.header_offset, info.file_size, info.CRC)
 
     def close(self) -> None:
-        self._zip.close()
+        if self._members is not None and self._fd is not None:
+            os.close(self._fd)  # its own file (zipfile closes its file itself)
+        self._fd = None
+        if self._zip is not None:
+            self._zip.close()
 
 
 @dataclass(frozen=True)
@@ -227,7 +266,6 @@ def _records(text: str, chunk: int, first_index: int) -> list[Record]:
         entries = [_parse_line(line, n, chunk) for n, line in numbered]
     records: list[Record] = []
     seen: set[str] = set()
-    dumps = _dumps
     for (lineno, line), entry in zip(numbered, entries, strict=True):
         if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
             raise DecompressionError(
@@ -249,21 +287,6 @@ def _records(text: str, chunk: int, first_index: int) -> list[Record]:
         known = source[:200] if isinstance(source, str) and source else None
         records.append(Record(name, name, label, first_index + len(records), metadata, None, known))
     return records
-
-
-def _encoder() -> Any:
-    """`json.dumps` of parsed JSON without its per-call set-up (~1.5 us a sample): CPython's C
-    encoder made once, with `dumps`' defaults (no circular check: parsed data has no cycles)."""
-    make = getattr(json.encoder, "c_make_encoder", None)
-    if make is None:
-        return json.dumps
-    default = json.JSONEncoder().default
-    ascii_ = json.encoder.encode_basestring_ascii
-    encode = make(None, default, ascii_, None, ": ", ", ", False, False, True)
-    return lambda value: "".join(encode(value, 0))
-
-
-_dumps = _encoder()
 
 
 def _parse_line(line: str, lineno: int, chunk: int) -> Any:

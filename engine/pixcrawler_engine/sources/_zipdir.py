@@ -15,8 +15,9 @@ import os
 import struct
 import zlib
 from pathlib import Path
+from typing import NamedTuple
 
-__all__ = ["read_stored", "stored_member"]
+__all__ = ["Stored", "read_stored", "stored_member", "stored_members"]
 
 _END = struct.Struct("<4s4H2LH")  # signature, disks, entries here / in all, size, offset, comment
 # A directory entry: signature, flags, method, CRC, sizes, name/extra/comment lengths, offset.
@@ -24,26 +25,23 @@ _ENTRY = struct.Struct("<4s4xHH4xLLLHHH8xL")
 _LOCAL = struct.Struct("<4s22xHH")  # a local header: signature, then name and extra lengths
 
 
+class Stored(NamedTuple):
+    """Where a stored member lies: its name as the local header spells it, and its checks."""
+
+    name: bytes
+    offset: int  # of its local header
+    size: int
+    crc: int
+
+
 def stored_member(path: Path, name: str, max_bytes: int) -> bytes | None:
     """The bytes of member `name` of the zip at `path` (at most `max_bytes`), or None."""
     wanted = name.encode()
     with open(path, "rb") as f:
         fd = f.fileno()
-        size = os.fstat(fd).st_size
-        if size < _END.size:
+        directory = _directory(fd)
+        if directory is None:
             return None
-        end = os.pread(fd, _END.size, size - _END.size)
-        magic, disk, cd_disk, here, total, cd_size, cd_offset, comment = _END.unpack(end)
-        if (
-            magic != b"PK\x05\x06"
-            or disk
-            or cd_disk
-            or here != total
-            or comment
-            or cd_offset + cd_size != size - _END.size  # zip64, a prefix, a gap: zipfile's
-        ):
-            return None
-        directory = os.pread(fd, cd_size, cd_offset)
         hits = []
         at = directory.find(wanted)
         while at != -1:
@@ -60,6 +58,56 @@ def stored_member(path: Path, name: str, max_bytes: int) -> bytes | None:
             return None
         data = read_stored(fd, wanted, offset, unpacked, crc)
         return None if data is None else data.tobytes()
+
+
+def stored_members(fd: int) -> dict[str, Stored] | None:
+    """Every member of the zip open as `fd`, by name, when all are plain stored files with
+    distinct names; None for anything else (zipfile then reads the zip, or explains).
+
+    ~1 us a member where `zipfile.ZipFile` takes ~10 (it builds a `ZipInfo` for each): a
+    worker opens each chunk it decodes, and for small images that was a fifth of its time.
+    """
+    directory = _directory(fd)
+    if directory is None:
+        return None
+    members: dict[str, Stored] = {}
+    at, end = 0, len(directory)
+    while at < end:
+        if at + _ENTRY.size > end:
+            return None
+        magic, flags, method, crc, packed, unpacked, name_len, extra_len, comment_len, offset = (
+            _ENTRY.unpack_from(directory, at)
+        )
+        if magic != b"PK\x01\x02" or method != 0 or flags & 0x1 or packed != unpacked:
+            return None
+        at += _ENTRY.size
+        raw = directory[at : at + name_len]
+        name = raw.decode("utf-8" if flags & 0x800 else "cp437")  # as zipfile decodes it
+        if len(raw) != name_len or "\x00" in name or name in members:
+            return None
+        members[name] = Stored(raw, offset, unpacked, crc)
+        at += name_len + extra_len + comment_len
+    return members
+
+
+def _directory(fd: int) -> bytes | None:
+    """The central directory of a plain zip: no zip64, no prefix or gap, no comment."""
+    size = os.fstat(fd).st_size
+    if size < _END.size:
+        return None
+    end = os.pread(fd, _END.size, size - _END.size)
+    magic, disk, cd_disk, here, total, cd_size, cd_offset, comment = _END.unpack(end)
+    if (
+        magic != b"PK\x05\x06"
+        or disk
+        or cd_disk
+        or here != total
+        or comment
+        or cd_offset + cd_size != size - _END.size  # zip64, a prefix, a gap: zipfile's
+    ):
+        return None
+    directory = os.pread(fd, cd_size, cd_offset)
+    return directory if len(directory) == cd_size else None
 
 
 def read_stored(fd: int, name: bytes, offset: int, size: int, crc: int) -> memoryview | None:

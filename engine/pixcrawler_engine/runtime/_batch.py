@@ -268,8 +268,25 @@ def pixels_offset(fixed_shape: tuple[int, int, int], masks: bool = False) -> int
 
 
 def read_batch(buf: pa.Buffer) -> pa.RecordBatch:
-    """Maps an IPC stream in `buf` without copying: the arrays are views of `buf`."""
-    return pa.ipc.open_stream(buf).read_next_batch()
+    """Maps an IPC stream in `buf` without copying: the arrays are views of `buf`.
+
+    The stream's schema message is the same bytes batch after batch: its parsed schema is
+    kept (by those bytes), and only the batch's own message is read (3 us, against 11 for
+    opening the stream).
+    """
+    # A message: the continuation marker, its metadata's length, the metadata (no body).
+    size = 8 + int.from_bytes(buf.slice(4, 4).to_pybytes(), "little")
+    head = buf.slice(0, size).to_pybytes()
+    schema = _schemas.get(head)
+    if schema is None:
+        schema = pa.ipc.open_stream(buf).schema
+        if len(_schemas) >= 16:  # a few shapes per process; never grows without bound
+            _schemas.clear()
+        _schemas[head] = schema
+    return pa.ipc.read_record_batch(pa.ipc.read_message(buf.slice(size)), schema)
+
+
+_schemas: dict[bytes, pa.Schema] = {}  # a stream's schema message -> its schema
 
 
 def image_views(batch: pa.RecordBatch) -> np.ndarray | list[np.ndarray]:

@@ -189,21 +189,3 @@ def test_a_mask_of_another_size_is_a_per_sample_error() -> None:
     batch, covered, errors = decode_records([record], blobs.__getitem__, policy, chunk=0)
     assert batch.num_rows == 0 and covered == 1
     assert "must match its image" in errors[0][1]
-
-
-def test_the_first_batch_is_spread_over_every_worker(store: Path) -> None:
-    # The run's first batch_rows positions are one task per worker (8 rows or more each), so
-    # the first batch is decoded by both workers at once; then whole batches, every sample
-    # once, in order.
-    config = small_config(num_workers=2, batch_rows=16)
-    with Stream(job_source(store), config=config, policy=POLICY) as stream:
-        sizes, keys = [], []
-        for batch in stream:
-            sizes.append(len(batch.keys))
-            keys.extend(batch.keys)
-    assert sizes[:4] == [8, 8, 16, 16], sizes
-    assert keys == expected_keys(store)
-    # Rows too few to share (8 per task at least): one task, as before.
-    config = small_config(num_workers=2, batch_rows=12)
-    with Stream(job_source(store), config=config, policy=POLICY) as stream:
-        assert len(next(iter(stream)).keys) == 12

@@ -158,25 +158,12 @@ def build_task(
     )
 
 
-def queue_group(
-    st: State, g: int, group: Group, chunks: list[Chunk], rows: int, *, spread: int = 1
-) -> None:
-    """Group `g` has all its chunks: its tasks of `rows` positions queue (or its failure).
-
-    `spread` > 1 cuts the first `rows` positions into up to that many tasks of 8 rows or more:
-    the run's first batch, decoded by that many workers at once instead of by one while the
-    others decode the next batches (the first 64 photos: 0.08 s on one core, half on two).
-    """
-    first_split = max(1, min(spread, rows // 8))
+def queue_group(st: State, g: int, group: Group, chunks: list[Chunk], rows: int) -> None:
+    """Group `g` has all its chunks: its tasks of `rows` positions queue (or its failure)."""
     failed = next((c.error for c in chunks if c.error is not None), None)
     if failed is not None:
         st.done[(g, group.ranges[0][0])] = Done(None, group.ranges[-1][1], Failed(failed))
         return
     for lo, hi in group.ranges:
-        first = min(lo + rows, hi)
-        step = -(-(first - lo) // first_split)
-        for start in range(lo, first, step):
-            heapq.heappush(st.pending, (g, start, min(start + step, first), -1))
-        for start in range(first, hi, rows):
+        for start in range(lo, hi, rows):
             heapq.heappush(st.pending, (g, start, min(start + rows, hi), -1))
-        first_split = 1

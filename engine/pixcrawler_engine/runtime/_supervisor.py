@@ -243,8 +243,7 @@ class Supervisor:
         if self.collected[g] < len(group.chunks):
             return
         chunks = [st.chunks[p] for p in range(self.first[g], self.first[g + 1])]
-        spread = self.config.workers if g == 0 else 1  # the run's first batch: all at once
-        queue_group(st, g, group, chunks, self.config.batch_rows, spread=spread)
+        queue_group(st, g, group, chunks, self.config.batch_rows)
 
     def _dispatch(self) -> None:
         assert self.pool is not None

@@ -66,16 +66,20 @@ class Children:
         for root in self.roots:
             try:
                 procs = psutil.Process(root).children(recursive=True)
+                root_argv = _read(root, "cmdline")
             except psutil.Error:
                 continue
             for proc in procs:
-                for kind, seen in (("cmdline", self.cmdlines), ("environ", self.environs)):
-                    try:
-                        raw = Path(f"/proc/{proc.pid}/{kind}").read_bytes()
-                    except OSError:
-                        continue  # it exited meanwhile
-                    if raw:  # a zombie reads as empty
-                        seen.setdefault(proc.pid, set()).add(raw)
+                before = _read(proc.pid, "cmdline")
+                environ = _read(proc.pid, "environ")
+                after = _read(proc.pid, "cmdline")
+                for argv in (before, after):
+                    if argv:  # a zombie (or a process gone meanwhile) reads as empty
+                        self.cmdlines.setdefault(proc.pid, set()).add(argv)
+                # Between fork and exec a child is still a copy of its parent (the CLI, which
+                # has the key because the test put it there): its environ is the CLI's own.
+                if environ and before == after and before != root_argv:
+                    self.environs.setdefault(proc.pid, set()).add(environ)
 
     def __enter__(self) -> Children:
         self.look()
@@ -104,8 +108,18 @@ class Children:
         texts: dict[str, str | bytes] = {}
         for kind, seen in (("cmdline", self.cmdlines), ("environ", self.environs)):
             for pid, reads in seen.items():
-                texts[f"/proc/{pid}/{kind}"] = b"\n".join(sorted(reads))
+                argv = b" | ".join(sorted(self.cmdlines.get(pid, set()))).replace(b"\0", b" ")
+                texts[f"/proc/{pid}/{kind} ({argv.decode(errors='replace')[:200]})"] = b"\n".join(
+                    sorted(reads)
+                )
         return texts
+
+
+def _read(pid: int, kind: str) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/{kind}").read_bytes()
+    except OSError:
+        return b""  # it exited meanwhile
 
 
 def exception_texts(exc: BaseException) -> list[str]:

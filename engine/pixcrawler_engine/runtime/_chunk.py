@@ -79,7 +79,7 @@ def decode_records(
     used = SLOT_OVERHEAD
     chunks: Sequence[int] = [chunk] * len(records) if isinstance(chunk, int) else chunk
     reads: Sequence[Any] = [read] * len(records) if callable(read) else read
-    said_of: list[tuple[str, str]] = [] if notes is None else notes
+    noted: list[tuple[str, str]] = [] if notes is None else notes
     # fd 2 stays on the chatter sink for the whole loop (see `_chatter.held`): per sample,
     # what the decoders said is in `said`, and nothing else here writes to fd 2.
     try:
@@ -94,7 +94,7 @@ def decode_records(
                 if said:
                     if not isinstance(outcome, DecodeError):
                         note = f"the decoder said: {_chatter.summary(said)}"
-                        said_of.append(
+                        noted.append(
                             (record.key, f"chunk {chunk_id}, sample {_name(record)}: {note}")
                         )
                     said.clear()
@@ -130,7 +130,7 @@ def decode_records(
                 covered += 1
     finally:
         if notes is None:  # logged once fd 2 is back
-            for _, note in said_of:
+            for _, note in noted:
                 logger.warning("%s", note)
     return builder.build(), covered, errors
 

@@ -116,7 +116,7 @@ class _ZipReader:
         except KeyError as exc:
             raise DecodeError(f"the manifest lists {ref!r} but the chunk has no such file") from exc
         _check_member(info)
-        stored = self._read_stored(zf, info)
+        stored = self._read_stored(info)
         if stored is not None:
             return stored
         try:
@@ -137,20 +137,19 @@ class _ZipReader:
             )
         return data
 
-    def _read_stored(self, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> memoryview | None:
+    def _read_stored(self, info: zipfile.ZipInfo) -> memoryview | None:
         """A stored member read in one `pread`, as zipfile would read it (what `pack`
         writes; ~25 us less per member than `ZipFile.open`). None: anything unusual (another
         method, a header that disagrees, a bad CRC), which zipfile then reads or explains."""
-        fd = self._fd
         if (
-            fd is None
+            self._fd is None
             or info.compress_type != zipfile.ZIP_STORED
             or info.flag_bits & 0x1  # encrypted
             or info.compress_size != info.file_size
         ):
             return None
         name = info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437")
-        return read_stored(fd, name, info.header_offset, info.file_size, info.CRC)
+        return read_stored(self._fd, name, info.header_offset, info.file_size, info.CRC)
 
     def close(self) -> None:
         if self._members is not None and self._fd is not None:

@@ -2,7 +2,7 @@
 
 A job's string labels become class indices in the order of its `labels` list (as torchvision's
 `ImageFolder` numbers its folders); int labels stay themselves. `LabelCoder` does it for a
-whole engine batch in a few Arrow calls (`Batch.label_indices`), with no Python per sample;
+whole engine batch in a few numpy calls (`Batch.label_indices`), with no Python per sample;
 labels that have no index (dicts, or strings of a job without class names) come out as the
 manifest's values.
 """
@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pixcrawler_engine.runtime._batch import label_value_set, labels_of
+from pixcrawler_engine.runtime._batch import labels_of
+from pixcrawler_engine.runtime._classes import ClassIndex
 
 if TYPE_CHECKING:
     from pixcrawler_engine.runtime._stream import Batch
@@ -41,7 +42,7 @@ class LabelCoder:
         names: list[str | None] = [None] * (max(class_to_idx.values(), default=-1) + 1)
         for name, index in class_to_idx.items():
             names[index] = name  # positions of non-string labels stay unmatched
-        self.value_set = label_value_set(names)
+        self.classes = ClassIndex(names)
 
     def __call__(self, batch: Batch) -> np.ndarray | list[Any]:
         """int64 (B,) class indices, or the B labels as the manifest has them.
@@ -53,4 +54,4 @@ class LabelCoder:
             if not len(batch):
                 return []
             self.indexed = is_int(labels_of(batch.record_batch.slice(0, 1))[0])
-        return batch.label_indices(self.value_set) if self.indexed else batch.labels
+        return batch.label_indices(self.classes) if self.indexed else batch.labels

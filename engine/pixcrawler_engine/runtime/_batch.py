@@ -46,8 +46,6 @@ from pixcrawler_engine.runtime._sink import InPlaceSink, write_stream
 __all__ = [
     "BatchBuilder",
     "image_views",
-    "label_indices",
-    "label_value_set",
     "labels_of",
     "mask_views",
     "pixels_offset",
@@ -336,45 +334,6 @@ def labels_of(batch: pa.RecordBatch) -> list[Any]:
     return _json_column(batch.column("label"))
 
 
-def label_value_set(names: Sequence[str | None]) -> pa.StringArray:
-    """Class names as the `label` column stores them, for `label_indices`.
-
-    A None holds a class index that no label matches (the column never holds an empty string).
-    """
-    return _strings(["" if name is None else dumps(name) for name in names])
-
-
-def label_indices(batch: pa.RecordBatch, value_set: pa.StringArray) -> np.ndarray:
-    """The labels of a batch as int64 class indices, in a few Arrow calls, no Python per row.
-
-    A label that is a class name becomes its position in `value_set` (see `label_value_set`);
-    an int label stays itself.
-
-    Raises:
-        ValueError: a label is neither a class name nor an int; the message names it.
-    """
-    import pyarrow.compute as pc
-
-    column = batch.column("label")
-    found = pc.index_in(column, value_set=value_set)
-    if found.null_count == 0:
-        return _view(found, np.int32).astype(np.int64)
-    missing = found.is_null()
-    rest = column.filter(missing)
-    try:
-        ints = pc.cast(rest, pa.int64())
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        bad = next(v for v in rest.to_pylist() if not _is_int(json.loads(v)))
-        names = [json.loads(v) for v in value_set.to_pylist() if v]
-        raise ValueError(
-            f"label {json.loads(bad)!r} is neither a class name of the job {names} nor an "
-            "int, so it has no class index; frameworks need one label type for every sample"
-        ) from None
-    out = _view(found.fill_null(0), np.int32).astype(np.int64)
-    out[_view(pc.indices_nonzero(missing), np.uint64)] = _view(ints, np.int64)
-    return out
-
-
 def _view(array: pa.Array, dtype: type[np.generic]) -> np.ndarray:
     """A zero-copy numpy view of a primitive Arrow array without nulls.
 
@@ -388,10 +347,6 @@ def _view(array: pa.Array, dtype: type[np.generic]) -> np.ndarray:
     if data is None or not len(array):
         return np.empty(0, dtype=want)
     return np.frombuffer(data, dtype=want, count=len(array), offset=array.offset * want.itemsize)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def metadata_of(batch: pa.RecordBatch) -> list[dict[str, Any]]:

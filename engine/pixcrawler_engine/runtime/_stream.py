@@ -31,12 +31,12 @@ from pixcrawler_engine._config import DecodePolicy, EngineConfig
 from pixcrawler_engine._errors import WorkerError
 from pixcrawler_engine.runtime._batch import (
     image_views,
-    label_indices,
     labels_of,
     mask_views,
     metadata_of,
     read_batch,
 )
+from pixcrawler_engine.runtime._classes import ClassIndex, label_indices
 from pixcrawler_engine.runtime._epoch import Share
 from pixcrawler_engine.runtime._launch import Launched, launch
 from pixcrawler_engine.runtime._protocol import (
@@ -109,9 +109,9 @@ class Batch:
     def labels(self) -> list[Any]:
         return labels_of(self.record_batch)
 
-    def label_indices(self, value_set: pa.StringArray) -> np.ndarray:
-        """The labels as int64 class indices (see `runtime._batch.label_indices`)."""
-        return label_indices(self.record_batch, value_set)
+    def label_indices(self, classes: ClassIndex) -> np.ndarray:
+        """The labels as int64 class indices (see `runtime._classes`)."""
+        return label_indices(self.record_batch, classes)
 
     @property
     def keys(self) -> list[str]:

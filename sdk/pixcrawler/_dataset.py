@@ -25,7 +25,7 @@ from pixcrawler._passes import run_pass
 from pixcrawler._rebatch import check_batch_size, rebatch
 from pixcrawler_engine._config import DecodePolicy, EngineConfig
 from pixcrawler_engine.runtime._epoch import Share
-from pixcrawler_engine.runtime._launch import Spare
+from pixcrawler_engine.runtime._launch import Spare, modules_of
 from pixcrawler_engine.runtime._stream import Batch, Stream
 from pixcrawler_engine.sources._base import Source
 
@@ -220,6 +220,21 @@ class Dataset(Frameworks):
         if share is None:
             share = Share(epoch=self.next_epoch(), start=start)
         return self._run(self._ref.source(), self._config, desc=desc, share=share)
+
+    def _launch_ahead(self) -> None:
+        """Launches the next pass's supervisor now (NOTE [spare] in `runtime._launch`).
+
+        For what is made to be iterated: `to_tensorflow()`, whose own set-up (TensorFlow
+        traces its pipeline, ~0.1 s) then overlaps the engine's start-up. Does nothing with
+        `warm_start=False`, or when a supervisor waits already.
+        """
+        if self._closed:
+            return
+        source = self._ref.source()
+        try:
+            self._spare.refill(modules_of(source))
+        finally:
+            source.close()
 
     def _one_off(self, desc: str) -> Iterator[Batch]:
         """A pass for a conversion: an epoch like any, but no spare is launched after it."""

@@ -49,6 +49,8 @@ class Passes(Protocol):
 
     def iter_engine_batches(self, *, desc: str | None = None) -> Iterator[Batch]: ...
 
+    def _launch_ahead(self) -> None: ...
+
 
 @dataclass(frozen=True)
 class ImageSpec:
@@ -128,6 +130,8 @@ def to_tensorflow(
         raise ImportError(
             "to_tensorflow() needs TensorFlow: pip install 'pixcrawler-sdk[tensorflow]'"
         ) from exc
+    # The engine starts (~0.3 s) while TensorFlow traces the pipeline below (~0.1 s).
+    dataset._launch_ahead()
     spec = image_spec(dataset)
     if batch_size is not None and None in spec.shape:
         raise ValueError(

@@ -176,3 +176,19 @@ def test_a_conversion_uses_a_waiting_spare_but_launches_none(store: Path) -> Non
         ds.to_arrays()
         assert ds._spare.pid is None  # taken, not replaced
     assert wait_gone(family, 10.0) == []
+
+
+def test_to_tensorflow_launches_its_first_pass_ahead(store: Path) -> None:
+    # TensorFlow traces its pipeline (~0.1 s) while the first pass's supervisor starts.
+    with load_dataset("demo", base_url=store.as_uri(), **OPTIONS) as ds:
+        tf_dataset = ds.to_tensorflow(batch_size=8)
+        spare = _wait_spare(ds)
+        began = time.time()
+        elements = iter(tf_dataset)
+        next(elements)
+        (stream,) = list(ds._streams)
+        assert stream.pid == spare and psutil.Process(spare).create_time() < began
+        assert sum(len(images) for images, _ in elements) + 8 == len(expected_keys(store))
+    with load_dataset("demo", base_url=store.as_uri(), **OPTIONS, warm_start=False) as ds:
+        ds.to_tensorflow(batch_size=8)
+        assert ds._spare.pid is None

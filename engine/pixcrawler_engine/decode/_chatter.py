@@ -103,9 +103,7 @@ def capture(said: list[str], *, python_warnings: bool = True) -> Iterator[None]:
     `python_warnings=False` takes fd 2 only, for a library that raises no Python warnings
     (OpenCV): recording warnings costs as much as the redirection.
     """
-    sink = _sink_fd()
-    saved = None if _holding else _point_at(sink)
-    start = os.lseek(sink, 0, os.SEEK_CUR)
+    taken = _Taken()
     caught: list[warnings.WarningMessage] = []
     try:
         if python_warnings:
@@ -115,23 +113,34 @@ def capture(said: list[str], *, python_warnings: bool = True) -> Iterator[None]:
         else:
             yield
     finally:
-        if saved is not None:
-            _restore(saved)
-        _take(sink, start, said)
+        taken.end(said)
         said.extend(str(w.message) for w in caught)
 
 
 def quietly(call: Callable[[], T], said: list[str]) -> T:
     """`call()` with fd 2 taken (as `capture(said, python_warnings=False)`), at less cost."""
-    sink = _sink_fd()
-    saved = None if _holding else _point_at(sink)
-    start = os.lseek(sink, 0, os.SEEK_CUR)
+    taken = _Taken()
     try:
         return call()
     finally:
-        if saved is not None:
-            _restore(saved)
-        _take(sink, start, said)
+        taken.end(said)
+
+
+class _Taken:
+    """fd 2 on the sink from here (already there inside `held`) until `end`, which moves what
+    was written meanwhile into `said` and points fd 2 back where it was."""
+
+    __slots__ = ("saved", "sink", "start")
+
+    def __init__(self) -> None:
+        self.sink = _sink_fd()
+        self.saved = None if _holding else _point_at(self.sink)
+        self.start = os.lseek(self.sink, 0, os.SEEK_CUR)
+
+    def end(self, said: list[str]) -> None:
+        if self.saved is not None:
+            _restore(self.saved)
+        _take(self.sink, self.start, said)
 
 
 def drain(said: list[str]) -> None:

@@ -54,7 +54,7 @@ def stored_member(path: Path, name: str, max_bytes: int) -> bytes | None:
         if len(hits) != 1:
             return None
         _, flags, method, crc, packed, unpacked, _, _, _, offset = hits[0]
-        if method != 0 or flags & 0x1 or packed != unpacked or unpacked > max_bytes:
+        if not _plain(flags, method, packed, unpacked) or unpacked > max_bytes:
             return None
         data = read_stored(fd, wanted, offset, unpacked, crc)
         return None if data is None else data.tobytes()
@@ -78,7 +78,7 @@ def stored_members(fd: int) -> dict[str, Stored] | None:
         magic, flags, method, crc, packed, unpacked, name_len, extra_len, comment_len, offset = (
             _ENTRY.unpack_from(directory, at)
         )
-        if magic != b"PK\x01\x02" or method != 0 or flags & 0x1 or packed != unpacked:
+        if magic != b"PK\x01\x02" or not _plain(flags, method, packed, unpacked):
             return None
         at += _ENTRY.size
         raw = directory[at : at + name_len]
@@ -88,6 +88,11 @@ def stored_members(fd: int) -> dict[str, Stored] | None:
         members[name] = Stored(raw, offset, unpacked, crc)
         at += name_len + extra_len + comment_len
     return members
+
+
+def _plain(flags: int, method: int, packed: int, unpacked: int) -> bool:
+    """A directory entry of a member stored as it is: not compressed, not encrypted."""
+    return method == 0 and not flags & 0x1 and packed == unpacked
 
 
 def _directory(fd: int) -> bytes | None:
@@ -124,11 +129,10 @@ def read_stored(fd: int, name: bytes, offset: int, size: int, crc: int) -> memor
     magic, name_len, extra_len = _LOCAL.unpack_from(blob)
     if magic != b"PK\x03\x04" or name_len != len(name):
         return None
-    data = (
-        memoryview(blob)[start:]
-        if not extra_len
-        else os.pread(fd, size, offset + start + extra_len)
-    )
+    if extra_len:
+        data = memoryview(os.pread(fd, size, offset + start + extra_len))
+    else:
+        data = memoryview(blob)[start:]
     if len(data) != size or zlib.crc32(data) != crc:
         return None
-    return memoryview(data)
+    return data

@@ -158,7 +158,13 @@ def receive_cost(repeats: int = 2000) -> dict[str, float]:
 
     import pyarrow as pa
 
-    from pixcrawler_engine.runtime._batch import BatchBuilder, image_views, read_batch, write_batch
+    from pixcrawler_engine.runtime._batch import (
+        BatchBuilder,
+        image_views,
+        read_batch,
+        record_batch,
+        write_batch,
+    )
     from pixcrawler_engine.runtime._shm import OwnerLock, SlotPool, attach
     from pixcrawler_engine.runtime._stream import _Lease
 
@@ -169,7 +175,7 @@ def receive_cost(repeats: int = 2000) -> dict[str, float]:
         builder.add(
             image, label="x", key=str(i), chunk=0, index=i, orig_size=(640, 480), metadata=None
         )
-    batch = builder.build()
+    batch = record_batch(builder)
     token = f"{os.getpid()}_{secrets.token_hex(8)}"
     lock = OwnerLock(token)
     pool = SlotPool(token, 1, 16 << 20)

@@ -1,11 +1,14 @@
-"""Pixels decoded into the slot itself: `BatchBuilder(out=slot)` + `write_batch` copy no pixel.
+"""The workers' Arrow IPC writer (`_ipc.Wire`): pixels decoded into the slot stay in place, and
+every batch is the stream pyarrow would write, without pyarrow in the worker.
 
-See NOTE [pixels in place] in `runtime/_batch.py`.
+See NOTE [wire] in `runtime/_ipc.py` and NOTE [pixels in place] in `runtime/_batch.py`.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from typing import Any
 
 import numpy as np
@@ -18,76 +21,87 @@ from pixcrawler_engine.runtime._batch import (
     image_views,
     mask_views,
     read_batch,
+    record_batch,
+    wire_for,
     write_batch,
 )
-from pixcrawler_engine.runtime._sink import InPlaceSink, write_stream
 
 SHAPE = (32, 48, 3)
 
 
-def _fill(builder: BatchBuilder, n: int, *, masks: bool = False) -> None:
+def _fill(builder: BatchBuilder, n: int, *, masks: bool = False, sizes: bool = False) -> None:
     for i in range(n):
         image = builder.next_image()
-        assert image is not None
+        if image is None:  # variable size: each its own
+            image = np.empty((3 + i * sizes, 5, 3), np.uint8)
         image[...] = i
-        mask = np.full(SHAPE[:2], i, np.uint8) if masks else None
-        builder.add(image, label=f"l{i}", key=f"k{i}", chunk=3, index=i,
-                    orig_size=(48, 32), metadata={"i": i}, mask=mask)  # fmt: skip
+        mask = np.full(image.shape[:2], i, np.uint8) if masks else None
+        builder.add(image, label=[f"l{i}", i][i % 2], key=f"k{i}-{'é' * (i % 3)}", chunk=3,
+                    index=i, orig_size=(48, 32), metadata={"i": i}, mask=mask)  # fmt: skip
 
 
-def _copied(batch: pa.RecordBatch, slot: memoryview) -> tuple[int, pa.RecordBatch]:
-    sink = InPlaceSink(slot)
-    write_stream(batch, sink)
-    return sink.copied, read_batch(pa.py_buffer(slot[: sink.position]))
+def _write(builder: BatchBuilder, slot: memoryview) -> tuple[int, pa.RecordBatch]:
+    wire = wire_for(builder.fixed_shape, masks=bool(builder.masks))
+    nbytes = wire.write(len(builder), *builder.layout(), slot)
+    return nbytes, read_batch(pa.py_buffer(slot[:nbytes]))
 
 
 @pytest.mark.parametrize("rows", [1, 7, 64])
-def test_pixels_are_written_in_place(rows: int) -> None:
+def test_pixels_decoded_into_the_slot_read_back_in_place(rows: int) -> None:
     slot = memoryview(bytearray(64 * (np.prod(SHAPE) + 4096) + 65536))
-    builder = BatchBuilder(SHAPE, capacity=64, out=slot)
+    builder = BatchBuilder(SHAPE, capacity=64, out=slot, at=wire_for(SHAPE).body_at)
     assert builder.pixels is not None and np.shares_memory(builder.pixels, np.frombuffer(slot))
     _fill(builder, rows)
-    copied, back = _copied(builder.build(), slot)
-    assert copied < 4096 + 64 * rows  # labels, keys, metadata: never the pixels
+    _, back = _write(builder, slot)
     views = image_views(back)
     assert isinstance(views, np.ndarray) and views.shape == (rows, *SHAPE)
+    assert np.shares_memory(views, builder.pixels)  # the very bytes decoded into the slot
     assert (views[:, 5, 7, 1] == np.arange(rows)).all()
-    assert back.column("key").to_pylist() == [f"k{i}" for i in range(rows)]
+    assert back.column("key").to_pylist() == builder.keys
 
 
-def test_a_sliced_batch_and_masks_still_round_trip() -> None:
-    """A batch with masks has a longer schema: its pixels are not where the stream puts them,
-    and `write_batch` moves them out before the metadata would overwrite them."""
+@pytest.mark.parametrize(
+    ("shape", "masks", "rows"),
+    [(SHAPE, False, 0), (SHAPE, False, 5), (SHAPE, True, 4), (None, False, 6), (None, True, 3)],
+)
+def test_the_stream_is_what_pyarrow_writes(
+    shape: tuple[int, int, int] | None, masks: bool, rows: int
+) -> None:
+    """Byte for byte, for fixed and variable sizes, with masks and without; an empty batch
+    (pyarrow leaves its zero length out of the flatbuffer, we write it) reads the same."""
+    builder = BatchBuilder(shape, capacity=8)
+    _fill(builder, rows, masks=masks, sizes=True)
+    expected = bytearray(1 << 20)
+    n1 = write_batch(record_batch(builder), memoryview(expected))
+    mine = memoryview(bytearray(1 << 20))
+    n2, back = _write(builder, mine)
+    if rows:
+        assert n1 == n2 and bytes(mine[:n2]) == bytes(expected[:n1])
+    assert back.equals(read_batch(pa.py_buffer(expected[:n1])))
+    assert back.num_rows == rows and back.column("index").to_pylist() == list(range(rows))
+
+
+def test_pixels_placed_for_a_shorter_schema_move_before_the_masks_schema_is_written() -> None:
+    """A batch with masks has a longer schema: its pixels, decoded where a batch without masks
+    puts them, are moved out before the metadata would overwrite them."""
     slot = memoryview(bytearray(16 * (np.prod(SHAPE) * 2 + 4096) + 65536))
-    builder = BatchBuilder(SHAPE, capacity=16, out=slot)
+    builder = BatchBuilder(SHAPE, capacity=16, out=slot, at=wire_for(SHAPE).body_at)
     _fill(builder, 12, masks=True)
-    nbytes = write_batch(builder.build().slice(0, 5), slot)
-    back = read_batch(pa.py_buffer(slot[:nbytes]))
+    builder.truncate(5)
+    _, back = _write(builder, slot)
     assert (image_views(back)[:, 0, 0, 0] == np.arange(5)).all()  # type: ignore[call-overload]
     masks = mask_views(back)
     assert isinstance(masks, np.ndarray) and (masks[:, 1, 1] == np.arange(5)).all()
 
 
-def test_same_stream_as_a_plain_write() -> None:
-    """In place or not, the slot holds the same bytes."""
-    size = 8 * (np.prod(SHAPE) + 4096) + 65536
-    plain, in_place = bytearray(size), memoryview(bytearray(size))
-    heap = BatchBuilder(SHAPE, capacity=8)
-    _fill(heap, 6)
-    n1 = write_batch(heap.build(), memoryview(plain))
-    slotted = BatchBuilder(SHAPE, capacity=8, out=in_place)
-    _fill(slotted, 6)
-    n2 = write_batch(slotted.build(), in_place)
-    assert n1 == n2 and bytes(plain[:n1]) == bytes(in_place[:n2])
-
-
 def test_a_slot_too_small_falls_back_to_memory_and_a_full_one_raises() -> None:
     small = memoryview(bytearray(1000))
-    builder = BatchBuilder(SHAPE, capacity=4, out=small)
+    builder = BatchBuilder(SHAPE, capacity=4, out=small, at=wire_for(SHAPE).body_at)
     assert builder.pixels is not None and not np.shares_memory(builder.pixels, np.frombuffer(small))
     _fill(builder, 2)
-    with pytest.raises(ValueError, match="more than the 1000 bytes"):
-        write_batch(builder.build(), small)
+    assert wire_for(SHAPE).stream_size(builder.layout()[1]) > 1000
+    with pytest.raises(ValueError, match="more than the 1000 it has"):
+        _write(builder, small)
 
 
 def test_labels_keys_and_metadata_survive_the_trip_byte_for_byte() -> None:
@@ -99,13 +113,25 @@ def test_labels_keys_and_metadata_survive_the_trip_byte_for_byte() -> None:
     with pytest.raises(TypeError):
         dumps({"x": object()})
     slot = memoryview(bytearray(1 << 20))
-    builder = BatchBuilder(SHAPE, capacity=len(values), out=slot)
+    builder = BatchBuilder(SHAPE, capacity=len(values), out=slot, at=wire_for(SHAPE).body_at)
     keys = [f"k{i}-{'é' * i}" for i in range(len(values))]
     for i, (value, key) in enumerate(zip(values, keys, strict=True)):
         builder.next_image()
         builder.add(builder.pixels[i], label=value, key=key, chunk=0, index=i,  # type: ignore[index]
                     orig_size=(48, 32), metadata={"v": value})  # fmt: skip
-    _, back = _copied(builder.build(), slot)
+    _, back = _write(builder, slot)
     assert back.column("key").to_pylist() == keys
     assert back.column("label").to_pylist() == [json.dumps(v) for v in values]
     assert back.column("metadata").to_pylist() == [json.dumps({"v": v}) for v in values]
+
+
+def test_a_worker_never_imports_pyarrow() -> None:
+    """Its imports and warm-up are the zygote's start-up, the longest step to a first batch."""
+    code = (
+        "import sys\n"
+        "from pixcrawler_engine.runtime._worker import warm_up, worker_main\n"
+        "warm_up()\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'pyarrow'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -19,7 +19,19 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["ColorMode", "DecodePolicy", "EngineConfig", "OnError", "ResizeMode"]
+__all__ = [
+    "ROW_OVERHEAD",
+    "SLOT_OVERHEAD",
+    "ColorMode",
+    "DecodePolicy",
+    "EngineConfig",
+    "OnError",
+    "ResizeMode",
+]
+
+# Room in a slot for the IPC framing and the non-pixel columns of one batch (and one row).
+SLOT_OVERHEAD = 1 << 16
+ROW_OVERHEAD = 4096
 
 ResizeMode = Literal["fit", "crop", "pad", "stretch"]
 ColorMode = Literal["RGB", "L", "keep"]

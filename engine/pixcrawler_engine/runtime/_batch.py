@@ -19,38 +19,36 @@ place, so every array handed out is a view of the slot.
 
 NOTE [pixels in place]: a worker decodes fixed-size images straight into the slot. The image
 column's values are the first buffer of the IPC body, so they start at a fixed offset of the
-stream (`pixels_offset`: the schema message and the batch's metadata, whose flatbuffers hold
+stream (`Wire.body_at`: the schema message and the batch's metadata, whose flatbuffers hold
 only fixed-size fields), whatever the number of rows and the other columns. `BatchBuilder`
-given the slot (`out=`) places its pixel array there, and `write_batch` skips every buffer
-that already lies where the stream puts it, so the pixels are never copied; anything else (or
-a layout that ever differs) is copied as before.
+given the slot (`out=`, `at=`) places its pixel array there, and `Wire.write` (NOTE [wire] in
+`_ipc`) leaves in place every buffer that already lies where the stream puts it, so the
+pixels are never copied; anything else is copied.
 """
 
 from __future__ import annotations
 
-import array
 import functools
-import itertools
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from pixcrawler_engine._json import dumps
-from pixcrawler_engine.runtime._sink import InPlaceSink, write_stream
+from pixcrawler_engine.runtime._builder import BatchBuilder, binary_offsets, string_buffers
+from pixcrawler_engine.runtime._ipc import Wire, parse_wire
 
 __all__ = [
     "BatchBuilder",
     "image_views",
     "labels_of",
     "mask_views",
-    "pixels_offset",
     "read_batch",
+    "record_batch",
     "schema_for",
+    "wire_for",
     "write_batch",
 ]
 
@@ -84,12 +82,10 @@ def schema_for(fixed_shape: tuple[int, int, int] | None, *, masks: bool = False)
 
 def _binary(arrays: Sequence[np.ndarray]) -> pa.LargeBinaryArray:
     """Concatenates arrays into one large_binary column, one value each (one copy)."""
-    n = len(arrays)
-    offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum([a.nbytes for a in arrays], out=offsets[1:])
-    data = np.concatenate([a.reshape(-1) for a in arrays]) if n else np.empty(0, np.uint8)
+    data = np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.empty(0, np.uint8)
+    offsets = pa.py_buffer(binary_offsets(arrays))
     return pa.LargeBinaryArray.from_buffers(
-        pa.large_binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data)]
+        pa.large_binary(), len(arrays), [None, offsets, pa.py_buffer(data)]
     )
 
 
@@ -101,13 +97,7 @@ def _numeric(values: np.ndarray, type_: pa.DataType) -> pa.Array:
 
 
 def _strings(values: Sequence[str]) -> pa.Array:
-    joined = "".join(values)
-    if joined.isascii():  # one encode, and the lengths in characters are the lengths in bytes
-        data, lengths = joined.encode(), map(len, values)
-    else:
-        encoded = [v.encode() for v in values]
-        data, lengths = b"".join(encoded), map(len, encoded)
-    offsets = array.array("i", itertools.accumulate(lengths, initial=0))
+    offsets, data = string_buffers(values)
     return pa.StringArray.from_buffers(len(values), pa.py_buffer(offsets), pa.py_buffer(data))
 
 
@@ -116,153 +106,82 @@ def _tensor(type_: pa.DataType, array: np.ndarray, width: int) -> pa.ExtensionAr
     return pa.ExtensionArray.from_storage(type_, storage)
 
 
-@dataclass
-class BatchBuilder:
-    """Collects decoded samples of one batch and turns them into a RecordBatch.
-
-    With a fixed shape, images are decoded straight into `pixels`, a preallocated
-    (rows, H, W, C) array, through `next_image()`; no per-image allocation. Given `out`, the
-    buffer the batch will be written to (a shared-memory slot), `pixels` lies in it, where
-    `write_batch` would copy them (see NOTE [pixels in place]).
-    """
-
-    fixed_shape: tuple[int, int, int] | None
-    capacity: int
-    pixels: np.ndarray | None = None
-    out: memoryview | None = None
-    images: list[np.ndarray] = field(default_factory=list)
-    masks: list[np.ndarray] = field(default_factory=list)
-    labels: list[str] = field(default_factory=list)
-    keys: list[str] = field(default_factory=list)
-    chunks: list[int] = field(default_factory=list)
-    indices: list[int] = field(default_factory=list)
-    widths: list[int] = field(default_factory=list)
-    heights: list[int] = field(default_factory=list)
-    metadata: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if self.fixed_shape is not None and self.pixels is None:
-            shape = (self.capacity, *self.fixed_shape)
-            size = math.prod(shape)
-            start = 0 if self.out is None else pixels_offset(self.fixed_shape)
-            if self.out is not None and start + size <= len(self.out):
-                self.pixels = np.frombuffer(self.out, np.uint8, size, start).reshape(shape)
-            else:
-                self.pixels = np.empty(shape, dtype=np.uint8)
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def next_image(self) -> np.ndarray | None:
-        """The array to decode the next fixed-shape image into, or None for variable size."""
-        return None if self.pixels is None else self.pixels[len(self.keys)]
-
-    def add(
-        self,
-        image: np.ndarray,
-        *,
-        label: Any,
-        key: str,
-        chunk: int,
-        index: int,
-        orig_size: tuple[int, int],
-        metadata: dict[str, Any] | str | None,
-        mask: np.ndarray | None = None,
-    ) -> None:
-        if self.pixels is None:
-            self.images.append(image)
-        if mask is not None:
-            self.masks.append(mask)
-        self.labels.append(dumps(label))
-        self.keys.append(key)
-        self.chunks.append(chunk)
-        self.indices.append(index)
-        self.widths.append(orig_size[0])
-        self.heights.append(orig_size[1])
-        if metadata is None or isinstance(metadata, str):
-            self.metadata.append(metadata or "{}")
-        else:
-            self.metadata.append(dumps(metadata))
-
-    def build(self) -> pa.RecordBatch:
-        n = len(self.keys)
-        if self.masks and len(self.masks) != n:
-            raise ValueError("either every sample of a batch has a mask or none has")
-        schema = schema_for(self.fixed_shape, masks=bool(self.masks))
-        columns: list[pa.Array]
-        if self.pixels is not None and self.fixed_shape is not None:
-            h, w, c = self.fixed_shape
-            columns = [_tensor(schema.field("image").type, self.pixels[:n], h * w * c)]
-            if self.masks:
-                columns.append(_tensor(schema.field("mask").type, np.stack(self.masks), h * w))
-        else:
-            shapes = np.array([a.shape for a in self.images], dtype=np.int32).reshape(n, 3)
-            columns = [
-                _binary(self.images),
-                pa.FixedSizeListArray.from_arrays(_numeric(shapes.reshape(-1), pa.int32()), 3),
-            ]
-            if self.masks:
-                columns.append(_binary(self.masks))
-        columns += [
-            _strings(self.labels),
-            _strings(self.keys),
-            _numeric(np.array(self.chunks, np.int32), pa.int32()),
-            _numeric(np.array(self.indices, np.int64), pa.int64()),
-            _numeric(np.array(self.widths, np.int32), pa.int32()),
-            _numeric(np.array(self.heights, np.int32), pa.int32()),
-            _strings(self.metadata),
+def record_batch(builder: BatchBuilder) -> pa.RecordBatch:
+    """A builder's batch as a pyarrow RecordBatch, zero-copy over its arrays."""
+    n = builder.check()
+    schema = schema_for(builder.fixed_shape, masks=bool(builder.masks))
+    columns: list[pa.Array]
+    fixed = builder.image_columns()
+    if fixed is not None and builder.fixed_shape is not None:
+        h, w, c = builder.fixed_shape
+        pixels, masks = fixed
+        columns = [_tensor(schema.field("image").type, pixels, h * w * c)]
+        if masks is not None:
+            columns.append(_tensor(schema.field("mask").type, masks, h * w))
+    else:
+        shapes = np.array([a.shape for a in builder.images], dtype=np.int32).reshape(n, 3)
+        columns = [
+            _binary(builder.images),
+            pa.FixedSizeListArray.from_arrays(_numeric(shapes.reshape(-1), pa.int32()), 3),
         ]
-        return pa.RecordBatch.from_arrays(columns, schema=schema)
-
-
-def ipc_size(batch: pa.RecordBatch) -> int:
-    """Bytes `write_batch` needs for this batch."""
-    sink = pa.MockOutputStream()
-    with pa.ipc.new_stream(sink, batch.schema) as writer:
-        writer.write_batch(batch)
-    return int(sink.size())
-
-
-def write_batch(batch: pa.RecordBatch, buf: memoryview) -> int:
-    """Writes `batch` as an Arrow IPC stream into `buf`; returns the bytes written.
-
-    Buffers of `batch` that already lie in `buf` where the stream puts them (the pixels of a
-    `BatchBuilder(out=buf)`) are left as they are.
-    """
-    dest = np.frombuffer(buf, np.uint8)
-    low, high = dest.ctypes.data, dest.ctypes.data + dest.size
-    layout = InPlaceSink(None)  # where each buffer goes, nothing written (~13 calls)
-    write_stream(batch, layout)
-    if any(low <= a < high and a != low + at for a, at in layout.marks.items()):
-        # A buffer lies in `buf` but not where the stream puts it (a batch with masks has a
-        # longer schema): the writes before it would overwrite it. Move the batch out first.
-        heap = memoryview(bytearray(layout.position))
-        write_stream(batch, InPlaceSink(heap))
-        batch = read_batch(pa.py_buffer(heap))
-    sink = InPlaceSink(buf)
-    write_stream(batch, sink)
-    return sink.position
+        if builder.masks:
+            columns.append(_binary(builder.masks))
+    columns += [
+        _strings(builder.labels),
+        _strings(builder.keys),
+        _numeric(np.array(builder.chunks, np.int32), pa.int32()),
+        _numeric(np.array(builder.indices, np.int64), pa.int64()),
+        _numeric(np.array(builder.widths, np.int32), pa.int32()),
+        _numeric(np.array(builder.heights, np.int32), pa.int32()),
+        _strings(builder.metadata),
+    ]
+    return pa.RecordBatch.from_arrays(columns, schema=schema)
 
 
 @functools.cache
-def pixels_offset(fixed_shape: tuple[int, int, int], masks: bool = False) -> int:
-    """Where the image values of a fixed-shape batch start in its IPC stream (`write_batch`)."""
-    builder = BatchBuilder(fixed_shape, capacity=1)
-    assert builder.pixels is not None
-    mask = np.zeros(fixed_shape[:2], np.uint8) if masks else None
-    builder.add(
-        builder.pixels[0],
-        label=0,
-        key="",
-        chunk=0,
-        index=0,
-        orig_size=(1, 1),
-        metadata=None,
-        mask=mask,
-    )
-    sink = InPlaceSink(None)
-    write_stream(builder.build(), sink)
-    return sink.marks[builder.pixels.ctypes.data]
+def wire_for(fixed_shape: tuple[int, int, int] | None, masks: bool = False) -> Wire:
+    """The `Wire` of batches of this shape (NOTE [wire] in `_ipc`), checked against pyarrow:
+    a small batch written both ways must be the same bytes."""
+    builder = _sample(fixed_shape, masks)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, schema_for(fixed_shape, masks=masks)) as writer:
+        writer.write_batch(record_batch(builder))
+    expected = sink.getvalue().to_pybytes()
+    wire = parse_wire(expected)
+    mine = bytearray(len(expected))
+    size = wire.write(len(builder), *builder.layout(), memoryview(mine))
+    if bytes(mine[:size]) != expected:
+        raise RuntimeError(
+            "this pyarrow writes Arrow IPC differently from the workers' writer (NOTE [wire]); "
+            f"please report it with the pyarrow version ({pa.__version__})"
+        )
+    return wire
+
+
+def _sample(fixed_shape: tuple[int, int, int] | None, masks: bool) -> BatchBuilder:
+    """A batch of two odd-sized samples, to learn and check a schema's `Wire`."""
+    builder = BatchBuilder(fixed_shape, capacity=2)
+    for i in range(2):
+        shape = fixed_shape or (i + 1, 3, 3)
+        image = builder.next_image()
+        if image is None:
+            image = np.full(shape, 7 + i, np.uint8)
+        mask = np.full(shape[:2], i, np.uint8) if masks else None
+        builder.add(image, label=["a", i][i], key=f"k{i}é", chunk=i, index=i, orig_size=(5, 3),
+                    metadata={"i": i}, mask=mask)  # fmt: skip
+    return builder
+
+
+def write_batch(batch: pa.RecordBatch, buf: memoryview) -> int:
+    """Writes `batch` as an Arrow IPC stream into `buf` (which must not hold the batch's own
+    buffers); returns the bytes written. The workers write theirs with `_ipc` instead."""
+    sink = pa.FixedSizeBufferWriter(pa.py_buffer(buf))
+    try:
+        with pa.ipc.new_stream(sink, batch.schema) as writer:
+            writer.write_batch(batch)
+    except pa.ArrowInvalid as exc:
+        raise ValueError(f"the batch needs more than the {len(buf)} bytes of its buffer") from exc
+    return int(sink.tell())
 
 
 def read_batch(buf: pa.Buffer) -> pa.RecordBatch:

@@ -11,12 +11,11 @@ import logging
 import math
 import zipfile
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pyarrow as pa
 
-from pixcrawler_engine._config import DecodePolicy
+from pixcrawler_engine._config import ROW_OVERHEAD, SLOT_OVERHEAD, DecodePolicy
 from pixcrawler_engine._errors import DecodeError, DecompressionError, UnsupportedImageError
 from pixcrawler_engine.decode import _chatter
 from pixcrawler_engine.decode._headers import ImageHeader
@@ -24,12 +23,14 @@ from pixcrawler_engine.decode._image import decode_image, probe
 from pixcrawler_engine.decode._mask import decode_mask
 from pixcrawler_engine.decode._pixels import check_budget
 from pixcrawler_engine.decode._plan import make_plan
-from pixcrawler_engine.runtime._batch import BatchBuilder
-from pixcrawler_engine.runtime._schedule import ROW_OVERHEAD, SLOT_OVERHEAD
+from pixcrawler_engine.runtime._builder import BatchBuilder
 from pixcrawler_engine.sources._base import ZipOpener, read_zip_manifest
 from pixcrawler_engine.sources._record import Record
 
-__all__ = ["decode_chunk", "decode_records"]
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+__all__ = ["decode_chunk", "decode_records", "decode_samples"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,6 @@ def decode_records(
     byte_limit: int | None = None,
     notes: list[tuple[str, str]] | None = None,
     on_sample: Callable[[], None] | None = None,
-    out: memoryview | None = None,
 ) -> tuple[pa.RecordBatch, int, list[tuple[str, str]]]:
     """Decodes records into one RecordBatch, following `policy.on_error` for bad samples.
 
@@ -60,8 +60,6 @@ def decode_records(
             something (libtiff's warnings, Pillow's; see `decode._chatter`): one line each,
             naming the sample. None logs them instead.
         on_sample: called after each record (decoded or skipped): the worker's heartbeat.
-        out: the buffer the batch will be written to with `write_batch` (a free slot):
-            fixed-size images are decoded into their place there (NOTE [pixels in place]).
 
     Returns:
         (batch, covered, errors): `covered` is how many leading records were consumed
@@ -72,8 +70,33 @@ def decode_records(
             image no decoder reads), or one sample larger than `byte_limit`; the message
             names the chunk and the sample.
     """
+    builder, covered, errors = decode_samples(
+        records, read, policy, chunk=chunk, byte_limit=byte_limit, notes=notes,
+        on_sample=on_sample,
+    )  # fmt: skip
+    from pixcrawler_engine.runtime._batch import record_batch  # pyarrow: not in the workers
+
+    return record_batch(builder), covered, errors
+
+
+def decode_samples(
+    records: Sequence[Record],
+    read: Any,
+    policy: DecodePolicy,
+    *,
+    chunk: int | Sequence[int],
+    byte_limit: int | None = None,
+    notes: list[tuple[str, str]] | None = None,
+    on_sample: Callable[[], None] | None = None,
+    out: memoryview | None = None,
+    at: int | None = None,
+) -> tuple[BatchBuilder, int, list[tuple[str, str]]]:
+    """`decode_records`, with the batch as its `BatchBuilder` (no pyarrow: the workers write
+    it with `_ipc`). Given `out`, the buffer the batch will be written to (a free slot), and
+    `at`, where the stream puts the pixels, fixed-size images are decoded into their place
+    there (NOTE [pixels in place] in `_batch`)."""
     fixed = policy.fixed_shape
-    builder = BatchBuilder(fixed, capacity=len(records), out=out)
+    builder = BatchBuilder(fixed, capacity=len(records), out=out, at=at)
     errors: list[tuple[str, str]] = []
     covered = 0
     used = SLOT_OVERHEAD
@@ -132,7 +155,7 @@ def decode_records(
         if notes is None:  # logged once fd 2 is back
             for _, note in noted:
                 logger.warning("%s", note)
-    return builder.build(), covered, errors
+    return builder, covered, errors
 
 
 def _name(record: Record) -> str:

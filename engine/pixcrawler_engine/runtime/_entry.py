@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
     from pixcrawler_engine._config import DecodePolicy, EngineConfig
     from pixcrawler_engine.runtime._epoch import Share
+    from pixcrawler_engine.runtime._ipc import Wire
     from pixcrawler_engine.runtime._zygote import Zygote
     from pixcrawler_engine.sources._base import Source
 
@@ -60,7 +61,7 @@ def bootstrap() -> None:
                 break
             message.apply()
         sys.path[:] = message
-        token, source, config, policy, share = conn.recv()
+        token, source, config, policy, share, wires = conn.recv()
     except (EOFError, OSError):
         # No run came (a spare no longer wanted, or its consumer died: NOTE [spare] in
         # `_launch`): the zygote holds nothing yet and may be mid-import, so no polite wait.
@@ -69,7 +70,7 @@ def bootstrap() -> None:
     from pixcrawler_engine.runtime._protocol import plain_connection
 
     conn = plain_connection(conn)  # the run's messages: plain pickle
-    supervisor_main(conn, release, zygote, token, source, config, policy, share)
+    supervisor_main(conn, release, zygote, token, source, config, policy, share, wires)
 
 
 def _fork_zygote(env: dict[str, str]) -> Zygote:
@@ -99,6 +100,7 @@ def supervisor_main(
     config: EngineConfig,
     policy: DecodePolicy,
     share: Share,
+    wires: tuple[Wire, Wire],
 ) -> None:
     """The body of the supervisor process."""
     from pixcrawler_engine.runtime._protocol import ExceptionWrapper, Failed
@@ -107,7 +109,7 @@ def supervisor_main(
     supervisor = None
     code = 0
     try:
-        supervisor = Supervisor(conn, release, zygote, token, source, config, policy, share)
+        supervisor = Supervisor(conn, release, zygote, token, source, config, policy, share, wires)
         supervisor.run()
     except (_Delivered, SystemExit):
         pass

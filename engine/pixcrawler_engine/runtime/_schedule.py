@@ -18,7 +18,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from pixcrawler_engine._config import DecodePolicy, EngineConfig
+from pixcrawler_engine._config import ROW_OVERHEAD, SLOT_OVERHEAD, DecodePolicy, EngineConfig
 from pixcrawler_engine.runtime._epoch import Group
 from pixcrawler_engine.runtime._protocol import BatchReady, ExceptionWrapper, Failed, Task
 from pixcrawler_engine.sources._record import Record
@@ -36,10 +36,6 @@ __all__ = [
     "record_order",
     "slot_bytes_for",
 ]
-
-# Room in a slot for the IPC framing and the non-pixel columns of one batch.
-SLOT_OVERHEAD = 1 << 16
-ROW_OVERHEAD = 4096
 
 
 def chunk_order(num_chunks: int, *, shuffle: bool, seed: int) -> list[int]:

@@ -35,6 +35,7 @@ from pixcrawler_engine.runtime._batch import (
     mask_views,
     metadata_of,
     read_batch,
+    wire_for,
 )
 from pixcrawler_engine.runtime._classes import ClassIndex, label_indices
 from pixcrawler_engine.runtime._epoch import Share
@@ -213,9 +214,11 @@ class Stream:
         proc, conn, release_w = launched.proc, launched.conn, launched.release
         self._state.token = f"{proc.pid}_{secrets.token_hex(8)}"  # names the run's resources
         self._state.release_conn, self._state.release_fd = release_w, release_w.fileno()
+        # How the workers write this run's batches (NOTE [wire] in `_ipc`): without masks, with.
+        wires = (wire_for(policy.fixed_shape), wire_for(policy.fixed_shape, masks=True))
         try:
             conn.send(list(sys.path))
-            conn.send((self._state.token, source, config, policy, share or Share()))
+            conn.send((self._state.token, source, config, policy, share or Share(), wires))
         except OSError:
             pass  # it died at once; the first receive says how
         self._state.proc, self._state.conn = proc, plain_connection(conn)

@@ -32,10 +32,8 @@ import itertools
 import os
 import shutil
 import signal
-import sys
 from multiprocessing.connection import Connection, wait
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from pixcrawler_engine._config import DecodePolicy, EngineConfig
 from pixcrawler_engine._errors import SharedMemoryError, WorkerError
@@ -77,6 +75,9 @@ from pixcrawler_engine.runtime._waiter import Waiter
 from pixcrawler_engine.runtime._zygote import Zygote
 from pixcrawler_engine.sources._base import Source
 
+if TYPE_CHECKING:
+    from pixcrawler_engine.runtime._ipc import Wire
+
 __all__ = ["Supervisor"]
 
 MAX_TASK_RESTARTS = 2
@@ -95,11 +96,13 @@ class Supervisor:
         config: EngineConfig,
         policy: DecodePolicy,
         share: Share,
+        wires: tuple[Wire, Wire],
     ) -> None:
         self.conn = conn
         self.release = release
         os.set_blocking(release.fileno(), False)  # read on every pass of the loop
         self.source, self.config, self.policy, self.token = source, config, policy, token
+        self.wires = wires
         self.consumer = os.getppid()
         self.lock = OwnerLock(token)  # first: everything below is swept by it if we die
         self.workdir = run_folder(token)
@@ -145,10 +148,9 @@ class Supervisor:
         self.slots = SlotPool(self.token, self.config.slots, slot_bytes)
         self.state.free_slots = list(range(len(self.slots)))
         self.beats = Beats(self.token, self.config.workers)
-        args = (self.source.opener(), self.policy, self.slots.prefix, slot_bytes, self.beats.name)
-        args_path = self.workdir / "worker-args.pkl"
-        _write_args(args_path, args)
-        self.zygote.set_args(args_path)
+        opener = self.source.opener()
+        args = (opener, self.policy, self.wires, self.slots.prefix, slot_bytes, self.beats.name)
+        self.zygote.set_args(self.workdir / "worker-args.pkl", args)
         self.pool = WorkerPool(self.zygote, self.beats, self.config)
         self.pool.start(self.config.workers)
         self.conn.send(Ready(tuple(self.slots.names)))
@@ -385,13 +387,6 @@ class Supervisor:
         with contextlib.suppress(Exception):
             self.source.close()
         self.lock.release()
-
-
-def _write_args(path: Path, args: tuple[Any, ...]) -> None:
-    """The workers' arguments, for the zygote: dill, so lambdas and `__main__` objects travel."""
-    import dill
-
-    path.write_bytes(dill.dumps((list(sys.path), args)))
 
 
 class _Delivered(Exception):

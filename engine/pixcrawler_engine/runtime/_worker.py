@@ -1,8 +1,9 @@
 """The worker loop: tasks of records in, one Arrow RecordBatch in a shared-memory slot out.
 
 `worker_main` is the body of a worker process, forked by the zygote (see NOTE [zygote]); the
-decoding itself is the plain function `_chunk.decode_records`. A worker talks only to the
-supervisor, over its own socket: EOF there means the supervisor is gone, and the worker exits.
+decoding itself is the plain function `_chunk.decode_samples`, and the batch is written as
+Arrow IPC without pyarrow (NOTE [wire] in `_ipc`). A worker talks only to the supervisor, over
+its own socket: EOF there means the supervisor is gone, and the worker exits.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from pixcrawler_engine._config import DecodePolicy
-from pixcrawler_engine.runtime._batch import ipc_size, write_batch
-from pixcrawler_engine.runtime._chunk import decode_records
+from pixcrawler_engine.runtime._chunk import decode_samples
+from pixcrawler_engine.runtime._ipc import Wire
 from pixcrawler_engine.runtime._memory import MemoryKeeper
 from pixcrawler_engine.runtime._protocol import (
     ExceptionWrapper,
@@ -46,6 +47,7 @@ class _Worker:
         self,
         opener: ChunkOpener,
         policy: DecodePolicy,
+        wires: tuple[Wire, Wire],
         slot_prefix: str,
         slot_bytes: int,
         beats_name: str,
@@ -53,6 +55,7 @@ class _Worker:
     ) -> None:
         self.opener = opener
         self.policy = policy
+        self.wires = wires  # without masks, with
         self.slot_prefix = slot_prefix
         self.slot_bytes = slot_bytes
         self.slots: dict[int, Any] = {}
@@ -89,7 +92,7 @@ class _Worker:
             chunk = [task.chunks[part] for part in task.parts]
         notes: list[tuple[str, str]] = []
         records = list(map(Record._make, task.records))
-        batch, covered, errors = decode_records(
+        builder, covered, errors = decode_samples(
             records,
             read,
             self.policy,
@@ -98,17 +101,20 @@ class _Worker:
             notes=notes,
             on_sample=self.beat,
             out=buf,  # pixels decoded into the slot itself (NOTE [pixels in place])
+            at=self.wires[0].body_at,
         )
+        nodes, buffers = builder.layout()
+        wire = self.wires[bool(builder.masks)]
         # The estimate above is generous; if labels or metadata are huge, hand back rows.
-        while batch.num_rows > 1 and ipc_size(batch) > self.slot_bytes:
-            keep = batch.num_rows // 2
-            last_key = batch.column("key")[keep].as_py()
-            covered = next(i for i, r in enumerate(records) if r.key == last_key)
+        while len(builder) > 1 and wire.stream_size(buffers) > self.slot_bytes:
+            keep = len(builder) // 2
+            covered = _position(records, builder.keys[keep])
             errors = [e for e in errors if _position(records, e[0]) < covered]
             notes = [n for n in notes if _position(records, n[0]) < covered]
-            batch = batch.slice(0, keep)
-        nbytes = write_batch(batch, buf)
-        return TaskDone(task.task_id, nbytes, batch.num_rows, covered, tuple(errors), tuple(notes))
+            builder.truncate(keep)
+            nodes, buffers = builder.layout()
+        nbytes = wire.write(len(builder), nodes, buffers, buf)
+        return TaskDone(task.task_id, nbytes, len(builder), covered, tuple(errors), tuple(notes))
 
     def close(self) -> None:
         for reader, _ in self.readers.values():
@@ -131,8 +137,8 @@ def warm_up() -> None:
         Image.new("RGB", (16, 16), (200, 100, 50)).save(out, fmt)
         data = out.getvalue()
         record = Record(key="warm", ref="warm", label="warm", index=0)
-        batch, _, _ = decode_records([record], {"warm": data}.__getitem__, policy, chunk=0)
-        write_batch(batch, memoryview(bytearray(ipc_size(batch))))
+        builder, _, _ = decode_samples([record], {"warm": data}.__getitem__, policy, chunk=0)
+        builder.layout()
 
 
 def _position(records: Sequence[Record], key: str) -> int:
@@ -143,6 +149,7 @@ def worker_main(
     conn: Connection,
     opener: ChunkOpener,
     policy: DecodePolicy,
+    wires: tuple[Wire, Wire],
     slot_prefix: str,
     slot_bytes: int,
     beats_name: str,
@@ -150,7 +157,7 @@ def worker_main(
     seat: int,
 ) -> None:
     """Runs tasks from `conn` until it sends None or closes (the supervisor is gone)."""
-    worker = _Worker(opener, policy, slot_prefix, slot_bytes, beats_name, seat)
+    worker = _Worker(opener, policy, wires, slot_prefix, slot_bytes, beats_name, seat)
     memory = MemoryKeeper()  # gives memory back after large samples (see _memory)
     try:
         try:

@@ -86,8 +86,12 @@ class Zygote:
     def alive(self) -> bool:
         return self.sock is not None
 
-    def set_args(self, path: Path) -> None:
-        """Names the file holding the workers' arguments (sent again to a restarted zygote)."""
+    def set_args(self, path: Path, args: tuple[Any, ...]) -> None:
+        """Writes the workers' arguments to `path` and names it to the zygote (and again to a
+        restarted one). Dill, so that lambdas and `__main__` objects travel (`_load_args`)."""
+        import dill
+
+        path.write_bytes(dill.dumps((list(sys.path), args)))
         self.args_path = path
         self._send(b"A" + os.fsencode(path))
 

@@ -2,7 +2,8 @@
 
 pyarrow imports pandas (0.3-0.6 s here) on the first `Array.to_numpy`, and `pyarrow.compute`
 takes ~35 ms to import; reading a batch's images, masks, shapes and label indices must go
-through neither. Checked in a fresh interpreter
+through neither. A `file://` job sends no request, so it never imports httpx (~60 ms, in the
+consumer and again in its supervisor). Checked in a fresh interpreter
 (this one may have pandas loaded already), on real engine processes.
 """
 
@@ -30,6 +31,7 @@ SCRIPT = textwrap.dedent(
         assert [names[i] for i in indices] == batch.labels
     # Nor pyarrow.compute: its import (~35 ms, ~0.1 s on a busy machine) was the first batch's.
     assert "pyarrow.compute" not in sys.modules, "reading label indices imported pyarrow.compute"
+    assert "httpx" not in sys.modules, "a file:// job imported httpx"
     for image, label in ds:
         pass
     ds.close()

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from pixcrawler_engine._errors import AuthenticationError, NotFoundError, PixCrawlerError
 from pixcrawler_engine.sources._http import Retryable, parse_retry_after
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = [
     "KEY_HINT",

@@ -38,8 +38,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pixcrawler_engine.sources._download import file_matches
-from pixcrawler_engine.sources._stamp import stamp_matches, stamp_path, write_stamp
+from pixcrawler_engine.sources._stamp import file_matches, stamp_matches, stamp_path, write_stamp
 
 __all__ = ["ENV_CACHE", "CacheWarning", "ChunkCache", "default_cache_dir", "disk_error"]
 

@@ -23,7 +23,6 @@ the start, every block as it is written, and discarded bytes as a negative count
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -43,33 +42,11 @@ from pixcrawler_engine.sources._http import (
     redact_url,
     run_attempts,
 )
+from pixcrawler_engine.sources._stamp import file_matches, sha256_of
 
-__all__ = ["download_chunk", "file_matches"]
+__all__ = ["download_chunk"]
 
 _log = logging.getLogger("pixcrawler_engine.download")
-_BLOCK = 1 << 20
-
-
-def _sha256_of(path: Path, limit: int | None = None) -> tuple[hashlib._Hash, int]:
-    digest = hashlib.sha256()
-    done = 0
-    with open(path, "rb") as f:
-        while block := f.read(_BLOCK):
-            digest.update(block)
-            done += len(block)
-            if limit is not None and done > limit:
-                break
-    return digest, done
-
-
-def file_matches(path: Path, size: int, sha256: str) -> bool:
-    """Whether `path` has exactly `size` bytes with this sha256 (size checked first, cheaply)."""
-    try:
-        if path.stat().st_size != size:
-            return False
-        return _sha256_of(path)[0].hexdigest() == sha256
-    except FileNotFoundError:
-        return False
 
 
 def _unlink(path: Path) -> None:
@@ -198,7 +175,7 @@ class _Download:
 
     def _finish(self) -> bool:
         """Verifies a complete part and renames it into place; a bad one is discarded."""
-        digest, size = _sha256_of(self.part, limit=self.size)
+        digest, size = sha256_of(self.part, limit=self.size)
         if size == self.size and digest.hexdigest() == self.sha256:
             os.replace(self.part, self.final)
             return True

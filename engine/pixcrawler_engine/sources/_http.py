@@ -16,10 +16,11 @@ import threading
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-import httpx
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = [
     "AttemptsExhausted",
@@ -150,8 +151,12 @@ def run_attempts(
 def http_client(
     base_url: str, api_key: str | None, *, timeout: float, verify: bool | str
 ) -> httpx.Client:
-    """An HTTP/1.1 connection pool that sends `api_key` to the origin of `base_url` only."""
-    auth = None if api_key is None else _BearerAuth(api_key, _origin(httpx.URL(base_url)))
+    """An HTTP/1.1 connection pool that sends `api_key` to the origin of `base_url` only.
+
+    httpx is imported here, not with this module: a `file://` job never needs it (~60 ms)."""
+    import httpx
+
+    auth = None if api_key is None else _bearer_auth(api_key, _origin(httpx.URL(base_url)))
     return httpx.Client(
         auth=auth,
         timeout=httpx.Timeout(timeout),
@@ -162,20 +167,25 @@ def http_client(
     )
 
 
-class _BearerAuth(httpx.Auth):
-    """Adds the bearer token to requests for one origin only."""
+def _bearer_auth(api_key: str, origin: tuple[str, str, int]) -> httpx.Auth:
+    """An `httpx.Auth` that adds the bearer token to requests for one origin only."""
+    import httpx
 
-    def __init__(self, api_key: str, origin: tuple[str, str, int]) -> None:
-        self._header = f"Bearer {api_key}"
-        self._origin = origin
+    class _BearerAuth(httpx.Auth):
+        def __init__(self) -> None:
+            self._header = f"Bearer {api_key}"
 
-    def __repr__(self) -> str:
-        return f"_BearerAuth(origin={self._origin!r}, key=***)"
+        def __repr__(self) -> str:
+            return f"_BearerAuth(origin={origin!r}, key=***)"
 
-    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        if _origin(request.url) == self._origin:
-            request.headers["Authorization"] = self._header
-        yield request
+        def auth_flow(
+            self, request: httpx.Request
+        ) -> Generator[httpx.Request, httpx.Response, None]:
+            if _origin(request.url) == origin:
+                request.headers["Authorization"] = self._header
+            yield request
+
+    return _BearerAuth()
 
 
 def _origin(url: httpx.URL) -> tuple[str, str, int]:
@@ -236,6 +246,8 @@ def is_tls_verify_error(exc: BaseException) -> bool:
 
 def describe_transport_error(exc: Exception) -> str:
     """A short human description of an httpx transport error (no headers, no secrets)."""
+    import httpx
+
     kinds: tuple[tuple[type[Exception], str], ...] = (
         (httpx.ConnectTimeout, "connecting timed out"),
         (httpx.ReadTimeout, "the server sent nothing before the read timeout"),

@@ -19,10 +19,8 @@ import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
-
-import httpx
 
 from pixcrawler_engine._config import EngineConfig
 from pixcrawler_engine._errors import (
@@ -39,7 +37,6 @@ from pixcrawler_engine.sources._api_shape import (
     not_a_job_api,
     raise_for_status,
 )
-from pixcrawler_engine.sources._download import download_chunk
 from pixcrawler_engine.sources._http import (
     AttemptsExhausted,
     Fatal,
@@ -58,6 +55,9 @@ from pixcrawler_engine.sources._manifest import (
     parse_manifest,
 )
 from pixcrawler_engine.sources._store import file_url_path, store_chunk
+
+if TYPE_CHECKING:  # imported where a request is made: a `file://` store needs no httpx
+    import httpx
 
 __all__ = ["JobClient"]
 
@@ -270,6 +270,8 @@ class JobClient:
                 "local files",
                 chunk_id=chunk.index,
             )
+        from pixcrawler_engine.sources._download import download_chunk
+
         try:
             return download_chunk(
                 self._client(),
@@ -311,6 +313,8 @@ class JobClient:
     def _get_json(self, url: str, *, not_found: str, job_id: str | None = None) -> tuple[Any, str]:
         """GETs a JSON document with retries; returns it and the final URL (after redirects)."""
         shown = redact_url(url)
+
+        import httpx
 
         def attempt(number: int) -> tuple[Any, str]:
             try:

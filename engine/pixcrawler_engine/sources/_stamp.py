@@ -15,11 +15,15 @@ sample.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from pathlib import Path
+from typing import Any
 
-__all__ = ["stamp_matches", "stamp_path", "write_stamp"]
+__all__ = ["file_matches", "sha256_of", "stamp_matches", "stamp_path", "write_stamp"]
+
+_BLOCK = 1 << 20
 
 
 def stamp_path(entry: Path) -> Path:
@@ -50,3 +54,27 @@ def write_stamp(entry: Path, st: os.stat_result) -> None:
         os.replace(tmp, stamp)
     except OSError:
         tmp.unlink(missing_ok=True)
+
+
+def sha256_of(path: Path, limit: int | None = None) -> tuple[Any, int]:
+    """The sha256 of the file (of its first `limit` bytes and a block, if given), and the bytes
+    read."""
+    digest = hashlib.sha256()
+    done = 0
+    with open(path, "rb") as f:
+        while block := f.read(_BLOCK):
+            digest.update(block)
+            done += len(block)
+            if limit is not None and done > limit:
+                break
+    return digest, done
+
+
+def file_matches(path: Path, size: int, sha256: str) -> bool:
+    """Whether `path` has exactly `size` bytes with this sha256 (size checked first, cheaply)."""
+    try:
+        if path.stat().st_size != size:
+            return False
+        return sha256_of(path)[0].hexdigest() == sha256
+    except FileNotFoundError:
+        return False

@@ -22,9 +22,9 @@ from urllib.request import url2pathname
 
 from pixcrawler_engine._errors import DownloadError, NotFoundError
 from pixcrawler_engine.decode._formats import FORMAT_EXTENSIONS
-from pixcrawler_engine.sources._download import file_matches
 from pixcrawler_engine.sources._http import redact_url
 from pixcrawler_engine.sources._manifest import ChunkInfo
+from pixcrawler_engine.sources._stamp import file_matches
 
 __all__ = [
     "IMAGE_FORMATS",

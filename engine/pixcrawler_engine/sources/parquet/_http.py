@@ -18,9 +18,7 @@ import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from pixcrawler_engine._errors import DownloadError
 from pixcrawler_engine.sources._http import (
@@ -33,6 +31,9 @@ from pixcrawler_engine.sources._http import (
     redact_url,
     run_attempts,
 )
+
+if TYPE_CHECKING:  # imported where a request is made: local shards need no httpx
+    import httpx
 
 __all__ = ["HttpFile"]
 
@@ -90,6 +91,8 @@ class HttpFile:
 
     def _send(self, start: int, end: int, learn: bool = False) -> httpx.Response:
         """One attempt at the Range request; raises `Retryable` or `Fatal`."""
+        import httpx
+
         request = self.client.build_request(
             "GET",
             self.url,
@@ -200,6 +203,8 @@ class _RangeStream(io.RawIOBase):
         return bytes(out[:n]) if n < len(out) else bytes(out)
 
     def _next_block(self) -> bytes:
+        import httpx
+
         def attempt(_number: int) -> bytes:
             if self._blocks is None:
                 self._response = self.file._send(self.pos, self.end)

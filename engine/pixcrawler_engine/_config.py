@@ -14,11 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
 __all__ = [
     "ROW_OVERHEAD",
     "SLOT_OVERHEAD",
@@ -191,6 +186,10 @@ class EngineConfig:
     @classmethod
     def from_toml(cls, path: str | Path, **overrides: Any) -> EngineConfig:
         """Reads the `[engine]` table of a TOML file; keyword overrides win."""
+        if sys.version_info >= (3, 11):  # imported here: every worker imports this module
+            import tomllib
+        else:  # pragma: no cover
+            import tomli as tomllib
         with open(path, "rb") as f:
             table = tomllib.load(f).get("engine", {})
         unknown = set(table) - {f.name for f in dataclasses.fields(cls)}

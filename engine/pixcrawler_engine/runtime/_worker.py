@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Sequence
-from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
@@ -22,6 +21,7 @@ from pixcrawler_engine.runtime._chunk import decode_samples
 from pixcrawler_engine.runtime._ipc import Wire
 from pixcrawler_engine.runtime._memory import MemoryKeeper
 from pixcrawler_engine.runtime._protocol import (
+    Channel,
     ExceptionWrapper,
     Task,
     TaskDone,
@@ -156,7 +156,7 @@ def _position(records: Sequence[Record], key: str) -> int:
 
 
 def worker_main(
-    conn: Connection,
+    conn: Channel,
     opener: ChunkOpener,
     policy: DecodePolicy,
     wires: tuple[Wire, Wire],

@@ -346,9 +346,9 @@ def _become_worker(
         sock.close()
         for end in wake:
             os.close(end)
-        from multiprocessing.connection import Connection
+        from pixcrawler_engine.runtime._protocol import Channel
 
-        worker_main(Connection(fd), *args, seat=seat)
+        worker_main(Channel(fd), *args, seat=seat)
     except BaseException:
         code = 1
         traceback.print_exc()

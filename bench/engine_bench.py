@@ -12,10 +12,12 @@ process tree on the same chunks of 640x480-class real-photo JPEGs, decoded to 22
 from __future__ import annotations
 
 import argparse
+import atexit
 import io
 import json
 import os
 import secrets
+import shutil
 import statistics
 import subprocess
 import sys
@@ -326,6 +328,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     cores = cpu_count()
     work = Path(tempfile.mkdtemp(prefix="pxc-bench-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # ~0.6 GB of photos and stores
     store, job = build_bench_store(work, copies=args.copies, n_photos=args.photos)
     store10, job10 = build_bench_store(work, copies=10 * args.copies, n_photos=args.photos)
 

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    import numpy as np
+    pass
 
-__all__ = ["Wire", "buffer_size", "parse_wire"]
+__all__ = ["TooLarge", "Wire", "buffer_size", "parse_wire"]
 
 _I32 = struct.Struct("<i")
 _U32 = struct.Struct("<I")
@@ -63,20 +63,19 @@ class Wire:
         """The bytes a stream takes whose buffers have these lengths."""
         return self.body_at + sum(buffer_size(n) for n in lengths) + len(EOS)
 
-    def stream_size(self, buffers: Sequence[Any]) -> int:
-        """The bytes `write` takes for these buffers."""
-        return self.size([sum(p.nbytes for p in _parts(b)) for b in buffers])
-
     def write(
         self, rows: int, nodes: Sequence[int], buffers: Sequence[Any], out: memoryview
     ) -> int:
         """Writes a batch of `rows` rows into `out`; returns the bytes written.
 
         `nodes` are the field nodes' lengths and `buffers` the buffers, in schema order (as
-        `BatchBuilder.layout` gives them): each a byte-like object, a sequence of them (written
-        one after the other), or None for an empty validity bitmap. A buffer that already lies
-        in `out` where it goes is not copied; one elsewhere in `out` must not overlap what is
-        written before it (the caller moves it out first).
+        `BatchBuilder.layout` gives them): each a numpy array or another bytes-like object, a
+        list of them (written one after the other), or None for an empty validity bitmap. An
+        array that already lies in `out` where it goes is not copied; one that lies elsewhere
+        in `out` is moved out first (the pixels of a batch whose schema is longer: masks).
+
+        Raises:
+            TooLarge: the batch does not fit in `out` (nothing was written).
         """
         if len(nodes) != self.num_nodes or len(buffers) != self.num_buffers:
             raise ValueError(
@@ -85,50 +84,54 @@ class Wire:
             )
         import numpy as np  # here: the supervisor passes wires on without numpy
 
-        dest = np.frombuffer(out, np.uint8)
-        parts = [_parts(b) for b in buffers]
-        lengths = [sum(p.nbytes for p in ps) for ps in parts]
-        total = self.size(lengths)
-        if total > len(dest):
-            raise ValueError(f"the batch needs {total} bytes, more than the {len(dest)} it has")
-        # Where each part goes; one that lies in `out` elsewhere moves out first, before the
-        # writes below reach it (the pixels of a batch whose schema is longer: masks).
-        base, at, places, pads = dest.ctypes.data, self.body_at, [], []
-        for ps, length in zip(parts, lengths, strict=True):
-            for part in ps:
-                places.append((part, at))
-                at += part.nbytes
-            pads.append((at, at + buffer_size(length) - length))
-            at = pads[-1][1]
-        places = [
-            (p.copy() if base <= p.ctypes.data < base + dest.size and p.ctypes.data != base + to
-             else p, to)
-            for p, to in places
-        ]  # fmt: skip
+        dest = memoryview(out).cast("B")
+        base = np.frombuffer(dest, np.uint8).ctypes.data
         meta = bytearray(self.meta)
+        places: list[tuple[Any, int]] = []  # (part, where it goes)
+        offset = 0  # in the body
+        for i, buffer in enumerate(buffers):
+            start = offset
+            for part in _parts(buffer):
+                places.append((part, self.body_at + offset))
+                offset += part.nbytes
+            _PAIR.pack_into(meta, self.buffers_at + 16 * i, start, offset - start)
+            offset = start + buffer_size(offset - start)
+        end = self.body_at + offset
+        if end + len(EOS) > len(dest):
+            raise TooLarge(
+                f"the batch needs {end + len(EOS)} bytes, more than the {len(dest)} it has"
+            )
+        for i, (part, to) in enumerate(places):
+            at = part.ctypes.data - base if isinstance(part, np.ndarray) else -1
+            if 0 <= at < len(dest) and at != to:
+                places[i] = (part.copy(), to)  # before the writes below reach it
         _I64.pack_into(meta, self.length_at, rows)
+        _I64.pack_into(meta, self.body_length_at, offset)
         for i, length in enumerate(nodes):
             _PAIR.pack_into(meta, self.nodes_at + 16 * i, length, 0)
-        offset = 0
-        for i, length in enumerate(lengths):
-            _PAIR.pack_into(meta, self.buffers_at + 16 * i, offset, length)
-            offset += buffer_size(length)
-        _I64.pack_into(meta, self.body_length_at, offset)
-        head = len(self.schema)
-        dest[:head] = np.frombuffer(self.schema, np.uint8)
-        dest[head : self.body_at] = np.frombuffer(meta, np.uint8)
-        for start, stop in pads:
-            dest[start:stop] = 0
+        dest[: len(self.schema)] = self.schema
+        dest[len(self.schema) : self.body_at] = meta
+        written = self.body_at
         for part, to in places:
-            if part.nbytes and part.ctypes.data != base + to:
-                dest[to : to + part.nbytes] = part
-        end = self.body_at + offset
-        dest[end : end + len(EOS)] = np.frombuffer(EOS, np.uint8)
+            if written < to:  # the padding after a buffer
+                dest[written:to] = bytes(to - written)
+            written = to + part.nbytes
+            if not isinstance(part, np.ndarray):
+                dest[to:written] = part
+            elif part.ctypes.data != base + to:  # else in place already
+                dest[to:written] = part.data
+        if written < end:
+            dest[written:end] = bytes(end - written)
+        dest[end : end + len(EOS)] = EOS
         return end + len(EOS)
 
 
-def _parts(buffer: Any) -> list[np.ndarray]:
-    """A buffer's parts as flat byte arrays (views, no copy)."""
+class TooLarge(ValueError):
+    """A batch larger than the buffer it was to be written to."""
+
+
+def _parts(buffer: Any) -> list[Any]:
+    """A buffer's parts as flat uint8 arrays or byte memoryviews (views, no copy)."""
     import numpy as np
 
     if buffer is None:
@@ -137,7 +140,7 @@ def _parts(buffer: Any) -> list[np.ndarray]:
     return [
         np.ascontiguousarray(b).reshape(-1).view(np.uint8)
         if isinstance(b, np.ndarray)
-        else np.frombuffer(b, np.uint8)
+        else memoryview(b).cast("B")
         for b in items
     ]
 

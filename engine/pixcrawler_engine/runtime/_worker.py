@@ -18,7 +18,7 @@ import numpy as np
 from pixcrawler_engine._config import DecodePolicy
 from pixcrawler_engine.decode._fast import opencv
 from pixcrawler_engine.runtime._chunk import decode_samples
-from pixcrawler_engine.runtime._ipc import Wire
+from pixcrawler_engine.runtime._ipc import TooLarge, Wire
 from pixcrawler_engine.runtime._memory import MemoryKeeper
 from pixcrawler_engine.runtime._protocol import (
     Channel,
@@ -106,17 +106,20 @@ class _Worker:
             out=buf,  # pixels decoded into the slot itself (NOTE [pixels in place])
             at=self.wires[0].body_at,
         )
-        nodes, buffers = builder.layout()
         wire = self.wires[bool(builder.masks)]
-        # The estimate above is generous; if labels or metadata are huge, hand back rows.
-        while len(builder) > 1 and wire.stream_size(buffers) > self.slot_bytes:
+        while True:
+            try:
+                nbytes = wire.write(len(builder), *builder.layout(), buf)
+                break
+            except TooLarge:
+                if len(builder) <= 1:
+                    raise
+            # The estimate above is generous; if labels or metadata are huge, hand back rows.
             keep = len(builder) // 2
             covered = _position(records, builder.keys[keep])
             errors = [e for e in errors if _position(records, e[0]) < covered]
             notes = [n for n in notes if _position(records, n[0]) < covered]
             builder.truncate(keep)
-            nodes, buffers = builder.layout()
-        nbytes = wire.write(len(builder), nodes, buffers, buf)
         return TaskDone(task.task_id, nbytes, len(builder), covered, tuple(errors), tuple(notes))
 
     def close(self) -> None:

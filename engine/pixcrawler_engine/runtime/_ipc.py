@@ -11,8 +11,8 @@ So the consumer, which has pyarrow, writes one small batch of the run's schema o
 makes a `Wire` of it: the schema message as is, the record batch message as a template, and
 where those numbers lie in it (read from the flatbuffer's tables). A worker copies the two
 messages, writes the numbers, and lays out the body itself: each buffer at an 8-byte aligned
-offset, the pixels first, where `BatchBuilder(out=slot)` decoded them. `Wire.check` writes
-the same small batch this way and compares it with what pyarrow wrote, byte for byte.
+offset, the pixels first, where `BatchBuilder(out=slot)` decoded them. `_batch.wire_for`
+writes the same small batch this way and compares it with what pyarrow wrote, byte for byte.
 """
 
 from __future__ import annotations
@@ -58,10 +58,6 @@ class Wire:
     def body_at(self) -> int:
         """Where a batch's body starts in its stream: its first buffer (the pixels) is there."""
         return len(self.schema) + len(self.meta)
-
-    def size(self, lengths: Sequence[int]) -> int:
-        """The bytes a stream takes whose buffers have these lengths."""
-        return self.body_at + sum(buffer_size(n) for n in lengths) + len(EOS)
 
     def write(
         self, rows: int, nodes: Sequence[int], buffers: Sequence[Any], out: memoryview

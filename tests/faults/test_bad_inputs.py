@@ -455,7 +455,8 @@ def status(field):
 
 data = open(sys.argv[1], "rb").read()
 from pixcrawler_engine.runtime._worker import warm_up
-warm_up()  # the decoders' lazy imports (OpenCV's ~40 MB) are not the chunk's cost
+warm_up()  # the decoders' lazy imports (OpenCV's ~40 MB) are not the chunk's cost,
+import pyarrow  # nor pyarrow's (25-50 MB): decode_chunk's RecordBatch needs it, a worker not
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # resets VmHWM (the peak RSS) to the current RSS
 before = status("VmRSS:")

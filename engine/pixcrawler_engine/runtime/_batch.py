@@ -108,7 +108,7 @@ def _tensor(type_: pa.DataType, array: np.ndarray, width: int) -> pa.ExtensionAr
 
 def record_batch(builder: BatchBuilder) -> pa.RecordBatch:
     """A builder's batch as a pyarrow RecordBatch, zero-copy over its arrays."""
-    n = builder.check()
+    builder.check()
     schema = schema_for(builder.fixed_shape, masks=bool(builder.masks))
     columns: list[pa.Array]
     fixed = builder.image_columns()
@@ -119,10 +119,10 @@ def record_batch(builder: BatchBuilder) -> pa.RecordBatch:
         if masks is not None:
             columns.append(_tensor(schema.field("mask").type, masks, h * w))
     else:
-        shapes = np.array([a.shape for a in builder.images], dtype=np.int32).reshape(n, 3)
+        shapes = builder.image_shapes().reshape(-1)
         columns = [
             _binary(builder.images),
-            pa.FixedSizeListArray.from_arrays(_numeric(shapes.reshape(-1), pa.int32()), 3),
+            pa.FixedSizeListArray.from_arrays(_numeric(shapes, pa.int32()), 3),
         ]
         if builder.masks:
             columns.append(_binary(builder.masks))

@@ -127,6 +127,10 @@ class BatchBuilder:
         n = len(self.keys)
         return self.pixels[:n], np.stack(self.masks) if self.masks else None
 
+    def image_shapes(self) -> np.ndarray:
+        """The (rows, 3) int32 shapes of a variable-size batch's images."""
+        return np.array([a.shape for a in self.images], dtype=np.int32).reshape(-1, 3)
+
     def layout(self) -> tuple[list[int], list[Any]]:
         """The batch in Arrow's IPC layout, in schema order (`_batch.schema_for`): each field
         node's length, and each buffer (None for an empty validity bitmap; a list of arrays for
@@ -145,9 +149,9 @@ class BatchBuilder:
                 nodes += [n, n * h * w]
                 buffers += [None, None, masks]
         else:
-            shapes = np.array([a.shape for a in self.images], dtype=np.int32).reshape(n, 3)
             nodes += [n, n, 3 * n]
-            buffers += [None, binary_offsets(self.images), list(self.images), None, None, shapes]
+            buffers += [None, binary_offsets(self.images), list(self.images)]
+            buffers += [None, None, self.image_shapes()]
             if self.masks:
                 nodes.append(n)
                 buffers += [None, binary_offsets(self.masks), list(self.masks)]

@@ -67,7 +67,7 @@ class Channel:
     def close(self) -> None:
         self._sock.close()
 
-    def _read(self, size: int) -> bytes:
+    def _read(self, size: int) -> bytearray:
         data = bytearray(size)
         view, got = memoryview(data), 0
         while got < size:
@@ -75,7 +75,7 @@ class Channel:
             if not n:
                 raise EOFError("the supervisor closed the channel")
             got += n
-        return bytes(data)
+        return data
 
 
 _FRAME = struct.Struct("!i")  # what multiprocessing's Connection writes before a message

@@ -292,8 +292,8 @@ def _dumps_args(value: Any) -> bytes:
     """The workers' arguments: b"P" and plain pickle, whose loading in the zygote needs no dill
     import (~8 ms on the way to a first batch), or b"D" and dill, for user code (a transform
     defined in a script)."""
-    out = io.BytesIO(b"P")
-    out.seek(1)
+    out = io.BytesIO()
+    out.write(b"P")
     try:
         _Plain(out, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
     except (pickle.PicklingError, AttributeError, TypeError):

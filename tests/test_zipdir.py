@@ -159,3 +159,49 @@ def test_a_damaged_member_is_named_and_the_others_still_read(store: Path, tmp_pa
         assert bytes(reader.read(names[2])) == expected
     finally:
         reader.close()
+
+
+def test_tasks_carry_manifest_lines_that_workers_build_into_the_same_records(
+    store: Path,
+) -> None:
+    """NOTE [manifest lines]: the supervisor checks a manifest but never builds its records;
+    a task carries its lines, and what the worker builds from them is what the chunk lists."""
+    from pixcrawler_engine.runtime._epoch import Share, epoch_groups
+    from pixcrawler_engine.runtime._schedule import Chunk, build_task
+    from pixcrawler_engine.sources._listing import ManifestRecords, RecordLines
+
+    paths = _chunks(store)[:3]
+    manifests = [read_zip_manifest(path, i, 1000 * i) for i, path in enumerate(paths)]
+    built = [list(read_zip_manifest(path, i, 1000 * i)) for i, path in enumerate(paths)]
+    assert all(isinstance(m, ManifestRecords) for m in manifests)
+    chunks = [
+        Chunk(i, 0, records=m, path=path)
+        for i, (m, path) in enumerate(zip(manifests, paths, strict=True))
+    ]
+    counts = [len(m) for m in manifests]
+    for shuffle in (False, True):
+        groups = epoch_groups(counts, chunk_ids=[0, 1, 2], shuffle=shuffle, seed=5, window=3,
+                              share=Share())  # fmt: skip
+        group = groups[0]
+        members = [chunks[i] for i in group.chunks]
+        end = min(40, group.size)  # 16 images a chunk: all three in the shuffled block
+        task = build_task(1, 0, group, members, group.chunks, 2, end, slot=0)
+        assert isinstance(task.records, RecordLines)
+        expected = [built[group.chunks[part]][at] for part, at in group.rows(2, end)]
+        assert task.records.build() == expected
+        if shuffle:  # the block draws on several chunks
+            assert task.parts is not None and len(set(task.parts)) > 1
+    assert all(m._built is None for m in manifests)  # the "supervisor" built none
+    assert manifests[0][3] == built[0][3]  # reading one record builds them, the same
+
+
+def test_a_manifest_that_reads_differently_in_parts_is_refused_where_it_is_built() -> None:
+    """Lines that parse as one value each only together (two objects on the first line, one
+    object split over the next two) pass the check; a worker's part of them is an error."""
+    from pixcrawler_engine.sources._listing import build_records, check_lines
+
+    text = '{"file": "a"}, {"file": "b"}\n{"x": "}\n{", "file": "z"}\n'
+    lines = check_lines(text, 4)
+    assert len(lines) == 3
+    with pytest.raises(DecompressionError, match=r"chunk 4: .*reads differently"):
+        build_records(lines[1:2], [1], 4)

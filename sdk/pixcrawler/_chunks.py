@@ -24,6 +24,7 @@ import shutil
 import tempfile
 import warnings
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
@@ -165,7 +166,7 @@ class LocalChunks:
         self._dir: Path | None = None
         self._paths: dict[int, Path] = {}
         self._bypass = False  # the shared cache's disk failed: download privately
-        self._open: OrderedDict[int, tuple[ChunkReader, list[Record]]] = OrderedDict()
+        self._open: OrderedDict[int, tuple[ChunkReader, Sequence[Record]]] = OrderedDict()
         self._by_index = {c.index: c for c in ref.manifest.chunks}
         self._chunk_order = [c.index for c in ref.manifest.chunks]
         self._starts: list[int] = []
@@ -210,7 +211,7 @@ class LocalChunks:
             self._paths[chunk] = path
         return path
 
-    def open(self, chunk: int) -> tuple[ChunkReader, list[Record]]:
+    def open(self, chunk: int) -> tuple[ChunkReader, Sequence[Record]]:
         """The open archive of `chunk` and its records, in dataset order."""
         entry = self._open.get(chunk)
         if entry is not None:
@@ -236,8 +237,8 @@ class LocalChunks:
         return self._keep(chunk, (ZipOpener().open(str(path)), records))
 
     def _keep(
-        self, chunk: int, entry: tuple[ChunkReader, list[Record]]
-    ) -> tuple[ChunkReader, list[Record]]:
+        self, chunk: int, entry: tuple[ChunkReader, Sequence[Record]]
+    ) -> tuple[ChunkReader, Sequence[Record]]:
         self._open[chunk] = entry
         while len(self._open) > OPEN_CHUNKS:
             _, (reader, _) = self._open.popitem(last=False)

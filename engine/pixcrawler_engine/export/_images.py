@@ -33,7 +33,7 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,7 +96,7 @@ class _Head:
     def fetch(self, chunk: int, workdir: Path) -> tuple[Path, bool]:
         return self.source.fetch(chunk, workdir)
 
-    def records(self, chunk: int, path: Path) -> list[Record]:
+    def records(self, chunk: int, path: Path) -> Sequence[Record]:
         return self.source.records(chunk, path)[: self._keep[chunk]]
 
     def opener(self) -> ChunkOpener:

@@ -15,6 +15,7 @@ first run would have.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,15 +68,16 @@ class Selection:
             shuffle=seed is not None, seed=seed or 0, max_samples=identity.get("max_samples")
         )
 
-    def records(self, chunk: int, records: list[Record], keep: int) -> list[Record]:
+    def records(self, chunk: int, records: Sequence[Record], keep: int) -> list[Record]:
         """A chunk's records as an export writes them: in the shuffled order, the first `keep`.
 
         `keep` is the chunk's `num_records` in the selected plan (`SelectedSource.plan()`).
         """
         if self.shuffle:
             # The engine's within-chunk shuffle (runtime._schedule.record_order).
-            records = [records[i] for i in record_order(len(records), seed=self.seed, chunk=chunk)]
-        return records[:keep]
+            order = record_order(len(records), seed=self.seed, chunk=chunk)
+            return [records[i] for i in order[:keep]]
+        return list(records[:keep])
 
 
 class SelectedSource(SourceWrapper):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -44,7 +45,7 @@ class Prefetcher:
         self.order = order
         self.workdir = workdir
         self.executor = ThreadPoolExecutor(config.max_workers, thread_name_prefix="pxc-fetch")
-        self.fetched: list[tuple[int, Future[tuple[Path, bool, list[Record]]]]] = []
+        self.fetched: list[tuple[int, Future[tuple[Path, bool, Sequence[Record]]]]] = []
         self.wake_fd, self._wake_w = os.pipe()
         os.set_blocking(self.wake_fd, False)
 
@@ -61,7 +62,7 @@ class Prefetcher:
             st.next_download += 1
             st.downloads += 1
 
-    def _fetch(self, plan: ChunkPlan) -> tuple[Path, bool, list[Record]]:
+    def _fetch(self, plan: ChunkPlan) -> tuple[Path, bool, Sequence[Record]]:
         path, owned = self.source.fetch(plan.index, self.workdir)
         records = self.source.records(plan.index, path)
         return path, owned, records

@@ -24,6 +24,8 @@ from pixcrawler_engine._errors import PixCrawlerError
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
 
+    from pixcrawler_engine.sources._listing import RecordLines
+
 __all__ = [
     "RELEASE",
     "BatchReady",
@@ -190,15 +192,16 @@ class Task:
     """Records to decode into `slot`, drawn from one chunk or (shuffled) from several.
 
     `parts[i]` is the position in `chunks`/`paths` of record i's chunk; None when all come
-    from the first. Records travel as plain tuples (`Record._make` rebuilds them): a named
-    tuple pickles through a Python call each, which cost the supervisor ~6 us per image.
+    from the first. Records travel as their manifest lines, which the worker builds (NOTE
+    [manifest lines] in `sources._listing`), or as plain tuples (`Record._make` rebuilds them):
+    a named tuple pickles through a Python call each, which cost the supervisor ~6 us an image.
     `group` is the task's group in the run's order (groups are dispatched in order).
     """
 
     task_id: int
     chunks: tuple[int, ...]
     paths: tuple[str, ...]
-    records: tuple[tuple[Any, ...], ...]
+    records: RecordLines | tuple[tuple[Any, ...], ...]
     slot: int
     parts: tuple[int, ...] | None = None
     group: int = 0

@@ -13,14 +13,15 @@ from __future__ import annotations
 import heapq
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
 
 from pixcrawler_engine._config import ROW_OVERHEAD, SLOT_OVERHEAD, DecodePolicy, EngineConfig
 from pixcrawler_engine.runtime._epoch import Group
 from pixcrawler_engine.runtime._protocol import BatchReady, ExceptionWrapper, Failed, Task
+from pixcrawler_engine.sources._listing import task_records
 from pixcrawler_engine.sources._record import Record
 
 __all__ = [
@@ -74,7 +75,7 @@ def slot_bytes_for(config: EngineConfig, policy: DecodePolicy) -> int:
 class Chunk:
     plan_index: int
     group: int
-    records: list[Record] | None = None
+    records: Sequence[Record] | None = None
     path: Path | None = None
     owned: bool = False
     error: ExceptionWrapper | None = None
@@ -130,26 +131,21 @@ def build_task(
     end: int, slot: int,
 ) -> Task:  # fmt: skip
     """The task of positions [start, end) of group `g`, whose chunks (with `ids`) are on disk."""
+    listed = [c.records or () for c in chunks]  # every one is listed once its group queues
     if len(chunks) == 1 and group.key is None:  # the dataset order: a slice of one chunk
-        chunk = chunks[0]
-        assert chunk.records is not None and chunk.path is not None
-        rows_of = tuple(map(tuple, chunk.records[start:end]))
-        return Task(task_id, (ids[0],), (str(chunk.path),), rows_of, slot, group=g)
-    rows = group.rows(start, end)
-    used = sorted({part for part, _ in rows})
+        assert chunks[0].path is not None
+        rows = task_records(listed, ((0, at) for at in range(start, end)))
+        return Task(task_id, (ids[0],), (str(chunks[0].path),), rows, slot, group=g)
+    picked = group.rows(start, end)
+    used = sorted({part for part, _ in picked})
     at = {part: i for i, part in enumerate(used)}
-    records: list[tuple[Any, ...]] = []
-    for part, record in rows:
-        listed = chunks[part].records
-        assert listed is not None
-        records.append(tuple(listed[record]))
     return Task(
         task_id,
         tuple(ids[i] for i in used),
         tuple(str(chunks[i].path) for i in used),
-        tuple(records),
+        task_records(listed, picked),
         slot,
-        tuple(at[part] for part, _ in rows) if len(used) > 1 else None,
+        tuple(at[part] for part, _ in picked) if len(used) > 1 else None,
         g,
     )
 

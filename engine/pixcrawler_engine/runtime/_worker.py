@@ -30,6 +30,7 @@ from pixcrawler_engine.runtime._protocol import (
 )
 from pixcrawler_engine.runtime._shm import attach
 from pixcrawler_engine.sources._base import ChunkOpener, ChunkReader
+from pixcrawler_engine.sources._listing import RecordLines
 from pixcrawler_engine.sources._record import Record
 
 __all__ = ["worker_main"]
@@ -94,7 +95,10 @@ class _Worker:
             read = [readers[part] for part in task.parts]
             chunk = [task.chunks[part] for part in task.parts]
         notes: list[tuple[str, str]] = []
-        records = list(map(Record._make, task.records))
+        if isinstance(task.records, RecordLines):  # NOTE [manifest lines]
+            records = task.records.build()
+        else:
+            records = list(map(Record._make, task.records))
         builder, covered, errors = decode_samples(
             records,
             read,

@@ -8,16 +8,16 @@ secret, because it is sent to every worker process.
 
 from __future__ import annotations
 
-import json
 import os
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 from zlib import error as zlib_error
 
 from pixcrawler_engine._errors import DecodeError, DecompressionError
-from pixcrawler_engine._json import dumps
+from pixcrawler_engine.sources._listing import ManifestRecords, check_lines
 from pixcrawler_engine.sources._record import Record
 from pixcrawler_engine.sources._zipdir import Stored, read_stored, stored_member, stored_members
 
@@ -64,7 +64,7 @@ class Source(Protocol):
         """Makes chunk `chunk` a local file; returns its path and whether the run owns it."""
         ...
 
-    def records(self, chunk: int, path: Path) -> list[Record]: ...
+    def records(self, chunk: int, path: Path) -> Sequence[Record]: ...
     def opener(self) -> ChunkOpener: ...
     def close(self) -> None: ...
 
@@ -187,7 +187,9 @@ def _check_member(info: zipfile.ZipInfo) -> None:
         )
 
 
-def read_zip_manifest(path: Path | zipfile.ZipFile, chunk: int, first_index: int) -> list[Record]:
+def read_zip_manifest(
+    path: Path | zipfile.ZipFile, chunk: int, first_index: int
+) -> ManifestRecords:
     """Reads and checks `manifest.jsonl` of a chunk zip (a path or an open ZipFile).
 
     Raises:
@@ -204,7 +206,7 @@ def read_zip_manifest(path: Path | zipfile.ZipFile, chunk: int, first_index: int
             raise DecompressionError(
                 f"chunk {chunk} ({name}) cannot be read as a zip: {exc}", chunk_id=chunk
             ) from exc
-        return _records(text, chunk, first_index)
+        return ManifestRecords(check_lines(text, chunk), chunk, first_index)
     try:
         zf = path if isinstance(path, zipfile.ZipFile) else zipfile.ZipFile(path)
         with zf:
@@ -244,7 +246,7 @@ def read_zip_manifest(path: Path | zipfile.ZipFile, chunk: int, first_index: int
         raise DecompressionError(
             f"chunk {chunk} ({name}) cannot be read as a zip: {exc}", chunk_id=chunk
         ) from exc
-    return _records(text, chunk, first_index)
+    return ManifestRecords(check_lines(text, chunk), chunk, first_index)
 
 
 def _fast_manifest(path: Path) -> bytes | None:
@@ -252,49 +254,6 @@ def _fast_manifest(path: Path) -> bytes | None:
         return stored_member(path, "manifest.jsonl", MAX_MANIFEST_BYTES)
     except OSError:
         return None  # zipfile then says what is wrong
-
-
-def _records(text: str, chunk: int, first_index: int) -> list[Record]:
-    """The records of a chunk's manifest text (see `read_zip_manifest`)."""
-    numbered = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-    try:  # one parse for the whole manifest; the slow path below names a bad line
-        entries = json.loads("[" + ",".join(line for _, line in numbered) + "]")
-    except json.JSONDecodeError:
-        entries = None
-    if not isinstance(entries, list) or len(entries) != len(numbered):  # lines ran together
-        entries = [_parse_line(line, n, chunk) for n, line in numbered]
-    records: list[Record] = []
-    seen: set[str] = set()
-    for (lineno, line), entry in zip(numbered, entries, strict=True):
-        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
-            raise DecompressionError(
-                f"chunk {chunk}: manifest.jsonl line {lineno} must be an object with a string "
-                f'"file", got {line[:80]!r}',
-                chunk_id=chunk,
-            )
-        name = entry.pop("file")
-        if name in seen:
-            raise DecompressionError(
-                f"chunk {chunk}: manifest.jsonl lists {name!r} twice (line {lineno}); "
-                "every sample must appear once",
-                chunk_id=chunk,
-            )
-        seen.add(name)
-        label = entry.pop("label", None)
-        metadata = dumps(entry) if entry else "{}"
-        source = entry.get("source")  # the file `pack` made it from: what its owner knows
-        known = source[:200] if isinstance(source, str) and source else None
-        records.append(Record(name, name, label, first_index + len(records), metadata, None, known))
-    return records
-
-
-def _parse_line(line: str, lineno: int, chunk: int) -> Any:
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise DecompressionError(
-            f"chunk {chunk}: manifest.jsonl line {lineno} is not JSON: {exc}", chunk_id=chunk
-        ) from exc
 
 
 class JobSource:
@@ -317,7 +276,7 @@ class JobSource:
         path = Path(self._client.fetch_chunk(self._by_index[chunk], workdir))
         return path, path.resolve().is_relative_to(workdir.resolve())
 
-    def records(self, chunk: int, path: Path) -> list[Record]:
+    def records(self, chunk: int, path: Path) -> ManifestRecords:
         plan = next(p for p in self._plans if p.index == chunk)
         records = read_zip_manifest(path, chunk, plan.first_index)
         if len(records) != plan.num_records:
@@ -347,7 +306,7 @@ class SourceWrapper:
     def fetch(self, chunk: int, workdir: Path) -> tuple[Path, bool]:
         return self.source.fetch(chunk, workdir)
 
-    def records(self, chunk: int, path: Path) -> list[Record]:
+    def records(self, chunk: int, path: Path) -> Sequence[Record]:
         return self.source.records(chunk, path)
 
     def opener(self) -> ChunkOpener:

@@ -21,7 +21,7 @@ from pathlib import Path
 from pixcrawler_engine._config import ROW_OVERHEAD, SLOT_OVERHEAD, DecodePolicy, EngineConfig
 from pixcrawler_engine.runtime._epoch import Group
 from pixcrawler_engine.runtime._protocol import BatchReady, ExceptionWrapper, Failed, Task
-from pixcrawler_engine.sources._listing import task_records
+from pixcrawler_engine.sources._listing import slice_records, task_records
 from pixcrawler_engine.sources._record import Record
 
 __all__ = [
@@ -131,11 +131,11 @@ def build_task(
     end: int, slot: int,
 ) -> Task:  # fmt: skip
     """The task of positions [start, end) of group `g`, whose chunks (with `ids`) are on disk."""
-    listed = [c.records or () for c in chunks]  # every one is listed once its group queues
     if len(chunks) == 1 and group.key is None:  # the dataset order: a slice of one chunk
-        assert chunks[0].path is not None
-        rows = task_records(listed, ((0, at) for at in range(start, end)))
-        return Task(task_id, (ids[0],), (str(chunks[0].path),), rows, slot, group=g)
+        chunk = chunks[0]
+        assert chunk.records is not None and chunk.path is not None
+        rows = slice_records(chunk.records, start, end)
+        return Task(task_id, (ids[0],), (str(chunk.path),), rows, slot, group=g)
     picked = group.rows(start, end)
     used = sorted({part for part, _ in picked})
     at = {part: i for i, part in enumerate(used)}
@@ -143,7 +143,7 @@ def build_task(
         task_id,
         tuple(ids[i] for i in used),
         tuple(str(chunks[i].path) for i in used),
-        task_records(listed, picked),
+        task_records([c.records or () for c in chunks], picked),  # all listed once queued
         slot,
         tuple(at[part] for part, _ in picked) if len(used) > 1 else None,
         g,

@@ -22,7 +22,14 @@ from pixcrawler_engine._errors import DecompressionError
 from pixcrawler_engine._json import dumps
 from pixcrawler_engine.sources._record import Record
 
-__all__ = ["ManifestRecords", "RecordLines", "build_records", "check_lines", "task_records"]
+__all__ = [
+    "ManifestRecords",
+    "RecordLines",
+    "build_records",
+    "check_lines",
+    "slice_records",
+    "task_records",
+]
 
 
 def check_lines(text: str, chunk: int) -> list[str]:
@@ -133,6 +140,17 @@ def task_records(
             indices.append(manifest.first_index + at)
         return RecordLines("\n".join(lines), tuple(indices), manifests[0].chunk)
     return tuple(tuple(listed[part][at]) for part, at in rows)
+
+
+def slice_records(
+    records: Sequence[Record], start: int, end: int
+) -> RecordLines | tuple[tuple[Any, ...], ...]:
+    """Records [start, end) of one chunk, as a task carries them (see `task_records`)."""
+    if isinstance(records, ManifestRecords):
+        first = records.first_index
+        lines = "\n".join(records.lines[start:end])
+        return RecordLines(lines, tuple(range(first + start, first + end)), records.chunk)
+    return tuple(map(tuple, records[start:end]))
 
 
 def _parse(lines: Sequence[str]) -> list[Any] | None:

@@ -189,3 +189,24 @@ def test_a_mask_of_another_size_is_a_per_sample_error() -> None:
     batch, covered, errors = decode_records([record], blobs.__getitem__, policy, chunk=0)
     assert batch.num_rows == 0 and covered == 1
     assert "must match its image" in errors[0][1]
+
+
+def test_small_images_travel_in_bigger_batches(tmp_path: Path) -> None:
+    """NOTE [batch rows]: by default an engine batch of 32x32 images holds 341 of them (1 MiB
+    of pixels) where one of photos holds 64; `batch_rows` given is used as it is."""
+    from pixcrawler import _demo_data, load_dataset
+    from pixcrawler_engine import EngineConfig
+
+    auto = EngineConfig()
+    assert auto.rows_for((32, 32, 3)) == 341
+    assert auto.rows_for((224, 224, 3)) == auto.rows_for(None) == 64
+    assert auto.rows_for((8, 8, 1)) == 1024
+    assert EngineConfig(batch_rows=5).rows_for((32, 32, 3)) == 5
+
+    src = _demo_data.build_digits(tmp_path / "src", limit=40)  # 400 images
+    pack(src, tmp_path / "store", "digits", chunk_size=400)
+    url = f"file://{tmp_path / 'store'}"
+    for rows, sizes in ((None, [341, 59]), (100, [100] * 4)):
+        with load_dataset("digits", base_url=url, image_size=32, num_workers=2, progress=False,
+                          batch_rows=rows) as ds:  # fmt: skip
+            assert [len(b) for b in ds.iter_engine_batches()] == sizes

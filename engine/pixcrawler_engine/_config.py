@@ -8,6 +8,7 @@ fix it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -27,6 +28,16 @@ __all__ = [
 # Room in a slot for the IPC framing and the non-pixel columns of one batch (and one row).
 SLOT_OVERHEAD = 1 << 16
 ROW_OVERHEAD = 4096
+
+# NOTE [batch rows]: a decoded batch costs the same in the supervisor (a task, its result, a
+# message to the consumer), in the consumer (a slot to map and release) and in a worker's
+# framing whether it holds 64 photos or 64 thumbnails; on 32x32 images those costs were most of
+# the supervisor's and the consumer's CPU per image. So by default (`batch_rows=None`) a batch
+# holds 64 images, or as many small fixed-size images as fill `AUTO_BATCH_BYTES` of pixels (at
+# most `MAX_AUTO_ROWS`): 341 of 32x32 RGB, 85 of 64x64, 64 of anything from 91x91 up.
+DEFAULT_BATCH_ROWS = 64
+AUTO_BATCH_BYTES = 1 << 20
+MAX_AUTO_ROWS = 1024
 
 ResizeMode = Literal["fit", "crop", "pad", "stretch"]
 ColorMode = Literal["RGB", "L", "keep"]
@@ -93,7 +104,8 @@ class EngineConfig:
         num_workers: decode processes; None means one per CPU core.
         max_workers: chunk downloads at once.
         prefetch_chunks: chunks downloaded ahead of the one being decoded (K).
-        batch_rows: samples per decoded batch (one shared-memory slot each).
+        batch_rows: samples per decoded batch (one shared-memory slot each); None: 64, or more
+            for small fixed-size images (NOTE [batch rows]; `rows_for` gives it).
         num_slots: shared-memory slots in the pool (S); None means 2 per worker + 2.
         slot_bytes: bytes per slot; None sizes it from the decode policy
             (batch_rows fixed-size images), or 64 MiB for variable-size output.
@@ -124,7 +136,7 @@ class EngineConfig:
     num_workers: int | None = None
     max_workers: int = 4
     prefetch_chunks: int = 4
-    batch_rows: int = 64
+    batch_rows: int | None = None
     num_slots: int | None = None
     slot_bytes: int | None = None
     timeout: float = 300.0
@@ -150,7 +162,8 @@ class EngineConfig:
             positive("num_workers", self.num_workers)
         positive("max_workers", self.max_workers)
         positive("prefetch_chunks", self.prefetch_chunks)
-        positive("batch_rows", self.batch_rows)
+        if self.batch_rows is not None:
+            positive("batch_rows", self.batch_rows)
         positive("shuffle_window", self.shuffle_window)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
@@ -179,6 +192,15 @@ class EngineConfig:
     def slots(self) -> int:
         """The number of shared-memory slots this config allocates."""
         return self.num_slots or 2 * self.workers + 2
+
+    def rows_for(self, fixed_shape: tuple[int, ...] | None) -> int:
+        """Samples per decoded batch for images of `fixed_shape` (None: of any size)."""
+        if self.batch_rows is not None:
+            return self.batch_rows
+        if fixed_shape is None:
+            return DEFAULT_BATCH_ROWS
+        fill = AUTO_BATCH_BYTES // max(1, math.prod(fixed_shape))
+        return max(DEFAULT_BATCH_ROWS, min(MAX_AUTO_ROWS, fill))
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)

@@ -52,7 +52,7 @@ def load_dataset(
     progress: bool = True,
     cache_dir: str | os.PathLike[str] | bool | None = None,
     cache_limit: int | None = None,
-    batch_rows: int = 64,
+    batch_rows: int | None = None,
     source: Literal["job", "parquet"] | None = None,
     copy: bool = False,
     warm_start: bool = True,
@@ -99,7 +99,8 @@ def load_dataset(
             A folder that cannot be written gives a `CacheWarning` and no cache.
         cache_limit: Bytes the cache may hold (default 10 GiB); the least recently used
             chunks go first. It must hold at least the job's largest chunk.
-        batch_rows: Images per engine batch (the unit of transfer from the decoders).
+        batch_rows: Images per engine batch (the unit of transfer from the decoders); by
+            default 64, or more for small images (up to 1 MiB of pixels, 1,024 images).
         source: `"job"` or `"parquet"` to say what `job_id` is; default: a job id unless
             it is a Parquet address as described above.
         copy: Hand out private, writable arrays from iteration (one copy per batch) instead

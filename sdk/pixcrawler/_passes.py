@@ -53,7 +53,7 @@ def run_pass(
         # The supervisor got its own copy of the source; this one's connection can go.
         source.close()
     streams.add(stream)
-    tail = total - config.batch_rows * config.workers
+    tail = total - config.rows_for(policy.fixed_shape) * config.workers
     seen = 0
     try:
         for batch in stream:

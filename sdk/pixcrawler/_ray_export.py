@@ -226,7 +226,7 @@ class RayRunner:
             target=str(ws.target),
             format=self.format,
             policy=self.policy,
-            rows=self.config.batch_rows,
+            rows=self.config.rows_for(self.policy and self.policy.fixed_shape),
         )
         if "label_kind" not in ws.state:
             # The first samples written fix the label column's type (see the parquet writer);

@@ -201,7 +201,7 @@ class TorchIterableDataset(torch.utils.data.IterableDataset[Any]):
 
     def _step(self) -> int:
         """Samples a rank takes per step: its batch size (engine batches when per sample)."""
-        return self.batch_size or self.config.batch_rows
+        return self.batch_size or self.config.rows_for(self.policy.fixed_shape)
 
     def _share(self, size: int, rank: int) -> Share:
         step = self._step()
@@ -298,7 +298,8 @@ class TorchIterableDataset(torch.utils.data.IterableDataset[Any]):
         source = self.ref.source()
         # Engine batches no bigger than a step: then a batch that does not cross a block of
         # the order is one engine batch, handed out without a copy.
-        config = self.config.replace(batch_rows=min(self.config.batch_rows, self._step()))
+        rows = self.config.rows_for(self.policy.fixed_shape)
+        config = self.config.replace(batch_rows=min(rows, self._step()))
         try:
             stream = Stream(source, config=config, policy=self.policy, share=share)
         finally:

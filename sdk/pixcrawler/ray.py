@@ -85,7 +85,7 @@ def read_dataset(dataset: RaySource, *, decode: bool = True, **read_args: Any) -
         on_error=dataset.policy.on_error,
         shuffle=config.shuffle,
         seed=config.seed,
-        batch_rows=config.batch_rows,
+        batch_rows=config.rows_for(dataset.policy.fixed_shape if decode else None),
     )
     if "override_num_blocks" not in read_args and "parallelism" not in read_args:
         # Ray asks for ~200 blocks and splits the output of fewer read tasks to get them

@@ -275,7 +275,7 @@ def _write_encoded(
     for chunk, path in fetch_in_order(source, list(sizes), config.max_workers, depth):
         records = source.records(chunk, path) if writer.needs_records else None
         owned = path.parent == writer.ws.downloads
-        written += writer.chunk_file(chunk, path, records, owned=owned, rows=config.batch_rows)
+        written += writer.chunk_file(chunk, path, records, owned=owned, rows=config.rows_for(None))
         release(writer.ws, path)
         counter.add(sizes[chunk])
     return written

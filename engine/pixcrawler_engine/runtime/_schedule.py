@@ -67,7 +67,7 @@ def slot_bytes_for(config: EngineConfig, policy: DecodePolicy) -> int:
     shape = policy.fixed_shape
     if shape is None:
         return 64 << 20
-    size = config.batch_rows * (math.prod(shape) + ROW_OVERHEAD) + SLOT_OVERHEAD
+    size = config.rows_for(shape) * (math.prod(shape) + ROW_OVERHEAD) + SLOT_OVERHEAD
     return -(-size // 4096) * 4096
 
 

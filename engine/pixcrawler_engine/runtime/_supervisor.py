@@ -6,11 +6,12 @@ unlinks or deletes them (see NOTE [ownership] in `_shm`).
 
 NOTE [scheduling]: a run delivers its share of an epoch's order: groups of one chunk, or of a
 shuffled block of chunks (NOTE [epoch order] in `_epoch`). Once a group's chunks are on disk,
-its positions are cut into tasks of `batch_rows`, keyed (group, first position), dispatched in
-key order with a free slot each, and delivered in key order only: the epoch's order whatever
-the number of workers. Since every task earlier than a dispatched one was dispatched first,
-the next task to deliver always has, or gets, a slot; the exceptions (a task cut short because
-its slot filled up, a consumer holding every slot) evict a later finished task or grow the pool.
+its positions are cut into tasks of `batch_rows` (NOTE [batch rows] in `_config`), keyed
+(group, first position), dispatched in key order with a free slot each, and delivered in key
+order only: the epoch's order whatever the number of workers. Since every task earlier than a
+dispatched one was dispatched first, the next task to deliver always has, or gets, a slot; the
+exceptions (a task cut short because its slot filled up, a consumer holding every slot) evict a
+later finished task or grow the pool.
 
 The loop, one state per task:
 
@@ -133,6 +134,7 @@ class Supervisor:
         self.task_ids = 0
         self.restarts: dict[tuple[int, int], int] = {}
         self.prefetch = Prefetcher(source, config, self.plans, order, self.workdir)
+        self.rows = config.rows_for(policy.fixed_shape)  # a task's samples
         self.waiter = Waiter()
 
     # ---- set-up -------------------------------------------------------------------------
@@ -245,7 +247,7 @@ class Supervisor:
         if self.collected[g] < len(group.chunks):
             return
         chunks = [st.chunks[p] for p in range(self.first[g], self.first[g + 1])]
-        queue_group(st, g, group, chunks, self.config.batch_rows)
+        queue_group(st, g, group, chunks, self.rows)
 
     def _dispatch(self) -> None:
         assert self.pool is not None

@@ -190,7 +190,8 @@ def _check_member(info: zipfile.ZipInfo) -> None:
 def read_zip_manifest(
     path: Path | zipfile.ZipFile, chunk: int, first_index: int
 ) -> ManifestRecords:
-    """Reads and checks `manifest.jsonl` of a chunk zip (a path or an open ZipFile).
+    """Reads and checks `manifest.jsonl` of a chunk zip (a path or an open ZipFile); its
+    records are built when first read (NOTE [manifest lines] in `_listing`).
 
     Raises:
         DecompressionError: the zip or its manifest is unreadable, a line is not an object

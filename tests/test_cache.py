@@ -147,9 +147,45 @@ def test_a_path_moves_the_cache(server: Any, tmp_path: Path, fresh_cache: Path) 
     assert len(cached_files(tmp_path / "here")) == 8 and not fresh_cache.exists()
 
 
-def test_a_local_store_is_read_in_place(store: Path, fresh_cache: Path) -> None:
-    expected(store)
-    assert not fresh_cache.exists()  # nothing copied, not even the folder made
+def test_a_local_store_is_read_in_place_and_hashed_once_per_file(
+    store: Path, tmp_path: Path, fresh_cache: Path
+) -> None:
+    """A `file://` store's chunks are never copied into the cache, which keeps a stamp of each
+    store file seen to match its sha256 (NOTE [stamps]): a later process trusts a file as
+    stamped, and hashes one that changed since (even to the same size) again."""
+    import zipfile
+
+    from pixcrawler_engine import DownloadError
+    from pixcrawler_engine.sources._stamp import write_stamp
+
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    images, _ = expected(copy)
+    job = json.loads((copy / "jobs" / "demo" / "job.json").read_text())
+    stamps = ChunkCache(fresh_cache).store_stamps
+    assert not cached_files(fresh_cache)  # nothing copied
+    assert sorted(p.name for p in stamps.iterdir()) == sorted(
+        f"{c['sha256']}.ok" for c in job["chunks"]
+    )
+
+    # One byte of the first image of chunk 0 flipped: the same size, another file.
+    path = copy / "jobs" / "demo" / "chunks" / "0.zip"
+    with zipfile.ZipFile(path) as zf:
+        info = next(i for i in zf.infolist() if i.filename != "manifest.jsonl")
+    data = bytearray(path.read_bytes())
+    data[info.header_offset + 30 + len(info.filename) + info.file_size // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(DownloadError, match="does not match its manifest"):
+        expected(copy)  # hashed again: its stamp is of the file before
+
+    # A stamp of the file as it is now (as if it had matched): trusted, not hashed, so the
+    # damage reaches the decoder, where the bad sample is skipped.
+    write_stamp(path, path.stat(), stamps / f"{job['chunks'][0]['sha256']}.ok")
+    with load_dataset("demo", base_url=copy.as_uri(), on_error="skip", **FAST) as ds:
+        assert len(ds.to_arrays()[0]) == len(images) - 1
+    uncached = load_dataset("demo", base_url=copy.as_uri(), cache_dir=False, **FAST)
+    with uncached, pytest.raises(DownloadError, match="does not match its manifest"):
+        uncached.to_arrays()  # no cache, no stamps: hashed
 
 
 @MANY_WORKERS

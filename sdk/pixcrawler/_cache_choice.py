@@ -14,7 +14,33 @@ from pathlib import Path
 from pixcrawler_engine.sources._cache import CacheWarning, ChunkCache, default_cache_dir
 from pixcrawler_engine.sources._manifest import JobManifest
 
-__all__ = ["job_cache"]
+__all__ = ["cache_root", "job_cache", "store_stamps"]
+
+
+def cache_root(cache_dir: str | os.PathLike[str] | bool | None) -> Path | None:
+    """The cache folder `cache_dir` names (None or True: the default one), or None (False).
+
+    Raises:
+        ValueError: `cache_dir` is none of those.
+    """
+    if cache_dir is False:
+        return None
+    if cache_dir is None or cache_dir is True:
+        return default_cache_dir()
+    if isinstance(cache_dir, (str, os.PathLike)) and os.fspath(cache_dir):
+        return Path(os.fspath(cache_dir)).expanduser()
+    raise ValueError(
+        f"cache_dir must be a folder, True (the default folder) or False (no cache), "
+        f"got {cache_dir!r}"
+    )
+
+
+def store_stamps(cache_dir: str | os.PathLike[str] | bool | None) -> str | None:
+    """Where a `file://` job's chunks, read in place, keep their stamps: in the cache folder
+    (no chunk is copied there, and its limit does not apply), or None with `cache_dir=False`.
+    A folder that cannot be written only means hashing the chunks again on every pass."""
+    root = cache_root(cache_dir)
+    return None if root is None else os.fspath(ChunkCache(root).store_stamps)
 
 
 def job_cache(
@@ -32,17 +58,9 @@ def job_cache(
     """
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
         raise ValueError(f"cache_limit must be a number of bytes >= 0, got {limit!r}")
-    if cache_dir is False:
+    root = cache_root(cache_dir)
+    if root is None:
         return None
-    if cache_dir is None or cache_dir is True:
-        root = default_cache_dir()
-    elif isinstance(cache_dir, (str, os.PathLike)) and os.fspath(cache_dir):
-        root = Path(os.fspath(cache_dir)).expanduser()
-    else:
-        raise ValueError(
-            f"cache_dir must be a folder, True (the default folder) or False (no cache), "
-            f"got {cache_dir!r}"
-        )
     largest = max(manifest.chunks, key=lambda c: c.size_bytes, default=None)
     if largest is not None and limit < largest.size_bytes:
         raise ValueError(

@@ -104,6 +104,8 @@ class JobRef:
         cache_dir: the engine's disk cache of chunks (`pixcrawler_engine.sources._cache`), shared by
             processes and runs; None downloads into a private folder per process.
         cache_limit_bytes: the cache's size limit (least recently used chunks go first).
+        store_stamps: for a `file://` job, the folder of its chunks' stamps (`JobClient`'s
+            `stamps`); None hashes them in every process.
     """
 
     base_url: str
@@ -113,6 +115,7 @@ class JobRef:
     manifest: JobManifest
     cache_dir: str | None = None
     cache_limit_bytes: int = 10 * 2**30
+    store_stamps: str | None = None
 
     @property
     def is_local(self) -> bool:
@@ -126,6 +129,7 @@ class JobRef:
             self.credential.reveal(),
             timeout=self.timeout,
             verify_ssl=self.verify_ssl,
+            stamps=self.store_stamps,
         )
 
     def cache(self) -> ChunkCache | None:

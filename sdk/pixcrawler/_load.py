@@ -10,7 +10,7 @@ import os
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pixcrawler._cache_choice import job_cache
+from pixcrawler._cache_choice import job_cache, store_stamps
 from pixcrawler._chunks import Credential, JobRef
 from pixcrawler._dataset import Dataset
 from pixcrawler._parquet_ref import ParquetRef, is_parquet_address, local_lookalike
@@ -183,6 +183,7 @@ def load_dataset(
         manifest=manifest,
         cache_dir=config.cache_dir,
         cache_limit_bytes=config.cache_limit_bytes,
+        store_stamps=store_stamps(cache_dir) if scheme == "file" else None,
     )
     return Dataset(ref, config=config, policy=policy, progress=progress, copy=copy)
 

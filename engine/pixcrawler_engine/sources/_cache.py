@@ -8,6 +8,7 @@ Layout under the cache root (`$PIXCRAWLER_CACHE`, else `$XDG_CACHE_HOME/pixcrawl
     chunks/<version>/.job              the job id of that version (for `pixcrawler cache`)
     partial/<version>/<sha256>/        a download in progress (`<index>.zip.part`, resumable)
     locks/<version>-<sha256>.lock      one process downloads a chunk at a time
+    stores/<sha256>.ok                 a `file://` store's chunk file seen to match (its stamp)
 
 The file system is the index, so any number of processes can share one cache without a
 database: an entry appears only by `os.replace` of a complete, sha256-verified file (a reader
@@ -131,6 +132,11 @@ class ChunkCache:
         if _SHA256.fullmatch(sha256) is None:
             raise ValueError(f"sha256 must be 64 lowercase hex digits, got {sha256!r}")
         return self.root / "chunks" / _safe_version(version) / f"{sha256}.zip"
+
+    @property
+    def store_stamps(self) -> Path:
+        """Stamps of `file://` store chunks (read where they lie): `VerifiedFiles`' folder."""
+        return self.root / "stores"
 
     def get(self, version: str, sha256: str, size: int, *, verify: bool = True) -> Path | None:
         """The cached file of a chunk, or None. A hit becomes the most recently used entry.
@@ -291,6 +297,8 @@ class ChunkCache:
                 continue
             if self._remove(entry):
                 freed += entry.size
+        if wanted is None:
+            shutil.rmtree(self.store_stamps, ignore_errors=True)
         for sub in ("chunks", "partial"):
             with contextlib.suppress(FileNotFoundError):
                 for folder in (self.root / sub).iterdir():

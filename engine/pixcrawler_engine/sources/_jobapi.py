@@ -54,6 +54,7 @@ from pixcrawler_engine.sources._manifest import (
     check_complete,
     parse_manifest,
 )
+from pixcrawler_engine.sources._stamp import VerifiedFiles
 from pixcrawler_engine.sources._store import file_url_path, store_chunk
 
 if TYPE_CHECKING:  # imported where a request is made: a `file://` store needs no httpx
@@ -75,6 +76,9 @@ class JobClient:
         retries: attempts per request, the first included.
         backoff: base of the exponential backoff between attempts, in seconds.
         retry_after_cap: the longest `Retry-After` honoured, in seconds.
+        stamps: a folder where the identities of a `file://` store's chunks seen to match their
+            sha256 are kept (the chunk cache's `stores/`), so that later processes trust them
+            without hashing them again (NOTE [stamps]); None: each client hashes them once.
 
     Raises:
         ValueError: an unsupported scheme or a bad setting; the message says what works.
@@ -92,6 +96,7 @@ class JobClient:
         retries: int = 3,
         backoff: float = 0.5,
         retry_after_cap: float = 30.0,
+        stamps: str | None = None,
     ) -> None:
         if not isinstance(base_url, str) or urlsplit(base_url).scheme.lower() not in _SCHEMES:
             scheme = urlsplit(base_url).scheme if isinstance(base_url, str) else None
@@ -133,8 +138,8 @@ class JobClient:
         self._store_root: Path | None = None
         if urlsplit(base_url).scheme.lower() == "file":
             self._store_root = file_url_path(base_url).absolute()
-        # (path, size, mtime_ns) of store chunks already hashed: a store is read many times.
-        self._verified: set[tuple[str, int, int]] = set()
+        # Store chunks already hashed (a store is read many times), with stamps in `stamps`.
+        self._verified = VerifiedFiles(Path(stamps) if stamps else None)
 
     @classmethod
     def from_config(cls, base_url: str, api_key: str | None, config: EngineConfig) -> JobClient:
@@ -157,6 +162,7 @@ class JobClient:
             "retries": self._policy.attempts,
             "backoff": self._policy.backoff,
             "retry_after_cap": self._policy.retry_after_cap,
+            "stamps": None if self._verified.folder is None else str(self._verified.folder),
         }
         return (_rebuild_client, (self.base_url, self._api_key, settings))
 

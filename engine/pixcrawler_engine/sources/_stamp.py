@@ -21,7 +21,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-__all__ = ["file_matches", "sha256_of", "stamp_matches", "stamp_path", "write_stamp"]
+__all__ = [
+    "VerifiedFiles",
+    "file_matches",
+    "sha256_of",
+    "stamp_matches",
+    "stamp_path",
+    "write_stamp",
+]
 
 _BLOCK = 1 << 20
 
@@ -36,18 +43,19 @@ def _identity(st: os.stat_result) -> str:
     return f"{st.st_dev} {st.st_ino} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}"
 
 
-def stamp_matches(entry: Path, st: os.stat_result) -> bool:
-    """Whether `entry` (as `st` describes it now) is the file its stamp says was verified."""
+def stamp_matches(entry: Path, st: os.stat_result, stamp: Path | None = None) -> bool:
+    """Whether `entry` (as `st` describes it now) is the file its stamp (beside it, unless
+    given) says was verified."""
     try:
-        return stamp_path(entry).read_text(encoding="ascii") == _identity(st)
+        return (stamp or stamp_path(entry)).read_text(encoding="ascii") == _identity(st)
     except (OSError, UnicodeDecodeError):
         return False
 
 
-def write_stamp(entry: Path, st: os.stat_result) -> None:
+def write_stamp(entry: Path, st: os.stat_result, stamp: Path | None = None) -> None:
     """Records that `entry`, as `st` describes it, was verified (atomically; the cache works
     without it, hashing every hit, e.g. when read-only)."""
-    stamp = stamp_path(entry)
+    stamp = stamp or stamp_path(entry)
     tmp = stamp.with_name(f".{stamp.name}.{uuid.uuid4().hex}.tmp")
     try:
         tmp.write_text(_identity(st), encoding="ascii")
@@ -78,3 +86,34 @@ def file_matches(path: Path, size: int, sha256: str) -> bool:
         return sha256_of(path)[0].hexdigest() == sha256
     except FileNotFoundError:
         return False
+
+
+class VerifiedFiles:
+    """The files of a `file://` store seen to match their sha256, by identity: in memory, and
+    as stamps in `folder` (the chunk cache's `stores/`) when given, so that a store's chunks
+    are hashed once per file rather than once per pass; each pass is a new process."""
+
+    def __init__(self, folder: Path | None = None) -> None:
+        self.folder = folder
+        self._seen: set[tuple[str, str]] = set()  # (path, identity)
+
+    def trusted(self, path: Path, st: os.stat_result, sha256: str) -> bool:
+        """Whether `path`, as `st` describes it now, was seen to match `sha256`."""
+        key = (str(path), _identity(st))
+        if key in self._seen:
+            return True
+        if self.folder is None or not stamp_matches(path, st, self.folder / f"{sha256}.ok"):
+            return False
+        self._seen.add(key)
+        return True
+
+    def add(self, path: Path, st: os.stat_result, sha256: str) -> None:
+        """Records that `path`, as `st` described it before it was hashed, matched `sha256`
+        (a stamp the folder refuses, e.g. read-only, only means hashing it next time)."""
+        self._seen.add((str(path), _identity(st)))
+        if self.folder is not None:
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+            except OSError:
+                return
+            write_stamp(path, st, self.folder / f"{sha256}.ok")

@@ -24,7 +24,7 @@ from pixcrawler_engine._errors import DownloadError, NotFoundError
 from pixcrawler_engine.decode._formats import FORMAT_EXTENSIONS
 from pixcrawler_engine.sources._http import redact_url
 from pixcrawler_engine.sources._manifest import ChunkInfo
-from pixcrawler_engine.sources._stamp import file_matches
+from pixcrawler_engine.sources._stamp import VerifiedFiles, file_matches
 
 __all__ = [
     "IMAGE_FORMATS",
@@ -128,12 +128,12 @@ def file_url_path(url: str) -> Path:
 
 
 def store_chunk(
-    root: Path, chunk: ChunkInfo, verified: set[Any], on_bytes: Callable[[int], None] | None
+    root: Path, chunk: ChunkInfo, verified: VerifiedFiles, on_bytes: Callable[[int], None] | None
 ) -> Path:
     """The path of a chunk of a `file://` store, checked against its manifest entry.
 
     The file must lie inside `root` and match its size and sha256; `verified` remembers the
-    (path, size, mtime) of files already hashed, so a chunk is hashed once per client.
+    files already hashed (and may keep stamps of them), so a file is hashed once.
     """
 
     def fail(reason: str) -> NoReturn:
@@ -149,14 +149,13 @@ def store_chunk(
         st = path.stat()
     except OSError as exc:
         fail(f"cannot read {path} ({exc.strerror or exc}); re-pack the job")
-    stamp = (str(path), st.st_size, st.st_mtime_ns)
-    if stamp not in verified:
+    if not verified.trusted(path, st, chunk.sha256):
         if not file_matches(path, chunk.size_bytes, chunk.sha256):
             fail(
                 f"{path} does not match its manifest (size {st.st_size}, expected "
                 f"{chunk.size_bytes} bytes with sha256 {chunk.sha256}); re-pack the job"
             )
-        verified.add(stamp)
+        verified.add(path, st, chunk.sha256)
     if on_bytes is not None:
         on_bytes(chunk.size_bytes)
     return path

@@ -133,6 +133,25 @@ def test_a_consumer_that_starts_late_still_gets_every_batch(tmp_path: Path) -> N
     assert keys == expected
 
 
+def test_a_run_that_fails_before_its_consumer_maps_the_slots_raises_its_error(
+    tmp_path: Path,
+) -> None:
+    """A run whose first chunk fails at once must keep its slots, as a finished one does,
+    until its consumer has read the error: it may not have mapped them yet. It used to remove
+    them on its way out, and the consumer raised a `SharedMemoryError` about segments that
+    another process removed instead of the run's error."""
+    from pixcrawler_engine import DecompressionError
+
+    write_job(tmp_path, "junk", [b"<html>502 Bad Gateway</html>"], counts=[1])
+    with Stream(job_source(tmp_path, "junk"), config=small_config(), policy=POLICY) as stream:
+        # The run fails within milliseconds; we read its first message seconds later.
+        with contextlib.suppress(psutil.TimeoutExpired):
+            psutil.Process(stream.pid).wait(3.0)
+        with pytest.raises(DecompressionError, match="cannot be read as a zip"):
+            next(iter(stream))
+    assert not wait_gone([stream.pid], 10.0)  # and goes once the consumer is done
+
+
 @pytest.fixture(scope="module")
 def slow_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
     """Job "slow": one chunk of copies of a 35-megapixel PNG, enough of them to take at least

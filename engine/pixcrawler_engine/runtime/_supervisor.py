@@ -189,8 +189,13 @@ class Supervisor:
             if os.getppid() != self.consumer:
                 return  # the consumer is gone and nobody will read what we make
         self.conn.send(Finished(dict(st.stats)))
-        # The consumer may not have attached the slots yet (it maps them when it reads
-        # Ready): keep them until it says it is done or goes away. The workers can go.
+        self._linger()
+
+    def _linger(self) -> None:
+        """After the run's last message: the workers go, the slots stay until the consumer
+        says it is done or goes away, since it may not have mapped them yet (it maps them when
+        it reads Ready) and they hold what it was sent."""
+        assert self.pool is not None
         self.pool.stop()
         while os.getppid() == self.consumer:
             ready = wait([self.conn, self.release], timeout=1.0)
@@ -348,6 +353,7 @@ class Supervisor:
                 return
             if isinstance(done.message, Failed):
                 self.conn.send(done.message)
+                self._linger()
                 raise _Delivered()
             if isinstance(done.message, BatchReady):
                 st.stats["samples"] += done.message.rows

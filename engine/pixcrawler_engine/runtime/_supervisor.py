@@ -192,9 +192,8 @@ class Supervisor:
         self._linger()
 
     def _linger(self) -> None:
-        """After the run's last message: the workers go, the slots stay until the consumer
-        says it is done or goes away, since it may not have mapped them yet (it maps them when
-        it reads Ready) and they hold what it was sent."""
+        """After the run's last message the workers go, but the slots stay until the consumer
+        is done or gone: it may not have mapped them yet (it does when it reads Ready)."""
         assert self.pool is not None
         self.pool.stop()
         while os.getppid() == self.consumer:

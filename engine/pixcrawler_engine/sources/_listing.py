@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, NamedTuple, overload
+from typing import Any, NamedTuple, NoReturn, overload
 
 from pixcrawler_engine._errors import DecompressionError
 from pixcrawler_engine._json import dumps
@@ -45,8 +45,7 @@ def check_lines(text: str, chunk: int) -> list[str]:
         names = [e.get("file") if type(e) is dict else None for e in entries]
         if all(type(n) is str for n in names) and len(set(names)) == len(names):
             return lines
-    _explain(text, chunk)  # raises
-    raise AssertionError("unreachable")
+    _explain(text, chunk)
 
 
 def build_records(lines: Sequence[str], indices: Iterable[int], chunk: int) -> list[Record]:
@@ -162,7 +161,7 @@ def _parse(lines: Sequence[str]) -> list[Any] | None:
     return entries if isinstance(entries, list) and len(entries) == len(lines) else None
 
 
-def _explain(text: str, chunk: int) -> None:
+def _explain(text: str, chunk: int) -> NoReturn:
     """Raises the error of the first bad line of a manifest that failed `check_lines`."""
     seen: set[str] = set()
     for lineno, line in enumerate(text.splitlines(), 1):

@@ -117,7 +117,12 @@ def test_a_worker_reads_every_member_of_a_packed_chunk_as_zipfile_does(store: Pa
             members = stored_members(f.fileno())
             assert members is not None
             assert members == {
-                i.filename: (i.orig_filename.encode(), i.header_offset, i.file_size, i.CRC)
+                i.orig_filename.encode(): (
+                    i.orig_filename.encode(),
+                    i.header_offset,
+                    i.file_size,
+                    i.CRC,
+                )
                 for i in zf.infolist()
             }
             assert _read_all(path) == {name: zf.read(name) for name in zf.namelist()}
@@ -138,6 +143,49 @@ def test_a_chunk_that_is_not_plain_is_read_by_zipfile(
         assert stored_members(f.fileno()) is None
     with zipfile.ZipFile(out) as zf:
         expected = {name: zf.read(name) for name in zf.namelist()}  # the last of a twice
+    assert _read_all(out) == expected
+
+
+def _renamed(path: Path, out: Path, old: bytes, new: bytes) -> None:
+    """A copy of the chunk with member `old` renamed `new` (same length) in both of its
+    headers, and no UTF-8 flag (0x800) in any header."""
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as zf:
+        infos, entry = zf.infolist(), zf.start_dir
+    for info in infos:
+        raw = info.orig_filename.encode()
+        for header, name_at in ((info.header_offset, 30), (entry, 46)):
+            flags_at = header + (6 if name_at == 30 else 8)
+            data[flags_at + 1] &= ~0x08
+            if raw == old:
+                data[header + name_at : header + name_at + len(old)] = new
+        entry += 46 + len(raw) + len(info.extra) + len(info.comment)
+    out.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("case", ["cp437 name", "nul in a name"])
+def test_a_member_name_the_fast_walk_does_not_know_is_left_to_zipfile(
+    store: Path, tmp_path: Path, case: str
+) -> None:
+    """The walk keys members by their bytes and looks refs up as UTF-8: a name zipfile reads
+    as cp437 (no UTF-8 flag, a byte over 127) is missed there and read by zipfile; a name
+    with a NUL (which zipfile cuts short) makes the walk give the whole chunk to zipfile."""
+    path, out = _chunks(store)[0], tmp_path / "renamed.zip"
+    with zipfile.ZipFile(path) as zf:
+        name = next(n for n in zf.namelist() if n != "manifest.jsonl")
+    odd = name.encode()[:-5] + (b"\x82" if case == "cp437 name" else b"\x00") + b".png"
+    _renamed(path, out, name.encode(), odd)
+    with out.open("rb") as f:
+        members = stored_members(f.fileno())
+    if case == "cp437 name":
+        assert members is not None and odd in members
+    else:
+        assert members is None
+    with zipfile.ZipFile(out) as zf:
+        expected = {n: zf.read(n) for n in zf.namelist()}
+    assert (odd.decode("cp437") if case == "cp437 name" else odd[: odd.index(0)].decode()) in (
+        expected
+    )
     assert _read_all(out) == expected
 
 

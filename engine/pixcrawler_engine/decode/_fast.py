@@ -158,7 +158,7 @@ def decode_other(view: memoryview, header: ImageHeader, plan: Plan) -> np.ndarra
     flag = cv2.IMREAD_GRAYSCALE if header.mode == "L" else cv2.IMREAD_COLOR_RGB
     said: list[str] = []
     try:  # libpng and libwebp write to fd 2
-        pixels = _chatter.quietly(lambda: cv2.imdecode(np.frombuffer(view, np.uint8), flag), said)
+        pixels = _chatter.quietly(cv2.imdecode, said, np.frombuffer(view, np.uint8), flag)
     except cv2.error:
         return None
     if said or pixels is None or pixels.shape[:2] != (header.height, header.width):

@@ -77,7 +77,7 @@ class _ZipReader:
         self._path = path
         self._zip: zipfile.ZipFile | None = None
         self._fd: int | None = None
-        self._members: dict[str, Stored] | None = None
+        self._members: dict[bytes, Stored] | None = None
         if isinstance(path, str):
             try:
                 self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -104,8 +104,8 @@ class _ZipReader:
 
     def read(self, ref: Any) -> bytes | memoryview:
         if self._members is not None and self._fd is not None:
-            where = self._members.get(ref)
-            if where is not None and where.size <= MAX_MEMBER_BYTES:
+            where = self._members.get(ref.encode()) if isinstance(ref, str) else None
+            if where is not None and where[2] <= MAX_MEMBER_BYTES:  # its size
                 view = read_stored(self._fd, *where)
                 if view is not None:
                     return view

@@ -22,7 +22,7 @@ from pixcrawler_engine.decode._headers import ImageHeader
 from pixcrawler_engine.decode._image import decode_image, probe
 from pixcrawler_engine.decode._mask import decode_mask
 from pixcrawler_engine.decode._pixels import check_budget
-from pixcrawler_engine.decode._plan import make_plan
+from pixcrawler_engine.decode._plan import Plan, make_plan
 from pixcrawler_engine.runtime._builder import BatchBuilder
 from pixcrawler_engine.sources._base import ZipOpener, read_zip_manifest
 from pixcrawler_engine.sources._record import Record
@@ -103,6 +103,7 @@ def decode_samples(
     chunks: Sequence[int] = [chunk] * len(records) if isinstance(chunk, int) else chunk
     reads: Sequence[Any] = [read] * len(records) if callable(read) else read
     noted: list[tuple[str, str]] = [] if notes is None else notes
+    plans: dict[ImageHeader, tuple[Plan, int]] = {}  # images of one size share one plan
     # fd 2 stays on the chatter sink for the whole loop (see `_chatter.held`): per sample,
     # what the decoders said is in `said`, and nothing else here writes to fd 2.
     try:
@@ -112,7 +113,7 @@ def decode_samples(
                     on_sample()
                 started = bool(len(builder) or errors)
                 room = byte_limit - used if byte_limit is not None else None
-                outcome = _decode_one(record, read_one, policy, builder, room, started)
+                outcome = _decode_one(record, read_one, policy, builder, room, started, plans)
                 _chatter.drain(said)
                 if said:
                     if not isinstance(outcome, DecodeError):
@@ -170,8 +171,10 @@ def _decode_one(
     builder: BatchBuilder,
     room: int | None,
     started: bool,
+    plans: dict[ImageHeader, tuple[Plan, int]],
 ) -> tuple[ImageHeader, np.ndarray, np.ndarray | None, int] | DecodeError | None:
-    """Decodes one sample into the builder's next image.
+    """Decodes one sample into the builder's next image; `plans` keeps the plan (and its
+    pixel bytes) of each header seen, checked against the budget.
 
     Returns:
         (header, image, mask, bytes it takes); the DecodeError that stops it; or None when
@@ -180,11 +183,15 @@ def _decode_one(
     try:
         data = read(record.ref)
         header = probe(data)
-        check_budget(header, policy.max_pixels)  # a bomb is refused as a bomb, first
-        plan = make_plan(header, policy)
+        known = plans.get(header)
+        if known is None:
+            check_budget(header, policy.max_pixels)  # a bomb is refused as a bomb, first
+            plan = make_plan(header, policy)
+            known = plans[header] = (plan, math.prod(plan.shape))
+        plan, size = known
         shape = plan.shape
         # ROW_OVERHEAD covers small labels and metadata; slots are sized with it.
-        need = math.prod(shape) + ROW_OVERHEAD + max(0, len(record.metadata) - 1024)
+        need = size + ROW_OVERHEAD + max(0, len(record.metadata) - 1024)
         if room is not None and need > room:
             if started:
                 return None

@@ -63,13 +63,14 @@ def build_records(lines: Sequence[str], indices: Iterable[int], chunk: int) -> l
             chunk_id=chunk,
         )
     records = []
+    make = tuple.__new__  # Record(...) is a Python-level __new__: twice the cost per line
     for entry, index in zip(entries, indices, strict=True):
         name = entry.pop("file")
         label = entry.pop("label", None)
         metadata = dumps(entry) if entry else "{}"
         source = entry.get("source")  # the file `pack` made it from: what its owner knows
         known = source[:200] if isinstance(source, str) and source else None
-        records.append(Record(name, name, label, index, metadata, None, known))
+        records.append(make(Record, (name, name, label, index, metadata, None, known)))
     return records
 
 

@@ -210,3 +210,23 @@ def test_small_images_travel_in_bigger_batches(tmp_path: Path) -> None:
         with load_dataset("digits", base_url=url, image_size=32, num_workers=2, progress=False,
                           batch_rows=rows) as ds:  # fmt: skip
             assert [len(b) for b in ds.iter_engine_batches()] == sizes
+
+
+def test_a_delivered_chunk_moves_the_download_window_before_the_supervisor_waits(
+    tmp_path: Path, demo_source: Path
+) -> None:
+    """The download window follows the chunk being delivered; the supervisor must move it on
+    (start the next downloads) before it waits. It used to wait first, for its wait's whole
+    timeout of one second, whenever every chunk in the window had been delivered: 400 chunks
+    of one image took 8.4 s instead of 0.9. `stats["stalls"]` counts such waits."""
+    digits = sorted(demo_source.glob("[0-9]/*.png"))[:24]
+    listing = tmp_path / "one.jsonl"
+    lines = [f'{{"file": "{p}", "label": "{p.parent.name}"}}' for p in digits]
+    listing.write_text("\n".join(lines) + "\n")
+    store = tmp_path / "store"
+    pack(listing, store, "one", chunk_size=1)
+    config = small_config(prefetch_chunks=2)
+    with Stream(job_source(store, "one"), config=config, policy=POLICY) as stream:
+        keys = [key for batch in stream for key in batch.keys]
+        assert stream.stats["stalls"] == 0
+    assert keys == expected_keys(store, "one")

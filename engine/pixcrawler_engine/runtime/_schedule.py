@@ -122,6 +122,7 @@ class State:
             "worker_restarts": 0,
             "bytes_downloaded": 0,
             "slots_added": 0,
+            "stalls": 0,
         }
     )
 

@@ -239,7 +239,9 @@ class Stream:
 
     @property
     def stats(self) -> dict[str, Any]:
-        """Counts of the run: samples, skipped, chunks, worker_restarts, bytes_downloaded."""
+        """Counts of the run: samples, skipped, chunks, worker_restarts, bytes_downloaded,
+        slots_added, and stalls (the supervisor's waits of a whole second in which nothing
+        happened: slow downloads or decodes, or a slow consumer holding every slot)."""
         return dict(self._state.stats)
 
     # ---- iteration ------------------------------------------------------------------------

@@ -163,18 +163,16 @@ class Supervisor:
         assert self.pool is not None
         st = self.state
         while st.deliver_group < len(self.groups):
-            self._prefetch()
+            self._prefetch()  # after _deliver: a group delivered moves the download window on
             self._dispatch()
-            self._deliver()
-            if st.deliver_group >= len(self.groups):
-                break
             if self.pool.changed:
                 self.conn.send(Workers(self.pool.pids()))
-            # Releases are read on every pass but waited for only when no slot is free: a
-            # wakeup costs ~40 us of CPU on a VM, an empty read ~1 us.
+            # Releases are read every pass, waited for only when no slot is free (a wakeup
+            # costs ~40 us of CPU here, an empty read ~1 us). A wait that times out: a stall.
             waited = [] if st.free_slots else [self.release]
             handles = [self.conn, self.prefetch.wake_fd, *self.pool.waitables(), *waited]
             ready = self.waiter.wait(handles, timeout=1.0)
+            st.stats["stalls"] += not ready
             self._on_releases()
             if self.conn in ready and self._on_consumer():
                 return
@@ -188,6 +186,7 @@ class Supervisor:
             self.pool.check()
             if os.getppid() != self.consumer:
                 return  # the consumer is gone and nobody will read what we make
+            self._deliver()
         self.conn.send(Finished(dict(st.stats)))
         self._linger()
 

@@ -230,3 +230,18 @@ def test_a_delivered_chunk_moves_the_download_window_before_the_supervisor_waits
         keys = [key for batch in stream for key in batch.keys]
         assert stream.stats["stalls"] == 0
     assert keys == expected_keys(store, "one")
+
+
+def test_far_more_workers_than_cores_and_batches_larger_than_a_chunk(store: Path) -> None:
+    """Issue #17's odd settings: 64 workers on a 2-core machine deliver every sample once and
+    in order, and all of them are gone after the run; `batch_rows` above a chunk's size gives
+    one batch per chunk (a task never spans chunks unless they are shuffled together)."""
+    with Stream(job_source(store), config=small_config(num_workers=64, batch_rows=2),
+                policy=POLICY) as stream:  # fmt: skip
+        keys = [key for batch in stream for key in batch.keys]
+        pids = list(stream.worker_pids)
+    assert keys == expected_keys(store)
+    assert len(pids) > 2 and wait_gone(pids, 10.0) == []
+    with Stream(job_source(store), config=small_config(batch_rows=1000), policy=POLICY) as stream:
+        sizes = [len(batch) for batch in stream]
+    assert sizes == [16] * 7 + [8]  # 120 images in chunks of 16

@@ -204,6 +204,8 @@ def test_a_damaged_member_is_named_and_the_others_still_read(store: Path, tmp_pa
             reader.read(names[1])
         with pytest.raises(DecodeError, match="no such file"):
             reader.read("not/in/the/chunk.png")
+        with pytest.raises(DecodeError, match="no such file"):  # a lone surrogate: valid JSON
+            reader.read("\ud800.png")
         assert bytes(reader.read(names[2])) == expected
     finally:
         reader.close()

@@ -104,7 +104,9 @@ class _ZipReader:
 
     def read(self, ref: Any) -> bytes | memoryview:
         if self._members is not None and self._fd is not None:
-            where = self._members.get(ref.encode()) if isinstance(ref, str) else None
+            # surrogatepass: a lone surrogate (valid JSON) matches no name, and zipfile says so.
+            name = ref.encode("utf-8", "surrogatepass") if isinstance(ref, str) else None
+            where = self._members.get(name) if name is not None else None
             if where is not None and where[2] <= MAX_MEMBER_BYTES:  # its size
                 view = read_stored(self._fd, *where)
                 if view is not None:

@@ -120,12 +120,6 @@ def capture(said: list[str], *, python_warnings: bool = True) -> Iterator[None]:
 def quietly(call: Callable[..., T], said: list[str], *args: Any) -> T:
     """`call(*args)` with fd 2 taken (as `capture(said, python_warnings=False)`), at less
     cost: inside `held`, two `lseek`s (a decoder's loop over tiny images calls it per image)."""
-    if _holding and _sink is not None:
-        start = os.lseek(_sink, 0, os.SEEK_CUR)
-        try:
-            return call(*args)
-        finally:
-            _take(_sink, start, said)
     taken = _Taken()
     try:
         return call(*args)

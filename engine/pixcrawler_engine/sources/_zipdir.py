@@ -79,8 +79,8 @@ def stored_members(fd: int) -> dict[bytes, Stored] | None:
             at += _ENTRY.size
             raw = directory[at : at + name_len]
             at += name_len + extra + comment
-            if magic != b"PK\x01\x02" or method or flags & 0x1 or packed != size:
-                return None  # not a directory entry, or not plainly stored (see `_plain`)
+            if magic != b"PK\x01\x02" or not _plain(flags, method, packed, size):
+                return None
             members[raw] = (raw, offset, size, crc)
             count += 1
     except struct.error:  # an entry cut short at the directory's end

@@ -18,6 +18,7 @@ SUITES = {
     "adapters": ["-m", "bench.adapters_bench", "--out", "{out}/adapters.json"],
     "ray": ["-m", "bench.ray_bench", "--out", "{out}/ray.json"],
     "epochs": ["-m", "bench.epochs_bench", "--out", "{out}/epochs.json"],
+    "scaling": ["-m", "bench.scaling_bench", "--out", "{out}/scaling.json"],
 }
 
 

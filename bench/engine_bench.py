@@ -103,7 +103,7 @@ def _result(n: int, seconds: float, first: float, first_n: int, rss: int | None)
     }
 
 
-def run_engine(store: Path, job: str, workers: int) -> dict[str, Any]:
+def run_engine(store: Path, job: str, workers: int, size: tuple[int, int] = SIZE) -> dict[str, Any]:
     from pixcrawler_engine import DecodePolicy, EngineConfig, JobSource, Stream
     from pixcrawler_engine.sources._jobapi import JobClient
 
@@ -115,7 +115,7 @@ def run_engine(store: Path, job: str, workers: int) -> dict[str, Any]:
         first, first_n = None, 0
         n = 0
         checksum = 0
-        with Stream(source, config=config, policy=DecodePolicy(image_size=SIZE)) as stream:
+        with Stream(source, config=config, policy=DecodePolicy(image_size=size)) as stream:
             for batch in stream:
                 images = batch.images
                 assert isinstance(images, np.ndarray)

@@ -183,6 +183,22 @@ def test_pin_memory_gives_the_same_batches(demo: Any, reference: Any) -> None:
         assert torch.cat([y for _, y in got]).tolist() == indices(demo, reference[1])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/device.sh)")
+def test_pinned_batches_reach_the_gpu_intact(demo: Any, reference: Any) -> None:
+    """Asynchronous copies out of our pinned batches, the slot views' and the assembled ones',
+    arrive whole while the stream goes on (run on the lent GPU machine by bench/device.sh)."""
+    moved = []
+    for step in (24, 7):  # 24 divides no chunk of 16: assembled batches; 7 gives views too
+        pinned = demo.to_torch(iterable=True, batch_size=step, pin_memory=True)
+        moved.append(
+            [(x.to("cuda", non_blocking=True), y.to("cuda", non_blocking=True)) for x, y in pinned]
+        )
+    torch.cuda.synchronize()
+    for got in moved:
+        np.testing.assert_array_equal(torch.cat([x for x, _ in got]).cpu().numpy(), reference[0])
+        assert torch.cat([y for _, y in got]).tolist() == indices(demo, reference[1])
+
+
 def test_torch_batches_in_dataloader_workers(demo: Any, reference: Any) -> None:
     ds = demo.to_torch(iterable=True, batch_size=32)
     got = list(DataLoader(ds, batch_size=None, num_workers=2))

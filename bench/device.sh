@@ -5,9 +5,10 @@
 # pytest but not the rest of our dependencies; `bash bench/device.sh --fetch` puts their wheels
 # in .whl/ here (ignored by git: `echo /.whl/ >> .git/info/exclude`).
 #
-# On the device: the torch adapter's tests (pin_memory with a real accelerator), then the
-# scaling benchmark (1 to 16 workers, the GPU feed) and the per-role overhead benchmark, each
-# under its own time limit so that a slow one leaves the others their results in $OUT.
+# On the device: the adapters' tests (pin_memory with a real accelerator), then the scaling
+# benchmark (1 to 16 workers, the GPU feed), each under its own time limit so that a slow one
+# leaves the other its results in $OUT. Not the per-role overhead benchmark: CPU time there
+# is counted in 10 ms ticks, too coarse for its marginal microseconds.
 set -uo pipefail
 
 WHEELS=(simplejpeg==1.9.0 multiprocess==0.70.19 dill==0.4.1 starlette==1.10.0 uvicorn==0.54.0
@@ -43,9 +44,7 @@ print(sys.version.split()[0], "torch", torch.__version__, "cuda", torch.cuda.is_
       "pyarrow", pyarrow.__version__)'
 } 2>&1 | tee "$OUT/env.txt"
 
-timeout 150 python3 -m pytest -q -p no:cacheprovider -rs tests/test_adapter_batches.py \
-    tests/test_sdk.py 2>&1 | tee "$OUT/tests.log" | tail -15
+timeout 90 python3 -m pytest -q -p no:cacheprovider -rs tests/test_adapter_batches.py \
+    2>&1 | tee "$OUT/tests.log" | tail -15
 timeout 270 python3 -m bench.scaling_bench --out "$OUT/scaling.json" --rounds 2 --copies 10 \
-    2>&1 | tee "$OUT/scaling.log"
-timeout 100 python3 -m bench.overhead_bench --out "$OUT/overhead.json" --rounds 3 \
-    2>&1 | tee "$OUT/overhead.log" | tail -25
+    --tiny-copies 48 2>&1 | tee "$OUT/scaling.log"

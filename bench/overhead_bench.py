@@ -100,7 +100,7 @@ print(json.dumps({"images": len(keys), "keys": keys[:3], "unique": len(set(keys)
 """
 
 
-def build_store(root: Path) -> Path:
+def build_store(root: Path, copies: int = COPIES) -> Path:
     from pixcrawler._demo_data import build_digits
     from pixcrawler_engine.sources._pack import pack
 
@@ -108,7 +108,7 @@ def build_store(root: Path) -> Path:
     files = sorted(p for p in src.rglob("*.png"))
     lines = [
         json.dumps({"file": str(f.relative_to(root)), "label": f.parent.name, "copy": c})
-        for c in range(COPIES)
+        for c in range(copies)
         for f in files
     ]
     listing = root / "digits.jsonl"

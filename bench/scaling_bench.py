@@ -6,8 +6,7 @@ interleaved round by round; medians are reported.
 
     curve   the engine (batches of 64) over 640x480-class real-photo JPEGs -> 224x224 at 1, 2,
             4, ... workers up to one per core, beside one process running the same decode in
-            a loop (the per-core ceiling) and torch DataLoader(num_workers=cores) with PIL's
-            convert("RGB") + resize
+            a loop (the per-core ceiling)
     tiny    the same worker counts on 32x32 digit PNGs kept at 32x32, where decoding is nearly
             free: the rate that one stream's supervisor and consumer allow
     feed    one pass as a training loop consumes it, num_workers = cores, batches of 64 moved
@@ -149,8 +148,6 @@ def run_case(case: str, store: Path, job: str) -> dict[str, Any]:
         return engine_bench.run_engine(store, job, int(arg))
     if kind == "tiny":
         return engine_bench.run_engine(store, job, int(arg), size=(32, 32))
-    if kind == "pil":
-        return engine_bench.run_dataloader(store, job, False, int(arg))
     raise ValueError(case)
 
 
@@ -183,6 +180,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/scaling.json"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--copies", type=int, default=8, help="the ~800 photos, packed N times")
+    parser.add_argument("--tiny-copies", type=int, default=12, help="the 1,797 digits, N times")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--store", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--job", help=argparse.SUPPRESS)
@@ -198,12 +196,11 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="pxc-scaling-"))
     atexit.register(shutil.rmtree, work, ignore_errors=True)
     photos = build_bench_store(work, copies=args.copies)
-    digits = (build_digits_store(work / "tiny"), "digits")
+    digits = (build_digits_store(work / "tiny", copies=args.tiny_copies), "digits")
     feeds = ["iter_batches", "torch_batches", *(ENGINE_FEEDS[2:] if gpu else ()), "torch_pil"]
     cases = {
         "loop": photos,
         **{f"engine_{n}": photos for n in counts},
-        f"pil_{cores}": photos,
         **{f"tiny_{n}": digits for n in counts},
         **{f"feed_{mode}": photos for mode in feeds},
     }
@@ -278,7 +275,7 @@ def table(result: dict[str, Any]) -> str:
         )
     lines += ["", "| case | img/s | steady img/s | first batch s |", "|---|---|---|---|"]
     for case, row in summary.items():
-        if case.startswith(("loop", "pil_", "feed_")):
+        if case.startswith(("loop", "feed_")):
             lines.append(
                 f"| {case} | {row['images_per_s']:.0f} | {row['steady_images_per_s']:.0f} | "
                 f"{row['first_batch_s']:.2f} |"

@@ -253,15 +253,11 @@ def test_bad_batch_options_are_refused(demo: Any) -> None:
         demo.to_torch(pin_memory=True)
 
 
-def test_variable_sizes_with_batch_size_name_image_size(server: Any, odd_jobs: Path) -> None:
+def test_variable_sizes_with_batch_size_name_image_size(server: Any) -> None:
     # The demo job without image_size: 32x32 digits, then photos of many sizes.
     demo = load_dataset("demo", server.api_key, server.url, **FAST)
     with pytest.raises(ValueError, match="image_size="):
         list(demo.to_torch(iterable=True, batch_size=16))
-    photos = load_dataset("photos", base_url=odd_jobs.as_uri(), **FAST)
-    with pytest.raises(ValueError, match=r"batch_size=4\) needs images of one size.*image_size="):
-        photos.to_tensorflow(batch_size=4)
-    assert photos.to_tensorflow().element_spec[0].shape.as_list() == [None, None, 3]
 
 
 # ---- TensorFlow ---------------------------------------------------------------------------
@@ -270,6 +266,13 @@ def test_variable_sizes_with_batch_size_name_image_size(server: Any, odd_jobs: P
 @pytest.fixture(scope="module")
 def tf() -> Any:
     return pytest.importorskip("tensorflow")
+
+
+def test_tf_variable_sizes_with_batch_size_name_image_size(tf: Any, odd_jobs: Path) -> None:
+    photos = load_dataset("photos", base_url=odd_jobs.as_uri(), **FAST)
+    with pytest.raises(ValueError, match=r"batch_size=4\) needs images of one size.*image_size="):
+        photos.to_tensorflow(batch_size=4)
+    assert photos.to_tensorflow().element_spec[0].shape.as_list() == [None, None, 3]
 
 
 def test_tf_batches_spec_cardinality_and_content(tf: Any, demo: Any, reference: Any) -> None:

@@ -30,7 +30,10 @@ from pixcrawler_engine.runtime._shm import sweep_stale
 
 CONSUMER = textwrap.dedent(
     """
-    import json, sys, time
+    import json, signal, sys, time
+    # Ctrl-C raises KeyboardInterrupt, as in a terminal, also when pytest runs as a
+    # background job (`make test &`), whose children start with SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.path.insert(0, {tests!r})
     from engine_helpers import job_source, small_config, POLICY
     from pixcrawler_engine import Stream

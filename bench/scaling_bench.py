@@ -65,7 +65,7 @@ def feed(mode: str, store: Path, job: str, workers: int) -> dict[str, Any]:
     from torch.utils.data import DataLoader
 
     from bench._photo_sets import members
-    from bench.adapters_bench import ZipPhotos, timed_pass
+    from bench.adapters_bench import ZipPhotos, read_pixels, timed_pass
     from pixcrawler import load_dataset
 
     gpu = torch.device("cuda") if torch.cuda.is_available() else None
@@ -75,8 +75,7 @@ def feed(mode: str, store: Path, job: str, workers: int) -> dict[str, Any]:
 
     def move(images: Any) -> int:
         if gpu is None:
-            int(images[:, 0, 0, 0].sum())  # read the pixels, as a model would
-            return len(images)
+            return read_pixels((images,))
         on_gpu = images.to(gpu, non_blocking=True)
         sums.append(on_gpu.sum(dtype=torch.int64))
         return len(on_gpu)
@@ -192,7 +191,7 @@ def main() -> None:
 
     cores = cpu_count()
     counts = worker_counts(cores)
-    gpu = has_gpu()
+    gpu = gpu_facts() if has_gpu() else None  # once: the parent then holds a CUDA context
     work = Path(tempfile.mkdtemp(prefix="pxc-scaling-"))
     atexit.register(shutil.rmtree, work, ignore_errors=True)
     photos = build_bench_store(work, copies=args.copies)
@@ -218,7 +217,10 @@ def main() -> None:
 
 
 def report(
-    runs: dict[str, list[dict[str, Any]]], counts: list[int], gpu: bool, rounds: int
+    runs: dict[str, list[dict[str, Any]]],
+    counts: list[int],
+    gpu: dict[str, Any] | None,
+    rounds: int,
 ) -> dict[str, Any]:
     summary = {case: summarise(rs) for case, rs in runs.items()}
     sums = {s for case in runs if case.removeprefix("feed_") in ENGINE_FEEDS
@@ -226,22 +228,22 @@ def report(
     return {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": describe_machine(),
-        "gpu": gpu_name() if gpu else None,
+        "gpu": gpu and gpu["name"],
         "rounds": rounds,
         "images": runs["loop"][0]["images"],
         "tiny_images": runs[f"tiny_{counts[0]}"][0]["images"],
         "worker_counts": counts,
         "summary": summary,
         "curve": curve(summary, counts),
-        "copy_to_gpu": copy_to_gpu() if gpu else None,
+        "copy_to_gpu": gpu and gpu["copy_to_gpu"],
         "engine_feeds_agree": len(sums) == 1 if gpu else None,
     }
 
 
-def gpu_name() -> str:
+def gpu_facts() -> dict[str, Any]:
     import torch
 
-    return str(torch.cuda.get_device_name())
+    return {"name": str(torch.cuda.get_device_name()), "copy_to_gpu": copy_to_gpu()}
 
 
 def curve(summary: dict[str, Any], counts: list[int]) -> dict[str, Any]:

@@ -49,6 +49,24 @@ CONSUMER = textwrap.dedent(
 )
 
 
+# Closes runs at moments of their start-up: after their `Ready`, while the zygote forks workers.
+CLOSE_IN_START_UP = textwrap.dedent(
+    """
+    import sys, time
+    sys.path.insert(0, {tests!r})
+    from engine_helpers import job_source, small_config, POLICY
+    from pixcrawler_engine import Stream
+    from pathlib import Path
+
+    for i in range(20):
+        stream = Stream(job_source(Path({store!r})), config=small_config(), policy=POLICY)
+        stream._state.conn.recv()  # Ready: the slots exist and the workers are being forked
+        time.sleep(i * 0.005)
+        stream.close()
+    """
+)
+
+
 @contextmanager
 def _consumer(store: Path) -> Iterator[tuple[subprocess.Popen[str], dict[str, Any]]]:
     """A consumer process in a session of its own, past its first batch, and its children."""
@@ -158,3 +176,12 @@ def test_sweep_takes_only_runs_whose_owner_lock_is_free(tmp_path: Path) -> None:
         pool.close()
         live.release()
     assert not any(n.startswith(f"pxc_{live_token}") for n in shm_names())
+
+
+def test_a_run_closed_while_its_workers_start_ends_quietly(store: Path) -> None:
+    # Closing unlinks the run's segments first; a worker forked just before then found its
+    # beat counter gone and died with a traceback blaming "another process" (9 runs of 20).
+    script = CLOSE_IN_START_UP.format(tests=str(Path(__file__).parents[1]), store=str(store))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=99)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import select
 import socket
 import struct
 import traceback
@@ -65,6 +66,10 @@ class Channel:
     def recv(self) -> Any:
         (size,) = _FRAME.unpack(self._read(_FRAME.size))
         return pickle.loads(self._read(size))
+
+    def poll(self, timeout: float) -> bool:
+        """Whether a message (or EOF) arrives within `timeout` seconds."""
+        return bool(select.select([self._sock], [], [], timeout)[0])
 
     def close(self) -> None:
         self._sock.close()

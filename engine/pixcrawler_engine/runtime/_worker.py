@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from pixcrawler_engine._config import DecodePolicy
+from pixcrawler_engine._errors import SharedMemoryError
 from pixcrawler_engine.decode._fast import opencv
 from pixcrawler_engine.runtime._chunk import decode_samples
 from pixcrawler_engine.runtime._ipc import TooLarge, Wire
@@ -162,6 +163,16 @@ def _position(records: Sequence[Record], key: str) -> int:
     return next(i for i, r in enumerate(records) if r.key == key)
 
 
+def _sent_away(conn: Channel) -> bool:
+    """Whether the supervisor ends this worker (None, or EOF) within a few seconds."""
+    if not conn.poll(5.0):
+        return False
+    try:
+        return conn.recv() is None
+    except (EOFError, OSError):
+        return True
+
+
 def worker_main(
     conn: Channel,
     opener: ChunkOpener,
@@ -174,7 +185,12 @@ def worker_main(
     seat: int,
 ) -> None:
     """Runs tasks from `conn` until it sends None or closes (the supervisor is gone)."""
-    worker = _Worker(opener, policy, wires, slot_prefix, slot_bytes, beats_name, seat)
+    try:
+        worker = _Worker(opener, policy, wires, slot_prefix, slot_bytes, beats_name, seat)
+    except SharedMemoryError:
+        if _sent_away(conn):
+            return  # the run stopped while this worker started: its segments went first
+        raise
     memory = MemoryKeeper()  # gives memory back after large samples (see _memory)
     try:
         try:

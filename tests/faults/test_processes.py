@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from engine_helpers import (
     POLICY,
@@ -185,3 +187,29 @@ def test_a_run_closed_while_its_workers_start_ends_quietly(store: Path) -> None:
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=99)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Traceback" not in out.stderr, out.stderr[-3000:]
+
+
+def test_a_forked_child_that_drops_its_copy_of_a_run_leaves_the_parents_alone(
+    store: Path,
+) -> None:
+    # A forked child (a DataLoader worker, say) inherits the consumer's stream, its suspended
+    # iterator and its views. Dropping them there released the parent's slots to its
+    # supervisor, which reused them under the parent's views, and stopped the parent's run.
+    config = small_config(batch_rows=2, num_slots=3)
+    with Stream(job_source(store), config=config, policy=POLICY) as stream:
+        batches = iter(stream)
+        first, second = next(batches), next(batches)
+        kept = np.array(first.images)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                del first  # its view's lease finalizes here
+                gc.collect()
+                stream.close()
+            finally:
+                os._exit(0)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        rest = [key for batch in batches for key in batch.keys]
+        keys = [*first.keys, *second.keys, *rest]
+        assert np.array_equal(first.images, kept)  # its slot was not handed out again
+    assert keys == expected_keys(store)

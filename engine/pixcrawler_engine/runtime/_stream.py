@@ -125,8 +125,14 @@ class Batch:
 
 @dataclass
 class _RunState:
-    """Everything teardown needs, kept apart from `Stream` so the finalizer holds no cycle."""
+    """Everything teardown needs, kept apart from `Stream` so the finalizer holds no cycle.
 
+    Only the process that started the run stops it or releases its slots: a forked child (a
+    DataLoader worker) that drops its copy of a stream, iterator or view closes its own copies
+    of the pipes and mappings, and nothing else.
+    """
+
+    owner: int = field(default_factory=os.getpid)
     proc: Any = None
     token: str = ""
     conn: Any = None
@@ -141,7 +147,7 @@ class _RunState:
     def release(self, slot: int) -> None:
         # Runs from garbage collection, in any thread: one atomic pipe write, no lock.
         self.live_leases -= 1
-        if not self.closed:
+        if not self.closed and self.owner == os.getpid():
             with contextlib.suppress(OSError):
                 os.write(self.release_fd, RELEASE.pack(slot))
 
@@ -151,7 +157,7 @@ def _shutdown(state: _RunState) -> None:
     if state.closed:
         return
     state.closed = True
-    proc = state.proc
+    proc = state.proc if state.owner == os.getpid() else None
     if proc is not None:
         steps: tuple[tuple[Any, float], ...] = ((proc.kill, 2.0),)
         if not state.unresponsive:

@@ -9,6 +9,7 @@ Faults (`Fault.kind`), each applied to the next `times` requests whose path cont
     reset         send `after_bytes` of the body, then a TCP reset
     truncate      send the full Content-Length but only `after_bytes` of the body, then FIN
     stall         send `after_bytes` of the body, then nothing for `seconds`
+    slow          wait `seconds`, then send the whole response
     status        answer `status` with `headers` and `body` (500/502/503, 429 + Retry-After, ...)
     ignore_range  forward without Range/If-Range, so the server answers a full 200
     corrupt       flip one byte in the middle of the body (same length)
@@ -26,6 +27,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -72,6 +74,7 @@ class Seen:
     status: int
     body_bytes: int = 0
     client_port: int = 0  # the client's end of the connection (which process asked)
+    at: float = 0.0  # time.monotonic() when the request came
 
 
 class _Server(ThreadingHTTPServer):
@@ -124,6 +127,7 @@ class _Handler(BaseHTTPRequestHandler):
             fault=fault.kind if fault else None,
             status=0,
             client_port=self.client_address[1],
+            at=time.monotonic(),
         )
         with proxy._lock:
             proxy.requests.append(seen)
@@ -135,6 +139,8 @@ class _Handler(BaseHTTPRequestHandler):
             seen.status = 302
             self._send(302, [("Location", fault.location + self.path)], b"", seen)
             return
+        if fault is not None and fault.kind == "slow":
+            proxy._stop.wait(fault.seconds)
         if fault is not None and fault.kind == "ignore_range":
             headers = {k: v for k, v in headers.items() if k.lower() not in ("range", "if-range")}
         status, out_headers, body = proxy._forward(self.command, self.path, headers)

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from engine_helpers import ClientOptions, ClientTimings
+from engine_helpers import ClientOptions, ClientTimings, expected_keys
 
+from pixcrawler import load_dataset
 from pixcrawler_engine._errors import (
     AuthenticationError,
     DownloadError,
@@ -350,3 +351,19 @@ def test_key_never_logged_under_faults(server, proxy, chunk, tmp_path, caplog) -
     for record in caplog.records:
         assert server.api_key not in record.getMessage()
     assert server.api_key not in str(info.value)
+
+
+def test_a_run_downloads_its_first_chunk_alone(server, proxy) -> None:
+    # The first batch waits on the first chunk only. Started beside the next ones, its
+    # download shared the link with them (cold first batch 0.80 s, alone 0.63 s: epochs bench).
+    proxy.add(Fault("slow", match="/chunks/0", seconds=1.0))
+    with load_dataset(
+        "demo", base_url=proxy.url, api_key=server.api_key, num_workers=2, progress=False
+    ) as ds:
+        keys = [key for batch in ds.iter_engine_batches() for key in batch.keys]
+    assert keys == expected_keys(server.store)
+    chunks = [s for s in proxy.seen("/chunks/") if s.method == "GET"]
+    (first,) = [s for s in chunks if s.path.endswith("/chunks/0")]
+    others = [s for s in chunks if s is not first]
+    assert len(others) == ds.num_chunks - 1
+    assert min(s.at for s in others) >= first.at + 1.0  # none before the first was answered

@@ -1,10 +1,13 @@
 """Chunk downloads ahead of decoding: a thread pool fetches, the supervisor's loop collects.
 
 The pool runs `Source.fetch` and `Source.records` (blocking I/O) for up to `max_workers`
-chunks at a time, `prefetch_chunks` ahead of delivery. A finished download writes one byte to
-a pipe (`wake_fd`) so that the supervisor's `wait` wakes; only the supervisor's thread reads
-the results and changes the `State`. Sources refuse a chunk whose records do not match its
-plan's count: the epoch's order is computed from those counts (NOTE [epoch order] in `_epoch`).
+chunks at a time, `prefetch_chunks` ahead of delivery, except while a run's first group (its
+first chunk, in dataset order) downloads: the supervisor then asks for that group alone, as the
+first batch waits on it and downloads beside it would share its link. A finished download
+writes one byte to a pipe (`wake_fd`) so that the supervisor's `wait` wakes; only the
+supervisor's thread reads the results and changes the `State`. Sources refuse a chunk whose
+records do not match its plan's count: the epoch's order is computed from those counts (NOTE
+[epoch order] in `_epoch`).
 """
 
 from __future__ import annotations

@@ -139,9 +139,10 @@ class Supervisor:
 
     # ---- set-up -------------------------------------------------------------------------
     def _prefetch(self) -> None:
-        """Downloads the delivering group's chunks, and `prefetch_chunks` beyond its first."""
+        """Downloads the delivering group's chunks; `prefetch_chunks` ahead once group 0 is in."""
         g = min(self.state.deliver_group, len(self.groups) - 1)
-        limit = max(self.first[g + 1], self.first[g] + self.config.prefetch_chunks)
+        ahead = not self.groups or self.collected[0] == len(self.groups[0].chunks)
+        limit = max(self.first[g + 1], self.first[g] + self.config.prefetch_chunks * ahead)
         self.prefetch.start(self.state, limit)
 
     def start(self) -> None:

@@ -164,6 +164,45 @@ def test_a_skipped_sample_keeps_the_ranks_in_step(
     assert counts == [[111, 111, 111, 1], [110, 111, 111, 1], [111, 111, 111, 1]]
 
 
+@pytest.mark.parametrize("loader_workers", [0, 2])
+def test_a_step_of_bad_samples_still_hands_out_its_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loader_workers: int
+) -> None:
+    src = tmp_path / "src"
+    _demo_data.build_digits(src, limit=10, classes=tuple(range(10)))
+    for bad in sorted(src.rglob("*.png"))[2:6]:  # rank 1's first step and rank 0's second
+        bad.write_bytes(bad.read_bytes()[:60])
+    _pack.pack(src, tmp_path / "store", "classes", chunk_size=10, verify="header")
+    counts = []
+    with _load(tmp_path / "store", on_error="skip") as ds:
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        for rank in range(2):
+            monkeypatch.setenv("RANK", str(rank))
+            feed = ds.to_torch(iterable=True, batch_size=2)
+            loader = DataLoader(feed, batch_size=None, num_workers=loader_workers)
+            counts.append([len(labels) for _, labels in loader])
+            assert len(counts[-1]) == len(feed) == 25
+    # A rank whose step had no good sample handed out no batch at all: one batch fewer than
+    # the others, which then wait for it forever in their next collective.
+    assert counts[0][:3] == [2, 0, 2] and counts[1][:3] == [0, 2, 2]
+
+
+def test_per_sample_ranks_drop_only_what_they_cannot_share(
+    classes_store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without batch_size the ranks take turns of an engine batch (1,024 images of 8 x 8):
+    # drop_last dropped the whole last turn, here all 1,000 images.
+    keys = []
+    with _load(classes_store) as ds:
+        monkeypatch.setenv("WORLD_SIZE", "3")
+        for rank in range(3):
+            monkeypatch.setenv("RANK", str(rank))
+            feed = ds.to_torch(iterable=True, drop_last=True, metadata=True)
+            keys.append([meta["key"] for _, _, meta in feed])
+            assert len(keys[-1]) == len(feed) == 333  # DistributedSampler's 1000 // 3
+    assert len(set(keys[0]) | set(keys[1]) | set(keys[2])) == 999
+
+
 def test_dataloader_workers_keep_the_rank_order(
     classes_store: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -232,7 +271,7 @@ def test_two_gloo_ranks_share_each_epoch(classes_store: Path, tmp_path: Path) ->
 
 # ---- resume ----------------------------------------------------------------------------
 RESUME = """
-import json, sys
+import json, os, sys
 from torchdata.stateful_dataloader import StatefulDataLoader
 from pixcrawler import load_dataset
 
@@ -240,7 +279,7 @@ url, state_in, state_out, stop = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.
 ds = load_dataset("classes", base_url=url, num_workers=2, progress=False, image_size=8,
                   shuffle=True, seed=4)
 loader = StatefulDataLoader(ds.to_torch(iterable=True, batch_size=32, metadata=True),
-                            batch_size=None)
+                            batch_size=None, num_workers=int(os.environ.get("LOADER_WORKERS", 0)))
 if state_in != "-":
     loader.load_state_dict(json.load(open(state_in)))
 keys = []
@@ -275,6 +314,43 @@ def test_statefuldataloader_resumes_the_epoch_in_a_new_process(
     rest = _resume_run(tmp_path, classes_store, str(tmp_path / "state.json"), -1)
     assert rest == order[896:]  # exactly the rest, nothing decoded twice
     assert json.dumps(state)  # plain JSON
+
+
+def test_statefuldataloader_with_dataloader_workers_resumes_exactly(
+    classes_store: Path, tmp_path: Path
+) -> None:
+    # Each worker decodes batches k, k + K, ...: its state said "consumed = its own count x
+    # 32" (300 and 200 here), and the restored workers repeated 100 images and lost 600.
+    with _load(classes_store, shuffle=True, seed=4) as ds:
+        order = _keys(ds.iter_engine_batches())
+    head = _resume_run(tmp_path, classes_store, "-", 9, LOADER_WORKERS="2")
+    assert head == order[:288]
+    rest = _resume_run(tmp_path, classes_store, str(tmp_path / "state.json"), -1,
+                       LOADER_WORKERS="2")  # fmt: skip
+    assert rest == order[288:]
+    # A worker's place means nothing to another worker count (StatefulDataLoader checks it
+    # too), nor to the main process.
+    with _load(classes_store, shuffle=True, seed=4) as ds:
+        feed = ds.to_torch(iterable=True, batch_size=32)
+        place = {"id": 0, "of": 2, "units": 3, "rows": 0}
+        feed.load_state_dict({**feed.state_dict(), "worker": place})
+        with pytest.raises(ValueError, match="restore it with num_workers=2"):
+            next(iter(feed))
+
+
+def test_a_state_saved_at_an_epochs_end_resumes_at_the_next(classes_store: Path) -> None:
+    # With drop_last, 1000 images give 15 batches of 64; the state at the last one said
+    # "1000 - 40 consumed", so the restored pass was an empty rest of the same epoch.
+    with _load(classes_store, shuffle=True, seed=4) as ds:
+        feed = ds.to_torch(iterable=True, batch_size=64, drop_last=True)
+        states = [feed.state_dict() for _ in feed]
+        assert len(states) == 15 and states[-1]["epoch"] == 0
+        assert states[-1]["consumed"] == 1000 and states[-2]["consumed"] == 14 * 64
+        again = ds.to_torch(iterable=True, batch_size=64, drop_last=True)
+        again.load_state_dict(states[-1])
+        assert again.epoch == 1 and len(list(again)) == 15
+        feed.set_epoch(5)  # forgets the pass before
+        assert (feed.state_dict()["epoch"], feed.state_dict()["consumed"]) == (5, 0)
 
 
 def test_a_state_saved_at_two_ranks_resumes_at_one(classes_store: Path, tmp_path: Path) -> None:

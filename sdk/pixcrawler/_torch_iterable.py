@@ -8,12 +8,16 @@ k, k + K, ..., which DataLoader hands out round robin: the rank's order again.
 
 The state (`state_dict`) is plain JSON: the job, the order's parameters, the epoch and how
 many samples of the epoch's global order all ranks together have consumed; a run restored
-from it (at any world size) starts the epoch there and decodes nothing before it.
+from it (at any world size) starts the epoch there and decodes nothing before it. Per sample
+under ranks, that count stops at whole turns (world size x engine batch rows). A DataLoader
+worker's state also holds its own place (its units handed out whole, and rows of the next),
+which only the same worker of as many workers restores (`StatefulDataLoader` gives each
+worker its own). With `batch_size`, ranks and workers hand out one batch per step or unit,
+empty where all of its samples were bad, so that their counts match `len()`.
 """
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any
@@ -27,63 +31,15 @@ from pixcrawler._labels import LabelCoder
 from pixcrawler._parquet_ref import ParquetRef
 from pixcrawler._rebatch import check_batch_size, count_batches, rebatch
 from pixcrawler._torch_tensors import alloc, can_pin, images_tensor, pinned_alloc
+from pixcrawler._torch_world import PassState, by_step, world
 from pixcrawler_engine._config import DecodePolicy, EngineConfig
 from pixcrawler_engine.runtime._chunk import decode_records
 from pixcrawler_engine.runtime._epoch import Share, epoch_groups, units
 from pixcrawler_engine.runtime._stream import Batch, SampleWarning, Stream
 
-__all__ = ["TorchIterableDataset", "by_step", "world"]
+__all__ = ["TorchIterableDataset"]
 
 STATE_VERSION = 1
-
-
-def by_step(batches: Iterator[Batch], sizes: list[int]) -> Iterator[list[Batch]]:
-    """Engine batches grouped by the step of the order they cover (`sizes[i]` positions each).
-
-    A task never spans two steps (see NOTE [epoch order]), so whole engine batches make a
-    step; skipped samples count as covered. A step whose samples were all bad yields nothing.
-    """
-    steps = iter(sizes)
-    left = next(steps, 0)
-    group: list[Batch] = []
-    for batch in batches:
-        group.append(batch)
-        left -= len(batch) + batch.skipped
-        while left <= 0:
-            if group:
-                yield group
-            group = []
-            size = next(steps, None)
-            if size is None:
-                break
-            left += size
-    if group:
-        yield group
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size): `torch.distributed`'s when initialised, else `RANK`/`WORLD_SIZE`.
-
-    Raises:
-        ValueError: `RANK`/`WORLD_SIZE` are not ints, or the rank is not below the size.
-    """
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        rank, size = dist.get_rank(), dist.get_world_size()
-    else:
-        try:
-            rank, size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        except ValueError as exc:
-            raise ValueError(
-                f"RANK={os.environ.get('RANK')!r} and WORLD_SIZE={os.environ.get('WORLD_SIZE')!r} "
-                "must be ints (torchrun sets both); unset them for a single process"
-            ) from exc
-    if not 0 <= rank < size:
-        raise ValueError(
-            f"rank {rank} is not in 0 .. world_size - 1 = {size - 1}: check RANK and WORLD_SIZE "
-            "(or the process group)"
-        )
-    return rank, size
 
 
 class TorchIterableDataset(torch.utils.data.IterableDataset[Any]):
@@ -141,22 +97,37 @@ class TorchIterableDataset(torch.utils.data.IterableDataset[Any]):
         self.class_to_idx = class_to_idx
         self.classes = list(class_to_idx)
         self._start = 0  # where the next pass starts in its epoch (a loaded state)
-        self._pass: tuple[int, int, int, int] | None = None  # epoch, start, world, items out
+        self._resume: tuple[int, int, int, int] | None = None  # a worker's: id, of, units, rows
+        self._pass: PassState | None = None
 
     # ---- epochs and state -------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
         """Sets the epoch of the next pass (the same on every rank), from its start."""
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
-        self.epoch, self._start = epoch, 0
+        self.epoch, self._start, self._resume, self._pass = epoch, 0, None, None
 
     def state_dict(self) -> dict[str, Any]:
-        """Where the current pass stands, as plain JSON data (see `load_state_dict`)."""
-        epoch, consumed = self.epoch, self._start
-        if self._pass is not None:
-            epoch, start, size, items = self._pass
-            consumed = min(self._total(), start + self._consumed(items, size))
-        return {**self._identity(), "epoch": epoch, "consumed": consumed}
+        """Where the current pass stands, as plain JSON data (see `load_state_dict`).
+
+        Inside a DataLoader worker it also holds the worker's own place (`worker`), which
+        only the same worker of as many workers can restore.
+        """
+        p = self._pass
+        if p is None:
+            state: dict[str, Any] = {"epoch": self.epoch, "consumed": self._start}
+            if self._resume is not None:
+                worker, workers, units, rows = self._resume
+                state["worker"] = {"id": worker, "of": workers, "units": units, "rows": rows}
+            return {**self._identity(), **state}
+        if p.worker is not None:
+            worker, workers = p.worker
+            place = {"id": worker, "of": workers, "units": p.units, "rows": p.rows}
+            return {**self._identity(), "epoch": p.epoch, "consumed": p.start, "worker": place}
+        consumed = self._total()
+        if not p.done and p.items < p.expected:
+            consumed = min(consumed, p.start + self._consumed(p.items, p.world_size))
+        return {**self._identity(), "epoch": p.epoch, "consumed": consumed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Makes the next pass continue the saved epoch where it stood, at any world size.
@@ -180,9 +151,18 @@ class TorchIterableDataset(torch.utils.data.IterableDataset[Any]):
         epoch, consumed = state.get("epoch"), state.get("consumed")
         if not isinstance(epoch, int) or not isinstance(consumed, int) or consumed < 0:
             raise ValueError(f"a state needs int 'epoch' and 'consumed', got {state!r:.120}")
-        if consumed >= self._total():
+        place = state.get("worker")
+        resume = None
+        if place is not None:
+            keys = ("id", "of", "units", "rows")
+            values = [place.get(k) for k in keys] if isinstance(place, dict) else []
+            if len(values) != 4 or not all(isinstance(v, int) and v >= 0 for v in values):
+                raise ValueError(f"a worker's state needs int id, of, units, rows: {place!r:.120}")
+            worker, workers, units, rows = (int(v) for v in values)  # type: ignore[arg-type]
+            resume = (worker, workers, units, rows)
+        elif consumed >= self._total():
             epoch, consumed = epoch + 1, 0  # saved at the end of the epoch: the next one
-        self.epoch, self._start, self._pass = epoch, consumed, None
+        self.epoch, self._start, self._resume, self._pass = epoch, consumed, resume, None
 
     def _identity(self) -> dict[str, Any]:
         manifest = self.ref.manifest
@@ -205,8 +185,9 @@ class TorchIterableDataset(torch.utils.data.IterableDataset[Any]):
 
     def _share(self, size: int, rank: int) -> Share:
         step = self._step()
-        return Share(epoch=self.epoch, start=self._start, rank=rank, world_size=size,
-                     step=step, drop_last=self.drop_last and size > 1)  # fmt: skip
+        return Share(epoch=self.epoch, start=self._start, rank=rank, world_size=size, step=step,
+                     drop_last=self.drop_last and size > 1,
+                     per_sample=self.batch_size is None)  # fmt: skip
 
     def _consumed(self, items: int, size: int) -> int:
         """Samples of the global order consumed once every rank has handed out `items`."""
@@ -223,46 +204,97 @@ class TorchIterableDataset(torch.utils.data.IterableDataset[Any]):
         Fewer come out when bad images are skipped.
         """
         rank, size = world()
-        images = self._share(size, rank).count(self._total())
+        return self._expected(self._share(size, rank), size)
+
+    def _expected(self, share: Share, size: int) -> int:
+        images = share.count(self._total())
         if size > 1 and self.batch_size is not None:
-            return len(self._share(size, rank).ranges(self._total()))  # one batch per step
+            return len(share.ranges(self._total()))  # one batch per step
         batches = count_batches(images, self.batch_size, self.drop_last)
         return images if batches is None else batches
 
     def __iter__(self) -> Iterator[Any]:
         rank, size = world()
         share = self._share(size, rank)
-        self.epoch, self._start = share.epoch + 1, 0  # the next pass: the next epoch
-        self._pass = (share.epoch, share.start, size, 0)
         info = torch.utils.data.get_worker_info()
-        if info is None:
+        worker = None if info is None else (info.id, info.num_workers)
+        units, rows = self._resumed_at(worker)
+        self.epoch, self._start = share.epoch + 1, 0  # the next pass: the next epoch
+        p = self._pass = PassState(share.epoch, share.start, size, self._expected(share, size),
+                               worker, units=units, rows=rows)  # fmt: skip
+        if worker is None:
             batches = self._stream(share)
         else:
-            batches = self._decode_here(share, info.id, info.num_workers)
+            batches = self._decode_here(share, *worker, skip=(units, rows))
         if not self.batch_size:
             items = self._samples(batches)
-        elif size == 1:
+        elif size == 1 and worker is None:
             items = self._batches(batches)
-        else:  # one batch per step, however many samples were skipped: ranks stay in step
-            sizes = [hi - lo for lo, hi in share.ranges(self._total())]
-            if info is not None:
-                sizes = sizes[info.id :: info.num_workers]  # this worker's steps
-            steps = by_step(batches, sizes)
-            items = (item for group in steps for item in self._batches(group))
+        else:  # one batch per step (a worker: per unit), however many samples were skipped
+            sizes = self._unit_sizes(share)
+            if worker is not None:
+                sizes = sizes[worker[0] :: worker[1]][units:]  # this worker's, still to come
+            steps = zip(sizes, by_step(batches, sizes), strict=False)
+            items = (item for n, group in steps for item in self._step_batches(group, n))
         try:
             for n, item in enumerate(items, 1):
-                self._pass = (share.epoch, share.start, size, n)  # handed out: consumed
+                p.items = n  # handed out: consumed
+                if worker is not None and self.batch_size:
+                    p.units = units + n
                 yield item
+            p.done = True
         finally:
             batches.close()  # stops the engine pass now, not when the generator is collected
 
+    def _resumed_at(self, worker: tuple[int, int] | None) -> tuple[int, int]:
+        """The units and rows a loaded worker state says this worker handed out already."""
+        resume, self._resume = self._resume, None
+        if resume is None:
+            return 0, 0
+        if worker != resume[:2]:
+            where = "the main process" if worker is None else f"worker {worker[0]} of {worker[1]}"
+            raise ValueError(
+                f"this state was saved by DataLoader worker {resume[0]} of {resume[1]} and "
+                f"is loaded in {where}: restore it with num_workers={resume[1]}"
+            )
+        return resume[2], resume[3]
+
+    def _unit_sizes(self, share: Share) -> list[int]:
+        """Positions of each step of `share`, in order (inside DataLoader workers: units,
+        which the workers decode round robin)."""
+        step = self._step()
+        ranges = share.ranges(self._total())
+        return [min(step, hi - p) for lo, hi in ranges for p in range(lo, hi, step)]
+
     def _samples(self, batches: Iterator[Batch]) -> Iterator[tuple[Any, ...]]:
+        p = self._pass
+        counting = p is not None and p.worker is not None  # a worker's batches are its units
         for batch in batches:
             images = batch.images
             meta = self.metadata(batch)[0] if self.metadata else None
             for i, label in enumerate(batch.labels):
                 item = self._output(images[i], label)
+                if counting:
+                    assert p is not None
+                    last = i + 1 == len(batch)
+                    p.units, p.rows = p.units + last, 0 if last else p.rows + 1
                 yield item if meta is None else (*item, meta[i])
+            if counting and not len(batch):
+                assert p is not None
+                p.units, p.rows = p.units + 1, 0
+
+    def _step_batches(self, group: list[Batch], size: int) -> Iterable[tuple[Any, ...]]:
+        """The batch of one step: empty where every sample of it was bad, so that every rank
+        (and every unit of a worker) hands out one batch per step."""
+        if group:
+            return self._batches(group)
+        if self.drop_last and self.batch_size is not None and size < self.batch_size:
+            return []  # a short last step, dropped whatever it held
+        images = torch.empty((0, *(self.policy.fixed_shape or (0, 0, 0))), dtype=torch.uint8)
+        if self.transform is not None:
+            images = self.transform(images)
+        labels: Any = torch.empty(0, dtype=torch.int64) if self.class_to_idx else []
+        return [(images, labels, *([[]] if self.metadata else []))]
 
     def _batches(self, batches: Iterable[Batch]) -> Iterator[tuple[Any, ...]]:
         pin = self.pin_memory and torch.utils.data.get_worker_info() is None and can_pin()
@@ -307,8 +339,13 @@ class TorchIterableDataset(torch.utils.data.IterableDataset[Any]):
         with stream:
             yield from stream
 
-    def _decode_here(self, share: Share, worker: int, workers: int) -> Generator[Batch, None, None]:
-        """Worker `worker` of `workers`: the rank's batches worker, worker + workers, ..."""
+    def _decode_here(
+        self, share: Share, worker: int, workers: int, *, skip: tuple[int, int] = (0, 0)
+    ) -> Generator[Batch, None, None]:
+        """Worker `worker` of `workers`: the rank's units worker, worker + workers, ...; after
+        a restored state, from its `skip[0]`-th unit on, less that unit's first `skip[1]` rows.
+        """
+        skip_units, skip_rows = skip
         chunks = self.ref.manifest.chunks
         groups = epoch_groups(
             [c.num_images for c in chunks],
@@ -320,8 +357,12 @@ class TorchIterableDataset(torch.utils.data.IterableDataset[Any]):
         )
         cache = LocalChunks(self.ref)
         try:
+            mine = 0
             for n, pieces in enumerate(units(groups, self._step())):
                 if n % workers != worker:
+                    continue
+                mine += 1
+                if mine <= skip_units:
                     continue
                 records, reads, ids = [], [], []
                 for g, lo, hi in pieces:
@@ -337,6 +378,7 @@ class TorchIterableDataset(torch.utils.data.IterableDataset[Any]):
                 if self.policy.on_error == "warn":
                     for key, message in errors:
                         warnings.warn(SampleWarning(message, key), stacklevel=2)
-                yield Batch(batch, skipped=len(errors))
+                rows, skip_rows = skip_rows, 0  # handed out before the state was saved
+                yield Batch(batch.slice(rows) if rows else batch, skipped=len(errors))
         finally:
             cache.discard()

@@ -20,8 +20,10 @@ A `Share` picks one stream's part of that order. `start` samples are already con
 resumed epoch). Then the `world_size` ranks take turns: at each step rank r takes the `step`
 samples after the first `r * step`, so together the ranks take the next `world_size * step`
 samples of the global order (MosaicML's elastic determinism: the union does not depend on
-the world size). The last, incomplete step is dropped (`drop_last`) or padded by repeating
-samples from the start of the epoch so that every rank gets the same number of samples.
+the world size). The last, incomplete turn is padded by repeating samples from the start of
+the epoch so that every rank gets the same number of samples, or with `drop_last` dropped:
+whole (every rank, whole steps only), or with `per_sample` down to a multiple of the world
+size (every rank, as many samples: `DistributedSampler`'s convention).
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ class Share:
         world_size: how many ranks take turns.
         step: samples each rank takes per turn (its batch size).
         drop_last: drop the last, incomplete turn instead of padding it.
+        per_sample: with `drop_last`, drop only what the ranks cannot share evenly (the
+            ranks hand out samples, not batches of `step`).
     """
 
     epoch: int = 0
@@ -53,6 +57,7 @@ class Share:
     world_size: int = 1
     step: int = 1
     drop_last: bool = False
+    per_sample: bool = False
 
     def __post_init__(self) -> None:
         for name in ("epoch", "start", "rank"):
@@ -93,8 +98,10 @@ class Share:
             return [(self.start, total)] if left else []
         first = self.start + self.rank * self.step
         out = [(first + k * turn, first + k * turn + self.step) for k in range(full)]
-        if tail and not self.drop_last:
-            each = -(-tail // self.world_size)  # padded so that every rank gets as many
+        each = -(-tail // self.world_size)  # padded so that every rank gets as many
+        if self.drop_last:
+            each = tail // self.world_size if self.per_sample else 0
+        if each:
             lo = self.start + full * turn + self.rank * each
             out.append((lo, lo + each))
         return out

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -245,3 +247,34 @@ def test_far_more_workers_than_cores_and_batches_larger_than_a_chunk(store: Path
     with Stream(job_source(store), config=small_config(batch_rows=1000), policy=POLICY) as stream:
         sizes = [len(batch) for batch in stream]
     assert sizes == [16] * 7 + [8]  # 120 images in chunks of 16
+
+
+def test_a_source_found_only_on_the_callers_sys_path(store: Path, tmp_path: Path) -> None:
+    # A user's source whose module only the caller's sys.path finds (a src/ folder, a script
+    # run from elsewhere): the zygote loaded the workers' arguments before that path, so its
+    # workers never started ("the worker zygote died 4 times").
+    (tmp_path / "userpkg").mkdir()
+    (tmp_path / "userpkg" / "myop.py").write_text(
+        "from pixcrawler_engine.sources._base import SourceWrapper, ZipOpener\n"
+        "class MyOpener:\n"
+        "    def open(self, path):\n"
+        "        return ZipOpener().open(path)\n"
+        "class MySource(SourceWrapper):\n"
+        "    def opener(self):\n"
+        "        return MyOpener()\n"
+    )
+    script = (
+        "import sys\n"
+        f"sys.path[:0] = [{str(tmp_path / 'userpkg')!r}, {str(Path(__file__).parent)!r}]\n"
+        "from pathlib import Path\n"
+        "from engine_helpers import POLICY, job_source, small_config\n"
+        "from myop import MySource\n"
+        "from pixcrawler_engine import Stream\n"
+        f"source = MySource(job_source(Path({str(store)!r})))\n"
+        "with Stream(source, config=small_config(), policy=POLICY) as stream:\n"
+        "    print(sum(len(batch) for batch in stream))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120, cwd="/")  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert int(out.stdout.split()[-1]) == len(expected_keys(store))

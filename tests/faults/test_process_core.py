@@ -280,7 +280,7 @@ def test_worker_arguments_are_plain_pickle_unless_they_hold_user_code(tmp_path: 
 
     path = tmp_path / "args"
     plain = (list(sys.path), (EngineConfig(num_workers=3), "prefix", 7))  # it sets sys.path
-    path.write_bytes(_dumps_args(plain))
+    path.write_bytes(_dumps_args(*plain))
     assert path.read_bytes()[:1] == b"P" and _load_args(path) == plain[1]
     script = textwrap.dedent(
         f"""
@@ -289,7 +289,7 @@ def test_worker_arguments_are_plain_pickle_unless_they_hold_user_code(tmp_path: 
         from pixcrawler_engine.runtime._zygote import _dumps_args
         def double(x):
             return 2 * x
-        Path({str(path)!r}).write_bytes(_dumps_args((sys.path, (double, lambda x: x + 1))))
+        Path({str(path)!r}).write_bytes(_dumps_args(sys.path, (double, lambda x: x + 1)))
         """
     )
     subprocess.run([sys.executable, "-c", script], check=True)

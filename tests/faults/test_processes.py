@@ -213,3 +213,36 @@ def test_a_forked_child_that_drops_its_copy_of_a_run_leaves_the_parents_alone(
         keys = [*first.keys, *second.keys, *rest]
         assert np.array_equal(first.images, kept)  # its slot was not handed out again
     assert keys == expected_keys(store)
+
+
+# The consumer stands in for a container's first process: orphans of its tree come to it.
+SUBREAPER = textwrap.dedent(
+    """
+    import ctypes, json, sys, time
+    import psutil
+    assert ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0  # CHILD_SUBREAPER
+    sys.path.insert(0, {tests!r})
+    from engine_helpers import job_source, small_config, POLICY
+    from pixcrawler_engine import Stream
+    from pathlib import Path
+
+    for _ in range(2):
+        with Stream(job_source(Path({store!r})), config=small_config(), policy=POLICY) as s:
+            rows = sum(len(batch) for batch in s)
+    time.sleep(0.5)
+    left = [(p.pid, p.name(), p.status()) for p in psutil.Process().children()]
+    print(json.dumps({{"rows": rows, "left": left}}))
+    """
+)
+
+
+def test_no_worker_is_left_to_init(store: Path) -> None:
+    # The zygote exited as soon as its supervisor closed, before reaping the workers that
+    # were ending: init inherited them, and a container whose first process is the training
+    # script (which reaps nothing) gathered zombies, 2 a run here.
+    script = SUBREAPER.format(tests=str(Path(__file__).parents[1]), store=str(store))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=99)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.splitlines()[-1])
+    assert result["rows"] == len(expected_keys(store))
+    assert result["left"] == []

@@ -91,7 +91,7 @@ class Zygote:
     def set_args(self, path: Path, args: tuple[Any, ...]) -> None:
         """Writes the workers' arguments to `path` and names it to the zygote (and again to a
         restarted one). Plain pickle when it will do, else dill (`_dumps_args`)."""
-        path.write_bytes(_dumps_args((list(sys.path), args)))
+        path.write_bytes(_dumps_args(list(sys.path), args))
         self.args_path = path
         self._send(b"A" + os.fsencode(path))
 
@@ -242,9 +242,20 @@ def main(fd: int | None = None) -> None:
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)  # wakes select through wake_w
+    children: set[int] = set()
+    try:
+        _serve(sock, wake_r, wake_w, children, worker_main)
+    finally:
+        _end_workers(children, grace=1.0)
+
+
+def _serve(
+    sock: socket.socket, wake_r: int, wake_w: int, children: set[int], worker_main: Any
+) -> None:
+    """Forks workers on request until the supervisor's end closes; `children`: those alive."""
     args: tuple[Any, ...] | None = None
     while True:
-        _reap(sock)
+        children.difference_update(_reap(sock))
         ready, _, _ = select.select([sock.fileno(), wake_r], [], [], 5.0)
         if wake_r in ready:
             os.read(wake_r, 4096)
@@ -271,6 +282,7 @@ def main(fd: int | None = None) -> None:
             pid = os.fork()
             if pid == 0:
                 _become_worker(sock, (wake_r, wake_w), fds[0], seat, args, worker_main)
+            children.add(pid)
             os.close(fds[0])
             try:
                 sock.send(b"P" + _SEAT_PID.pack(seat, pid))
@@ -288,45 +300,63 @@ class _Plain(pickle.Pickler):
         return NotImplemented
 
 
-def _dumps_args(value: Any) -> bytes:
-    """The workers' arguments: b"P" and plain pickle, whose loading in the zygote needs no dill
-    import (~8 ms on the way to a first batch), or b"D" and dill, for user code (a transform
-    defined in a script)."""
+def _dumps_args(sys_path: list[str], args: Any) -> bytes:
+    """The caller's `sys.path`, then the workers' arguments (two pickles: the path must be in
+    place before the arguments' modules import): b"P" and plain pickle, whose loading in the
+    zygote needs no dill import (~8 ms on the way to a first batch), or b"D" and dill, for
+    user code (a transform defined in a script)."""
+    path = pickle.dumps(sys_path, protocol=pickle.HIGHEST_PROTOCOL)
     out = io.BytesIO()
-    out.write(b"P")
     try:
-        _Plain(out, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
+        _Plain(out, protocol=pickle.HIGHEST_PROTOCOL).dump(args)
     except (pickle.PicklingError, AttributeError, TypeError):
         import dill
 
-        return b"D" + dill.dumps(value)
-    return out.getvalue()
+        return b"D" + path + dill.dumps(args)
+    return b"P" + path + out.getvalue()
 
 
 def _load_args(path: Path) -> tuple[Any, ...]:
-    """Loads what `_dumps_args` wrote."""
-    data = path.read_bytes()
-    if data[:1] == b"P":
-        sys_path, args = pickle.loads(data[1:])
-    else:
-        import dill
+    """Loads what `_dumps_args` wrote, the caller's `sys.path` first."""
+    data = io.BytesIO(path.read_bytes())
+    kind = data.read(1)
+    sys.path[:] = pickle.load(data)
+    if kind == b"P":
+        return tuple(pickle.load(data))
+    import dill
 
-        sys_path, args = dill.loads(data[1:])
-    sys.path[:] = sys_path
-    return tuple(args)
+    return tuple(dill.load(data))
 
 
-def _reap(sock: socket.socket) -> None:
-    """Reaps ended workers and reports their exit codes."""
+def _reap(sock: socket.socket) -> list[int]:
+    """Reaps ended workers and reports their exit codes; returns their pids."""
+    reaped: list[int] = []
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return
+            return reaped
         if pid == 0:
-            return
+            return reaped
+        reaped.append(pid)
         with contextlib.suppress(OSError):
             sock.send(b"X" + _SEAT_PID.pack(pid, os.waitstatus_to_exitcode(status)))
+
+
+def _end_workers(children: set[int], grace: float) -> None:
+    """Before the zygote exits: reaps its workers, which end once their supervisor is gone or
+    has sent them away, and SIGKILLs those still running after `grace` seconds. None is left
+    to init, which in a container is often the training script, and reaps nothing."""
+    deadline = time.monotonic() + grace
+    for pid in children:
+        with contextlib.suppress(ChildProcessError):
+            while not os.waitpid(pid, os.WNOHANG)[0]:
+                if time.monotonic() > deadline:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                    break
+                time.sleep(0.005)
 
 
 def _become_worker(

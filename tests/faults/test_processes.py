@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import pytest
 from engine_helpers import (
     POLICY,
@@ -246,3 +247,15 @@ def test_no_worker_is_left_to_init(store: Path) -> None:
     result = json.loads(out.stdout.splitlines()[-1])
     assert result["rows"] == len(expected_keys(store))
     assert result["left"] == []
+
+
+def test_a_source_that_cannot_be_pickled_leaves_no_process(store: Path) -> None:
+    # The supervisor was launched, then the arguments failed to pickle: nothing stopped it
+    # while the traceback (kept by a notebook, or here by pytest) held its pipe.
+    source = job_source(store)
+    source.cache = (i for i in range(3))  # type: ignore[attr-defined]  # a user's attribute
+    before = {p.pid for p in psutil.Process().children()}
+    with pytest.raises(TypeError, match="pickle") as failed:
+        Stream(source, config=small_config(), policy=POLICY)
+    new = [p.pid for p in psutil.Process().children() if p.pid not in before]
+    assert wait_gone(new, 10.0) == [] and failed.value is not None

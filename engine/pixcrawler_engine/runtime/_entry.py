@@ -61,7 +61,10 @@ def bootstrap() -> None:
                 break
             message.apply()
         sys.path[:] = message
-        token, source, config, policy, share, wires = conn.recv()
+        run = conn.recv()
+        if run is None:
+            raise EOFError("sent away: the run's arguments could not be sent")
+        token, source, config, policy, share, wires = run
     except (EOFError, OSError):
         # No run came (a spare no longer wanted, or its consumer died: NOTE [spare] in
         # `_launch`): the zygote holds nothing yet and may be mid-import, so no polite wait.

@@ -227,6 +227,9 @@ class Stream:
             conn.send((self._state.token, source, config, policy, share or Share(), wires))
         except OSError:
             pass  # it died at once; the first receive says how
+        except BaseException:
+            launched.close()  # the arguments cannot be pickled (or Ctrl-C): it waits in vain
+            raise
         self._state.proc, self._state.conn = proc, plain_connection(conn)
         self.pid = proc.pid
         self.worker_pids: tuple[int, ...] = ()

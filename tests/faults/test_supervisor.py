@@ -217,3 +217,21 @@ def test_sigkill_of_a_worker_while_it_decodes(slow_store: tuple[Path, list[str]]
     assert busy < SLOW_TASK / 2  # it was still decoding the big PNGs when it died
     assert keys == expected
     assert stats["worker_restarts"] == 1
+
+
+@pytest.mark.parametrize("late", [0.0, 2.0])
+def test_decoders_that_cannot_start_are_named_to_the_consumer(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, late: float
+) -> None:
+    # An OpenCV that imports but cannot run (a numpy ABI mismatch, say). The zygote's report
+    # was lost (its socket resets before the queued report reads), so the consumer heard
+    # "died 4 times; see its error output above" with nothing above; and one that came late
+    # (after the failed run had unlinked its slots) heard "another process removed it".
+    (tmp_path / "cv2.py").write_text(
+        "def setNumThreads(n):\n    raise RuntimeError('this OpenCV build is broken')\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # the engine's processes only
+    stream = Stream(job_source(store), config=small_config(), policy=POLICY)
+    time.sleep(late)  # the caller does something else before its first batch
+    with stream, pytest.raises(WorkerError, match="this OpenCV build is broken"):
+        next(iter(stream))

@@ -171,11 +171,7 @@ class WorkerPool:
 
     # ---- internals ----------------------------------------------------------------------------
     def _on_zygote(self) -> None:
-        try:
-            reports = self.zygote.receive()
-        except RuntimeError as exc:
-            raise WorkerError(f"the worker zygote cannot start workers: {exc}") from None
-        for kind, a, b in reports:
+        for kind, a, b in self.zygote.receive():
             if kind == b"P":
                 worker = next((w for w in self.workers if w.seat == a and w.pid is None), None)
                 if worker is not None:

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from pixcrawler_engine._config import DecodePolicy, EngineConfig
-from pixcrawler_engine._errors import WorkerError
+from pixcrawler_engine._errors import SharedMemoryError, WorkerError
 from pixcrawler_engine.runtime._batch import (
     image_views,
     labels_of,
@@ -303,10 +303,10 @@ class Stream:
                     heard, pinged = time.monotonic(), False
                 if isinstance(msg, Ready):
                     self._ready = msg
-                    state.slots.extend(attach(name) for name in msg.slots)
+                    state.slots.extend(self._attach(msg.slots))
                     continue
                 if isinstance(msg, SlotsAdded):
-                    state.slots.extend(attach(name) for name in msg.names)
+                    state.slots.extend(self._attach(msg.names))
                     continue
                 if isinstance(msg, Workers):
                     self.worker_pids = msg.pids
@@ -339,6 +339,20 @@ class Stream:
             if self._ready is not None and state.slots and state.live_leases >= len(state.slots):
                 # Every slot is pinned by views the caller keeps: ask for one more.
                 self._send(Grow())
+
+    def _attach(self, names: tuple[str, ...]) -> list[Any]:
+        """Maps slots. A run that failed before its consumer came unlinked them on its way
+        out: its error, sent after them, is raised rather than the missing segment."""
+        try:
+            return [attach(name) for name in names]
+        except SharedMemoryError:
+            conn = self._state.conn
+            with contextlib.suppress(EOFError, OSError):
+                while conn.poll(2.0):
+                    msg = conn.recv()
+                    if isinstance(msg, Failed):
+                        msg.error.reraise()
+            raise
 
     def _send(self, message: Any) -> None:
         try:

@@ -41,6 +41,7 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pixcrawler_engine._errors import WorkerError
 from pixcrawler_engine.runtime._memory import libc
 
 if TYPE_CHECKING:
@@ -108,7 +109,7 @@ class Zygote:
                 assert self.sock is not None
                 socket.send_fds(self.sock, [b"S" + _SEAT_PID.pack(seat, 0)], [theirs.fileno()])
             except OSError:
-                self.lost()  # mine then reads EOF: the worker is redone like a dead one
+                self._gone()  # mine then reads EOF: the worker is redone like a dead one
         from multiprocessing.connection import Connection
 
         return Connection(mine.detach())
@@ -117,14 +118,21 @@ class Zygote:
         """Reads what the zygote reported: (kind, a, b) for P (seat, pid) and X (pid, code).
 
         Raises:
-            RuntimeError: the zygote reported that it cannot serve (`E`).
+            WorkerError: the zygote reported that it cannot serve (`E`).
         """
         reports: list[tuple[bytes, int, int]] = []
+        reset = False
         while self.sock is not None:
             try:
                 data = self.sock.recv(_MAX_MESSAGE, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 break
+            except ConnectionResetError:
+                if reset:
+                    data = b""
+                else:  # it exited with our messages unread: what it sent follows, then EOF
+                    reset = True
+                    continue
             except OSError:
                 data = b""
             if not data:
@@ -132,9 +140,17 @@ class Zygote:
                 break
             kind, body = data[:1], data[1:]
             if kind == b"E":
-                raise RuntimeError(body.decode(errors="replace"))
+                said = body.decode(errors="replace")
+                raise WorkerError(f"the worker zygote cannot start workers: {said}")
             reports.append((kind, *_SEAT_PID.unpack(body)))
         return reports
+
+    def _gone(self) -> None:
+        """A send failed: reads what the zygote said last (its `E` raises), then forgets it."""
+        try:
+            self.receive()
+        finally:
+            self.lost()
 
     def lost(self) -> None:
         """Forgets a zygote that died (or is being replaced); the next spawn starts another."""
@@ -166,7 +182,7 @@ class Zygote:
         try:
             self.sock.send(message)
         except OSError:
-            self.lost()
+            self._gone()
 
 
 class _Forked:
@@ -301,9 +317,8 @@ class _Plain(pickle.Pickler):
 
 
 def _dumps_args(sys_path: list[str], args: Any) -> bytes:
-    """The caller's `sys.path`, then the workers' arguments (two pickles: the path must be in
-    place before the arguments' modules import): b"P" and plain pickle, whose loading in the
-    zygote needs no dill import (~8 ms on the way to a first batch), or b"D" and dill, for
+    """The caller's `sys.path`, then the workers' arguments, which may need it to load: b"P" and
+    plain pickle (the zygote imports no dill, ~8 ms before a first batch), or b"D" and dill for
     user code (a transform defined in a script)."""
     path = pickle.dumps(sys_path, protocol=pickle.HIGHEST_PROTOCOL)
     out = io.BytesIO()
@@ -344,9 +359,8 @@ def _reap(sock: socket.socket) -> list[int]:
 
 
 def _end_workers(children: set[int], grace: float) -> None:
-    """Before the zygote exits: reaps its workers, which end once their supervisor is gone or
-    has sent them away, and SIGKILLs those still running after `grace` seconds. None is left
-    to init, which in a container is often the training script, and reaps nothing."""
+    """Reaps the workers (ending: their supervisor is gone) before the zygote exits, SIGKILLed
+    after `grace` s: none is left to init, often the training script in a container."""
     deadline = time.monotonic() + grace
     for pid in children:
         with contextlib.suppress(ChildProcessError):

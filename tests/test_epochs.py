@@ -101,6 +101,16 @@ def test_iter_batches_start_skips_without_decoding(classes_store: Path) -> None:
     assert tail == full[900:]
 
 
+def test_a_start_past_the_epoch_is_refused_and_the_epoch_stays(classes_store: Path) -> None:
+    # It raised "the state was saved for a larger dataset", and the epoch moved on anyway.
+    with _load(classes_store) as ds:
+        for start in (1001, -1):
+            with pytest.raises(ValueError, match=rf"start={start} is not a place in an epoch"):
+                next(ds.iter_batches(start=start))
+        assert ds.epoch == 0
+        assert len(list(ds.iter_batches(100, start=1000))) == 0 and ds.epoch == 1
+
+
 def test_copy_gives_writable_arrays(classes_store: Path) -> None:
     with _load(classes_store) as ds:
         images, _ = next(ds.iter_batches(16))

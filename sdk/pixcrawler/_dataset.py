@@ -218,6 +218,11 @@ class Dataset(Frameworks):
                 `start` on. Given, the dataset's epoch does not advance.
         """
         if share is None:
+            if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= len(self):
+                raise ValueError(
+                    f"start={start!r} is not a place in an epoch of {len(self)} images: pass "
+                    f"an int from 0 to {len(self)} (the images of the epoch already used)"
+                )
             share = Share(epoch=self.next_epoch(), start=start)
         return self._run(self._ref.source(), self._config, desc=desc, share=share)
 

@@ -363,6 +363,30 @@ def test_a_state_saved_at_an_epochs_end_resumes_at_the_next(classes_store: Path)
         assert (feed.state_dict()["epoch"], feed.state_dict()["consumed"]) == (5, 0)
 
 
+def test_a_skipped_image_before_the_checkpoint_is_not_repeated_after_it(tmp_path: Path) -> None:
+    # Batches were refilled past a skipped image, so "consumed = batches x 4" fell one short
+    # of the positions used: the image after the checkpoint came out twice.
+    src = tmp_path / "src"
+    _demo_data.build_digits(src, limit=10, classes=tuple(range(10)))
+    bad = sorted(src.rglob("*.png"))[2]
+    bad.write_bytes(bad.read_bytes()[:60])
+    _pack.pack(src, tmp_path / "store", "classes", chunk_size=30, verify="header")
+    with _load(tmp_path / "store", on_error="skip") as ds:
+        good = [k for k in _keys(ds.iter_engine_batches())]
+        feed = ds.to_torch(iterable=True, batch_size=4, metadata=True)
+        head: list[str] = []
+        for n, (_, _, meta) in enumerate(feed, 1):
+            head += [m["key"] for m in meta]
+            if n == 2:
+                state = feed.state_dict()
+                break
+        again = ds.to_torch(iterable=True, batch_size=4, metadata=True)
+        again.load_state_dict(state)
+        rest = [m["key"] for _, _, meta in again for m in meta]
+    assert state["consumed"] == 8 and len(head) == 7  # one step of 4 had a bad image
+    assert head + rest == good
+
+
 def test_a_state_saved_at_two_ranks_resumes_at_one(classes_store: Path, tmp_path: Path) -> None:
     with _load(classes_store, shuffle=True, seed=4) as ds:
         order = _keys(ds.iter_engine_batches())

@@ -228,8 +228,6 @@ class TorchIterableDataset(torch.utils.data.IterableDataset[Any]):
             batches = self._decode_here(share, *worker, skip=(units, rows))
         if not self.batch_size:
             items = self._samples(batches)
-        elif size == 1 and worker is None:
-            items = self._batches(batches)
         else:  # one batch per step (a worker: per unit), however many samples were skipped
             sizes = self._unit_sizes(share)
             if worker is not None:

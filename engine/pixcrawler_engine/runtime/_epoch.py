@@ -79,7 +79,9 @@ class Share:
         return sum(hi - lo for lo, hi in self.ranges(total))
 
     def ranges(self, total: int) -> list[tuple[int, int]]:
-        """This share's positions of an epoch of `total` samples, as [lo, hi) ranges in order.
+        """This share's positions of an epoch of `total` samples, as [lo, hi) ranges in order:
+        one per step (one in all at world size 1 with `step` 1), so that no decode task (cut
+        within a range) spans two steps.
 
         Positions at or past `total` are padding: position p stands for sample p - total.
 
@@ -94,7 +96,7 @@ class Share:
         left = total - self.start
         turn = self.world_size * self.step
         full, tail = divmod(left, turn)
-        if self.world_size == 1:
+        if self.world_size == 1 and self.step == 1:
             return [(self.start, total)] if left else []
         first = self.start + self.rank * self.step
         out = [(first + k * turn, first + k * turn + self.step) for k in range(full)]
@@ -207,7 +209,7 @@ def epoch_groups(
     total = starts[-1]
     padding: list[Group] = []
     for lo, hi in share.ranges(total):
-        _assign(groups, starts, lo, min(hi, total))
+        _assign(groups, starts, lo, min(hi, total), merge=share.step == 1)
         p = max(lo, total)
         while p < hi:  # padding: the epoch's first samples again, in groups of their own
             a = (p - total) % total
@@ -235,10 +237,12 @@ def _split(
     return out
 
 
-def _assign(groups: list[Group], starts: list[int], lo: int, hi: int) -> None:
+def _assign(groups: list[Group], starts: list[int], lo: int, hi: int, *, merge: bool) -> None:
+    """Selects global positions [lo, hi) in the groups; with `merge`, a range that continues
+    the last one extends it (without, steps stay ranges of their own: no task spans two)."""
     for g, (a, b) in _split(groups, starts, lo, hi):
         ranges = groups[g].ranges
-        if ranges and ranges[-1][1] == a:
+        if merge and ranges and ranges[-1][1] == a:
             ranges[-1] = (ranges[-1][0], b)  # contiguous: one range
         else:
             ranges.append((a, b))

@@ -17,11 +17,15 @@ PNGs that takes seconds of CPU, and killing it after a fraction of a second of i
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import re
 import signal
+import subprocess
+import sys
 import tempfile
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -40,6 +44,7 @@ from engine_helpers import (
 )
 
 from pixcrawler_engine import Stream, WorkerError
+from pixcrawler_engine._config import ROW_OVERHEAD, SLOT_OVERHEAD
 from pixcrawler_engine.decode._image import decode_image
 
 from .bad_data import chunk_zip, digits, encode, png, tally, write_job
@@ -235,3 +240,44 @@ def test_decoders_that_cannot_start_are_named_to_the_consumer(
     time.sleep(late)  # the caller does something else before its first batch
     with stream, pytest.raises(WorkerError, match="this OpenCV build is broken"):
         next(iter(stream))
+
+
+# Keeps every batch (so it holds its slots) and SIGKILLs the workers after the first one.
+KEEP_AND_KILL = textwrap.dedent(
+    """
+    import json, os, signal, sys
+    sys.path.insert(0, {tests!r})
+    from engine_helpers import job_source, small_config
+    from pixcrawler_engine import DecodePolicy, Stream
+    from pathlib import Path
+
+    config = small_config(batch_rows=8, num_slots=2, slot_bytes={slot_bytes})
+    stream = Stream(job_source(Path({store!r}), "slow"), config=config,
+                    policy=DecodePolicy(image_size=(32, 32)))
+    kept, keys = [], []
+    for i, batch in enumerate(stream):
+        kept.append(batch)
+        keys += batch.keys
+        if i == 0:
+            for pid in stream.worker_pids:
+                os.kill(pid, signal.SIGKILL)
+    print(json.dumps(keys))
+    """
+)
+
+
+def test_a_dead_workers_task_lends_its_slot_to_an_earlier_one(tmp_path: Path) -> None:
+    # Task A (8 small digits) fills its slot at 4: its rest waits for a slot. Task B (8 large
+    # ones) still decodes when the consumer, keeping every batch, kills the workers: B goes
+    # back with its slot, behind A's rest, which had none to get: the run hung forever.
+    small = [encode(np.stack([d] * 3, axis=-1), "PNG") for d in digits()[:8]]
+    large = [encode(np.stack([d] * 3, axis=-1).repeat(80, 0).repeat(80, 1), "PNG")
+             for d in digits()[8:16]]  # fmt: skip
+    samples = [(f"{i:02d}.png", data) for i, data in enumerate(small + large)]
+    write_job(tmp_path / "store", "slow", [chunk_zip(samples)])
+    slot_bytes = SLOT_OVERHEAD + 4 * (32 * 32 * 3 + ROW_OVERHEAD)
+    script = KEEP_AND_KILL.format(tests=str(Path(__file__).parents[1]),
+                                  store=str(tmp_path / "store"), slot_bytes=slot_bytes)  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.splitlines()[-1]) == [name for name, _ in samples]

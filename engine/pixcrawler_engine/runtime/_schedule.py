@@ -33,6 +33,7 @@ __all__ = [
     "WorkerSlot",
     "build_task",
     "chunk_order",
+    "free_a_slot",
     "queue_group",
     "record_order",
     "slot_bytes_for",
@@ -160,3 +161,23 @@ def queue_group(st: State, g: int, group: Group, chunks: list[Chunk], rows: int)
     for lo, hi in group.ranges:
         for start in range(lo, hi, rows):
             heapq.heappush(st.pending, (g, start, min(start + rows, hi), -1))
+
+
+def free_a_slot(st: State, key: tuple[int, int]) -> bool:
+    """Frees a slot for the task at `key` (none is free, and no worker is busy), taking it
+    from a task that must wait behind it anyway: one put back pending with its slot (its
+    worker died), else the latest finished one, which is done again later. False: none."""
+    for i, (g, start, end, slot) in enumerate(st.pending):
+        if slot >= 0 and (g, start) > key:
+            st.pending[i] = (g, start, end, -1)  # keys are unique: the heap's order holds
+            st.free_slots.append(slot)
+            return True
+    later = [k for k, d in st.done.items() if k > key and d.slot is not None]
+    if not later:
+        return False
+    last = max(later)
+    done = st.done.pop(last)
+    assert done.slot is not None
+    st.free_slots.append(done.slot)
+    heapq.heappush(st.pending, (last[0], last[1], done.end, -1))
+    return True

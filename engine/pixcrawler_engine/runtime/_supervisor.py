@@ -10,8 +10,9 @@ its positions are cut into tasks of `batch_rows` (NOTE [batch rows] in `_config`
 (group, first position), dispatched in key order with a free slot each, and delivered in key
 order only: the epoch's order whatever the number of workers. Since every task earlier than a
 dispatched one was dispatched first, the next task to deliver always has, or gets, a slot; the
-exceptions (a task cut short because its slot filled up, a consumer holding every slot) evict a
-later finished task or grow the pool.
+exceptions (a task cut short because its slot filled up, a consumer holding every slot) take
+the slot of a later task put back with one (its worker died), evict a later finished task, or
+grow the pool (`_schedule.free_a_slot`).
 
 The loop, one state per task:
 
@@ -61,6 +62,7 @@ from pixcrawler_engine.runtime._schedule import (
     State,
     WorkerSlot,
     build_task,
+    free_a_slot,
     queue_group,
     slot_bytes_for,
 )
@@ -261,7 +263,7 @@ class Supervisor:
             g, start, end, slot = st.pending[0]
             if slot < 0:
                 if not st.free_slots:
-                    if not self.pool.busy() and not self._evict(g, start):
+                    if not self.pool.busy() and not free_a_slot(st, (g, start)):
                         break
                     if not st.free_slots:
                         break
@@ -276,19 +278,6 @@ class Supervisor:
             death = self.pool.send(worker, task)
             if death is not None:
                 self._on_death(death)
-
-    def _evict(self, g: int, start: int) -> bool:
-        """Frees the slot of the latest finished task that waits behind (g, start)."""
-        st = self.state
-        later = [k for k, d in st.done.items() if k > (g, start) and d.slot is not None]
-        if not later:
-            return False
-        key = max(later)
-        done = st.done.pop(key)
-        assert done.slot is not None
-        st.free_slots.append(done.slot)
-        heapq.heappush(st.pending, (key[0], key[1], done.end, -1))
-        return True
 
     def _on_result(self, worker: WorkerSlot, result: TaskDone | TaskFailed) -> None:
         if worker.task is None or result.task_id != worker.task_id:

@@ -152,23 +152,39 @@ def test_ranks_take_turns_in_one_global_order(
         assert [len(r[-1]) for r in ranks] == [14, 14, 14]
 
 
+def _bad_store(tmp_path: Path, per_class: int, chunk: int, bad: list[int]) -> Path:
+    """A "classes" job of 10 x `per_class` digits whose images at `bad` (in sorted order) are
+    truncated: the header survives, the pixels do not."""
+    src = tmp_path / "src"
+    _demo_data.build_digits(src, limit=per_class, classes=tuple(range(10)))
+    paths = sorted(src.rglob("*.png"))
+    for i in bad:
+        paths[i].write_bytes(paths[i].read_bytes()[:60])
+    _pack.pack(src, tmp_path / "store", "classes", chunk_size=chunk, verify="header")
+    return tmp_path / "store"
+
+
+def _rank_batch_sizes(store: Path, world: int, batch_size: int, loader_workers: int,
+                      monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:  # fmt: skip
+    """Each rank's batch sizes over one epoch with on_error="skip"; each as many as len()."""
+    counts = []
+    with _load(store, on_error="skip") as ds:
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        for rank in range(world):
+            monkeypatch.setenv("RANK", str(rank))
+            feed = ds.to_torch(iterable=True, batch_size=batch_size)
+            loader = DataLoader(feed, batch_size=None, num_workers=loader_workers)
+            counts.append([len(labels) for _, labels in loader])
+            assert len(counts[-1]) == len(feed)
+    return counts
+
+
 @pytest.mark.parametrize("loader_workers", [0, 2])
 def test_a_skipped_sample_keeps_the_ranks_in_step(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loader_workers: int
 ) -> None:
-    src = tmp_path / "src"
-    _demo_data.build_digits(src, limit=100, classes=tuple(range(10)))
-    bad = sorted(src.rglob("*.png"))[150]
-    bad.write_bytes(bad.read_bytes()[:60])  # the header survives, the pixels do not
-    _pack.pack(src, tmp_path / "store", "classes", chunk_size=100, verify="header")
-    counts = []
-    with _load(tmp_path / "store", on_error="skip") as ds:
-        monkeypatch.setenv("WORLD_SIZE", "3")
-        for rank in range(3):
-            monkeypatch.setenv("RANK", str(rank))
-            feed = ds.to_torch(iterable=True, batch_size=111)
-            loader = DataLoader(feed, batch_size=None, num_workers=loader_workers)
-            counts.append([len(labels) for _, labels in loader])
+    store = _bad_store(tmp_path, 100, 100, [150])
+    counts = _rank_batch_sizes(store, 3, 111, loader_workers, monkeypatch)
     # 1000 = 3 turns of 3 x 111, then 1 left: 1 each (2 padded). Sample 150 (rank 1's first
     # step) is bad: rank 1's first batch is short, and it still hands out 4 batches.
     assert counts == [[111, 111, 111, 1], [110, 111, 111, 1], [111, 111, 111, 1]]
@@ -178,22 +194,11 @@ def test_a_skipped_sample_keeps_the_ranks_in_step(
 def test_a_step_of_bad_samples_still_hands_out_its_batch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loader_workers: int
 ) -> None:
-    src = tmp_path / "src"
-    _demo_data.build_digits(src, limit=10, classes=tuple(range(10)))
-    for bad in sorted(src.rglob("*.png"))[2:6]:  # rank 1's first step and rank 0's second
-        bad.write_bytes(bad.read_bytes()[:60])
-    _pack.pack(src, tmp_path / "store", "classes", chunk_size=10, verify="header")
-    counts = []
-    with _load(tmp_path / "store", on_error="skip") as ds:
-        monkeypatch.setenv("WORLD_SIZE", "2")
-        for rank in range(2):
-            monkeypatch.setenv("RANK", str(rank))
-            feed = ds.to_torch(iterable=True, batch_size=2)
-            loader = DataLoader(feed, batch_size=None, num_workers=loader_workers)
-            counts.append([len(labels) for _, labels in loader])
-            assert len(counts[-1]) == len(feed) == 25
+    store = _bad_store(tmp_path, 10, 10, [2, 3, 4, 5])  # rank 1's first step, rank 0's second
+    counts = _rank_batch_sizes(store, 2, 2, loader_workers, monkeypatch)
     # A rank whose step had no good sample handed out no batch at all: one batch fewer than
     # the others, which then wait for it forever in their next collective.
+    assert [len(c) for c in counts] == [25, 25]
     assert counts[0][:3] == [2, 0, 2] and counts[1][:3] == [0, 2, 2]
 
 
@@ -366,12 +371,7 @@ def test_a_state_saved_at_an_epochs_end_resumes_at_the_next(classes_store: Path)
 def test_a_skipped_image_before_the_checkpoint_is_not_repeated_after_it(tmp_path: Path) -> None:
     # Batches were refilled past a skipped image, so "consumed = batches x 4" fell one short
     # of the positions used: the image after the checkpoint came out twice.
-    src = tmp_path / "src"
-    _demo_data.build_digits(src, limit=10, classes=tuple(range(10)))
-    bad = sorted(src.rglob("*.png"))[2]
-    bad.write_bytes(bad.read_bytes()[:60])
-    _pack.pack(src, tmp_path / "store", "classes", chunk_size=30, verify="header")
-    with _load(tmp_path / "store", on_error="skip") as ds:
+    with _load(_bad_store(tmp_path, 10, 30, [2]), on_error="skip") as ds:
         good = [k for k in _keys(ds.iter_engine_batches())]
         feed = ds.to_torch(iterable=True, batch_size=4, metadata=True)
         head: list[str] = []

@@ -12,8 +12,8 @@ from it (at any world size) starts the epoch there and decodes nothing before it
 under ranks, that count stops at whole turns (world size x engine batch rows). A DataLoader
 worker's state also holds its own place (its units handed out whole, and rows of the next),
 which only the same worker of as many workers restores (`StatefulDataLoader` gives each
-worker its own). With `batch_size`, ranks and workers hand out one batch per step or unit,
-empty where all of its samples were bad, so that their counts match `len()`.
+worker its own). With `batch_size`, every batch is one step of the order (in a worker, one
+unit), shorter by what was skipped and empty where all of it was bad: counts match `len()`.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from pixcrawler_engine.runtime._stream import Batch, SampleWarning, Stream
 __all__ = ["TorchIterableDataset"]
 
 STATE_VERSION = 1
+PLACE = ("id", "of", "units", "rows")  # a DataLoader worker's place in its state
 
 
 class TorchIterableDataset(torch.utils.data.IterableDataset[Any]):
@@ -114,20 +115,19 @@ class TorchIterableDataset(torch.utils.data.IterableDataset[Any]):
         only the same worker of as many workers can restore.
         """
         p = self._pass
-        if p is None:
-            state: dict[str, Any] = {"epoch": self.epoch, "consumed": self._start}
-            if self._resume is not None:
-                worker, workers, units, rows = self._resume
-                state["worker"] = {"id": worker, "of": workers, "units": units, "rows": rows}
-            return {**self._identity(), **state}
-        if p.worker is not None:
-            worker, workers = p.worker
-            place = {"id": worker, "of": workers, "units": p.units, "rows": p.rows}
-            return {**self._identity(), "epoch": p.epoch, "consumed": p.start, "worker": place}
-        consumed = self._total()
-        if not p.done and p.items < p.expected:
-            consumed = min(consumed, p.start + self._consumed(p.items, p.world_size))
-        return {**self._identity(), "epoch": p.epoch, "consumed": consumed}
+        state: dict[str, Any] = {"epoch": self.epoch, "consumed": self._start}
+        place = self._resume
+        if p is not None and p.worker is not None:
+            state = {"epoch": p.epoch, "consumed": p.start}
+            place = (*p.worker, p.units, p.rows)
+        elif p is not None:
+            consumed = self._total()
+            if not p.done and p.items < p.expected:
+                consumed = min(consumed, p.start + self._consumed(p.items, p.world_size))
+            state = {"epoch": p.epoch, "consumed": consumed}
+        if place is not None:
+            state["worker"] = dict(zip(PLACE, place, strict=True))
+        return {**self._identity(), **state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Makes the next pass continue the saved epoch where it stood, at any world size.
@@ -154,12 +154,11 @@ class TorchIterableDataset(torch.utils.data.IterableDataset[Any]):
         place = state.get("worker")
         resume = None
         if place is not None:
-            keys = ("id", "of", "units", "rows")
-            values = [place.get(k) for k in keys] if isinstance(place, dict) else []
-            if len(values) != 4 or not all(isinstance(v, int) and v >= 0 for v in values):
+            values = [place.get(k) for k in PLACE] if isinstance(place, dict) else []
+            ints = [v for v in values if isinstance(v, int) and v >= 0]
+            if len(ints) != len(PLACE):
                 raise ValueError(f"a worker's state needs int id, of, units, rows: {place!r:.120}")
-            worker, workers, units, rows = (int(v) for v in values)  # type: ignore[arg-type]
-            resume = (worker, workers, units, rows)
+            resume = (ints[0], ints[1], ints[2], ints[3])
         elif consumed >= self._total():
             epoch, consumed = epoch + 1, 0  # saved at the end of the epoch: the next one
         self.epoch, self._start, self._resume, self._pass = epoch, consumed, resume, None

@@ -172,7 +172,7 @@ def pixcrawler_decode(fast: bool) -> Candidate:
             _fast.opencv = opencv
 
     run.__doc__ = (
-        "(5b) decode_image, the fast path: simplejpeg n/8 + OpenCV warpAffine, exact box"
+        "(5b) decode_image, the fast path: simplejpeg n/8 + OpenCV linear resize, exact box"
         if fast
         else "(5a) decode_image, the general path: simplejpeg n/8 + Pillow BILINEAR"
     )

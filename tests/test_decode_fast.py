@@ -17,6 +17,8 @@ from collections.abc import Callable
 import numpy as np
 import odd_images
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from skimage import data as skdata
 
@@ -211,3 +213,42 @@ def test_without_opencv_the_general_path_runs_with_one_debug_line() -> None:
         patch.setattr(_fast, "opencv", lambda: None)
         want = decode_image(_save(im, "JPEG"), DecodePolicy(image_size=(64, 96)))
     assert np.array_equal(without, want)
+
+
+def _warp_reference(
+    pixels: np.ndarray, box: tuple[float, ...], size: tuple[int, int]
+) -> np.ndarray:
+    """The box's exact geometry by `warpAffine` (how `resize_into` resized every box before)."""
+    cv2 = _fast.opencv()
+    x0, y0, x1, y1 = box
+    fx, fy = (x1 - x0) / size[0], (y1 - y0) / size[1]
+    pixels = _fast.antialiased(pixels, fx, fy)
+    inverse = np.array([[fx, 0.0, x0 + 0.5 * fx - 0.5], [0.0, fy, y0 + 0.5 * fy - 0.5]])
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    warped = cv2.warpAffine(pixels, inverse, size, flags=flags, borderMode=cv2.BORDER_REPLICATE)
+    return np.asarray(warped)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    left=st.integers(0, 40) | st.floats(0.0, 40.0),
+    top=st.integers(0, 40) | st.floats(0.0, 40.0),
+    width=st.floats(40.0, 200.0),
+    height=st.floats(40.0, 200.0),
+    out_w=st.integers(30, 210),
+    out_h=st.integers(30, 210),
+)
+def test_the_linear_resize_keeps_the_boxs_exact_geometry(
+    left: float, top: float, width: float, height: float, out_w: int, out_h: int
+) -> None:
+    """`resize_into` samples a box where `warpAffine` does: integral and fractional origins
+    and ends, shrinking and growing axes. The pixels are a photo's detail, so a geometry off
+    by a fraction of a pixel shows (a whole-image `cv2.resize` is off by up to half of one)."""
+    pixels = skdata.astronaut()[100:341, 150:391]
+    box = (float(left), float(top), left + width, top + height)
+    fx, fy = width / out_w, height / out_h
+    assume(fx <= 2 and fy <= 2)  # past 2x the area filter resizes (a path of its own)
+    target = np.zeros((out_h, out_w, 3), np.uint8)
+    assert _fast.resize_into(pixels, box, (out_w, out_h), target)
+    want = _warp_reference(pixels, box, (out_w, out_h))
+    assert np.abs(target.astype(int) - want).max() <= 1, (box, (out_w, out_h))

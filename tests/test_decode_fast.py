@@ -9,6 +9,7 @@ with the default path's. What the fast path takes is held to a quality bound ins
 from __future__ import annotations
 
 import io
+import struct
 import subprocess
 import sys
 import textwrap
@@ -175,6 +176,53 @@ def test_the_fast_path_is_the_default(images: dict[str, bytes]) -> None:
     header = probe(images["png_rgb"])
     plan = make_plan(header, DecodePolicy(image_size=(64, 64)))
     assert _fast.decode_other(memoryview(images["png_rgb"]), header, plan) is not None
+    assert _fast.spng() is not None  # pyspng is a dependency too: RGB PNGs are libspng's
+
+
+def _png_chunks(data: bytes) -> list[tuple[int, int, bytes]]:
+    """(position, length, kind) of each chunk of a PNG."""
+    chunks, pos = [], 8
+    while pos < len(data):
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        chunks.append((pos, length, kind))
+        pos += 12 + length
+    return chunks
+
+
+def _broken_checksum(data: bytes, kind: bytes) -> bytes:
+    pos, length, _ = next(c for c in _png_chunks(data) if c[2] == kind)
+    broken = bytearray(data)
+    broken[pos + 8 + length] ^= 0xFF
+    return bytes(broken)
+
+
+@pytest.mark.parametrize("kind", [b"IHDR", b"pHYs", b"IDAT", b"IEND"])
+def test_libspng_takes_the_png_checksums_as_the_general_path_does(
+    kind: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """libspng ignores chunk checksums: a wrong one before IDAT is refused as Pillow refuses
+    it (with its words), one in IDAT or after is decoded as Pillow decodes it."""
+    data = _broken_checksum(_save(Image.fromarray(skdata.chelsea()), "PNG", dpi=(72, 72)), kind)
+    policy = DecodePolicy(image_size=None)
+    fast = _decode(data, policy)
+    monkeypatch.setattr(_fast, "opencv", lambda: None)
+    general = _decode(data, policy)
+    if kind in (b"IHDR", b"pHYs"):
+        assert isinstance(fast, str) and fast == general and "checksum" in fast
+    else:
+        assert isinstance(fast, np.ndarray) and isinstance(general, np.ndarray)
+        assert np.array_equal(fast, skdata.chelsea()) and np.array_equal(general, fast)
+
+
+def test_without_pyspng_opencv_decodes_the_same_png(
+    images: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """libspng and OpenCV's libpng give the same pixels, resized alike."""
+    policies = [DecodePolicy(image_size=None), DecodePolicy(image_size=(224, 224))]
+    with_spng = [decode_image(images["png_rgb"], policy) for policy in policies]
+    monkeypatch.setattr(_fast, "spng", lambda: None)
+    for policy, want in zip(policies, with_spng, strict=True):
+        assert np.array_equal(decode_image(images["png_rgb"], policy), want)
 
 
 def test_without_opencv_the_general_path_runs_with_one_debug_line() -> None:

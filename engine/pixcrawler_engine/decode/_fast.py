@@ -2,15 +2,19 @@
 for RGB PNGs, OpenCV's decoders for other PNGs and WebP; the general (Pillow) path in
 `_image` takes whatever this one declines.
 
-Measured side by side in one process on one core (2026-11-29, 2-core Intel Xeon VM shared with
-other jobs; 640x480-class real photos to 224x224, `decode_image` end to end, medians of 3
-interleaved rounds; PSNR against a full decode + Pillow LANCZOS, mean (worst image)):
+Measured side by side in one process on one core (2026-11-30, 2-core Intel Xeon VM shared with
+other jobs; 120 of the decode benchmark's 640x480-class photos, as JPEG and re-encoded as PNG
+and WebP, to 224x224; `decode_image` end to end, medians of 5 interleaved rounds; PSNR
+against a full decode + Pillow LANCZOS, mean (worst image)):
 
     case           general path                     fast path
-    JPEG stretch   676/s  39.4 dB (35.1)            812/s  40.9 dB (36.1)   1.20x
-    JPEG crop      667/s  40.2 dB (34.7)            983/s  41.1 dB (34.8)   1.47x
-    PNG  stretch   130/s  39.6 dB (37.0)            141/s  42.9 dB (37.0)   1.08x
-    WebP stretch   201/s  39.7 dB (37.1)            229/s  42.9 dB (37.1)   1.14x
+    JPEG stretch   799/s  38.1 dB (31.7)           1097/s  39.3 dB (32.5)   1.37x
+    JPEG crop      850/s  38.1 dB (31.3)           1145/s  38.7 dB (31.4)   1.35x
+    PNG  stretch   149/s  39.5 dB (33.5)            209/s  42.5 dB (35.7)   1.40x
+    WebP stretch   238/s  39.6 dB (33.6)            265/s  42.5 dB (35.8)   1.11x
+
+(On 2026-11-29, before `_resize_box` and libspng, the fast path was 1.20x the general one
+for JPEG stretch and 1.08x for PNG, on other photos.)
 
 The general path is simplejpeg n/8 + Pillow for JPEG, Pillow for PNG/WebP.
 (a crop of a full-size PNG/WebP is resized by Pillow from OpenCV's pixels: within noise.)
@@ -33,8 +37,8 @@ upscales by repeating pixels).
 
 OpenCV is the `opencv-python-headless` dependency, libspng the `pyspng` one. Without OpenCV
 (or when it does not load) every image takes the general path, after one DEBUG log line;
-without pyspng, OpenCV decodes RGB PNGs too. It runs on one thread: the
-workers are the parallelism, and the zygote forks workers after its warm-up, which must
+without pyspng, OpenCV decodes RGB PNGs too. OpenCV runs on one thread: the workers are the
+parallelism, and the zygote forks workers after its warm-up, which must
 leave no thread behind.
 """
 

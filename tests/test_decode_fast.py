@@ -277,7 +277,7 @@ def _warp_reference(
     return np.asarray(warped)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(
     left=st.integers(0, 40) | st.floats(0.0, 40.0),
     top=st.integers(0, 40) | st.floats(0.0, 40.0),
@@ -285,18 +285,36 @@ def _warp_reference(
     height=st.floats(40.0, 200.0),
     out_w=st.integers(30, 210),
     out_h=st.integers(30, 210),
+    whole=st.booleans(),
+    colour=st.sampled_from(["RGB", "L", "L as RGB"]),
 )
 def test_the_linear_resize_keeps_the_boxs_exact_geometry(
-    left: float, top: float, width: float, height: float, out_w: int, out_h: int
+    left: float,
+    top: float,
+    width: float,
+    height: float,
+    out_w: int,
+    out_h: int,
+    whole: bool,
+    colour: str,
 ) -> None:
     """`resize_into` samples a box where `warpAffine` does: integral and fractional origins
-    and ends, shrinking and growing axes. The pixels are a photo's detail, so a geometry off
-    by a fraction of a pixel shows (a whole-image `cv2.resize` is off by up to half of one)."""
+    and ends, shrinking and growing axes, a box that is the whole image but for a fraction of
+    its last pixel (a JPEG decoded at n/8), grey into grey or RGB. The pixels are a photo's
+    detail, so a geometry off by a fraction of a pixel shows (a whole-image `cv2.resize` is
+    off by up to half of one)."""
     pixels = skdata.astronaut()[100:341, 150:391]
+    if colour != "RGB":
+        pixels = np.ascontiguousarray(pixels[:, :, 1])
     box = (float(left), float(top), left + width, top + height)
-    fx, fy = width / out_w, height / out_h
+    if whole:  # the pixels end in the box's last (partial) pixel, and start at its origin
+        right, bottom = int(np.ceil(box[2])), int(np.ceil(box[3]))
+        pixels = pixels[int(top) : bottom, int(left) : right]
+        box = (0.0, 0.0, box[2] - int(left), box[3] - int(top))
+    fx, fy = (box[2] - box[0]) / out_w, (box[3] - box[1]) / out_h
     assume(fx <= 2 and fy <= 2)  # past 2x the area filter resizes (a path of its own)
-    target = np.zeros((out_h, out_w, 3), np.uint8)
+    target = np.zeros((out_h, out_w, 1 if colour == "L" else 3), np.uint8)
     assert _fast.resize_into(pixels, box, (out_w, out_h), target)
     want = _warp_reference(pixels, box, (out_w, out_h))
+    want = want.reshape(out_h, out_w, -1)
     assert np.abs(target.astype(int) - want).max() <= 1, (box, (out_w, out_h))

@@ -200,19 +200,32 @@ class Dataset(Frameworks):
         """
         check_batch_size(batch_size)
         copy = self._copy if copy is None else copy
-        batches = self.iter_engine_batches(desc="images", start=start)
+        # No engine batch spans two runs of `step` images of the order, a multiple of
+        # `batch_size` that fits in one: a batch is then a view of one engine batch unless it
+        # spans two chunks (or refills a skipped image). Cut at every chunk's end instead,
+        # the engine's batches shifted each later batch across two of them, to be copied
+        # (16 of the 24 batches of 1,500 photos in chunks of 500).
+        engine_rows = self._config.rows_for(self._policy.fixed_shape)
+        step = batch_size * max(1, engine_rows // batch_size)
+        batches = self.iter_engine_batches(desc="images", start=start, step=step)
         for rows in rebatch(batches, batch_size, drop_last=drop_last, shape=None, extract=_labels):
             owned = rows.owner is not None  # assembled from pieces: already a private copy
             yield (np.array(rows.images) if copy and not owned else rows.images), rows.columns[0]
 
     def iter_engine_batches(
-        self, *, desc: str | None = None, start: int = 0, share: Share | None = None
+        self,
+        *,
+        desc: str | None = None,
+        start: int = 0,
+        step: int = 1,
+        share: Share | None = None,
     ) -> Iterator[Batch]:
         """The engine's batches of one pass (one epoch), as they arrive.
 
         Args:
             desc: the progress bar's label; None shows no bar.
             start: images of the epoch's order to skip (see `iter_batches`).
+            step: no engine batch spans two runs of `step` images of the order (from `start`).
             share: the part of an epoch to deliver (ranks, resume: see
                 `pixcrawler_engine.runtime._epoch.Share`); default this pass's epoch from
                 `start` on. Given, the dataset's epoch does not advance.
@@ -223,7 +236,7 @@ class Dataset(Frameworks):
                     f"start={start!r} is not a place in an epoch of {len(self)} images: pass "
                     f"an int from 0 to {len(self)} (the images of the epoch already used)"
                 )
-            share = Share(epoch=self.next_epoch(), start=start)
+            share = Share(epoch=self.next_epoch(), start=start, step=step)
         return self._run(self._ref.source(), self._config, desc=desc, share=share)
 
     def _launch_ahead(self) -> None:

@@ -21,11 +21,11 @@ from pixcrawler._chunks import JobRef
 from pixcrawler._frameworks import Frameworks
 from pixcrawler._info import DatasetInfo, format_bytes
 from pixcrawler._parquet_ref import ParquetRef
-from pixcrawler._passes import run_pass
+from pixcrawler._passes import ahead_modules, run_pass
 from pixcrawler._rebatch import check_batch_size, rebatch
 from pixcrawler_engine._config import DecodePolicy, EngineConfig
 from pixcrawler_engine.runtime._epoch import Share
-from pixcrawler_engine.runtime._launch import Spare, modules_of
+from pixcrawler_engine.runtime._launch import Spare
 from pixcrawler_engine.runtime._stream import Batch, Stream
 from pixcrawler_engine.sources._base import Source
 
@@ -250,7 +250,7 @@ class Dataset(Frameworks):
             return
         source = self._ref.source()
         try:
-            self._spare.refill(modules_of(source))
+            self._spare.refill(ahead_modules(source, self._config))
         finally:
             source.close()
 

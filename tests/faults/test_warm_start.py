@@ -60,6 +60,33 @@ def test_the_next_pass_runs_on_the_spare_launched_before_it(store: Path) -> None
     assert first == second == expected_keys(store)
 
 
+def _settled(pid: int) -> bool:
+    """Waits until `pid` uses no CPU for 0.5 s (a spare done with its imports)."""
+    proc = psutil.Process(pid)
+    deadline, last = time.monotonic() + 20.0, -1.0
+    while time.monotonic() < deadline:
+        used = sum(proc.cpu_times()[:2])
+        if used == last:
+            return True
+        last = used
+        time.sleep(0.5)
+    return False
+
+
+def test_a_shuffled_datasets_spare_imports_numpy_while_it_waits(store: Path) -> None:
+    """The shuffle's order is numpy's: the spare of a shuffled dataset imports numpy while it
+    waits (it used to at its pass's start, ~0.1 s before the first task); the spare of an
+    unshuffled one stays without it, as its supervisor does."""
+    for shuffle in (True, False):
+        with load_dataset("demo", base_url=store.as_uri(), shuffle=shuffle, **OPTIONS) as ds:
+            for _ in ds.iter_engine_batches():
+                pass
+            spare = _wait_spare(ds)
+            assert _settled(spare)
+            maps = Path(f"/proc/{spare}/maps").read_text()
+            assert ("_multiarray_umath" in maps) == shuffle, shuffle
+
+
 def test_close_stops_the_spare_and_its_zygote(store: Path) -> None:
     ds = load_dataset("demo", base_url=store.as_uri(), **OPTIONS)
     for _ in ds.iter_engine_batches():

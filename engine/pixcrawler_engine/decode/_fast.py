@@ -71,7 +71,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 FAST_FORMATS = frozenset({"PNG", "WEBP"})
-"""Formats `decode_other` decodes with OpenCV (JPEG has its own fast decode in `_image`)."""
+"""Formats `decode_other` decodes (JPEG has its own fast decode in `_image`)."""
 
 _CRC = struct.Struct(">I")
 # pyspng takes `bytes` and copies them once more: a larger file goes to OpenCV, which reads

@@ -1,7 +1,7 @@
 """The fast decode path (`decode._fast`: OpenCV) against the general one (Pillow).
 
-What the fast path declines (CMYK, 16-bit, palettes, alpha, EXIF orientation, formats other
-than JPEG/PNG/WebP, ...) must come out of the general path pixel for pixel as before: the
+What the fast path declines (CMYK, 16-bit, palettes, alpha, a PNG's EXIF orientation, formats
+other than JPEG/PNG/WebP, ...) must come out of the general path pixel for pixel as before: the
 general path's outputs are made here by running it with OpenCV switched off, and compared
 with the default path's. What the fast path takes is held to a quality bound instead.
 """
@@ -23,10 +23,11 @@ from hypothesis import strategies as st
 from PIL import Image
 from skimage import data as skdata
 
-from pixcrawler_engine._config import DecodePolicy
+from pixcrawler_engine._config import DecodePolicy, ResizeMode
 from pixcrawler_engine._errors import DecodeError
 from pixcrawler_engine.decode import _fast
 from pixcrawler_engine.decode._image import decode_image, probe
+from pixcrawler_engine.decode._pixels import TRANSPOSE
 from pixcrawler_engine.decode._plan import make_plan
 
 
@@ -106,10 +107,12 @@ def fast_may_apply(data: bytes) -> bool:
         header = probe(data)
     except DecodeError:
         return False
-    if header.orientation != 1 or header.unsupported:
+    if header.unsupported:
         return False
-    if header.format == "JPEG":
+    if header.format == "JPEG":  # any orientation: OpenCV turns the pixels upright
         return header.mode in ("L", "RGB")
+    if header.orientation != 1:
+        return False
     return (
         header.format in _fast.FAST_FORMATS
         and header.mode in ("RGB", "L")
@@ -318,3 +321,23 @@ def test_the_linear_resize_keeps_the_boxs_exact_geometry(
     want = _warp_reference(pixels, box, (out_w, out_h))
     want = want.reshape(out_h, out_w, -1)
     assert np.abs(target.astype(int) - want).max() <= 1, (box, (out_w, out_h))
+
+
+@pytest.mark.parametrize("orientation", range(2, 9))
+@pytest.mark.parametrize("resize", ["stretch", "crop"])
+def test_an_oriented_jpeg_is_the_upright_one_turned(orientation: int, resize: ResizeMode) -> None:
+    """An EXIF-oriented JPEG takes the fast path: decoded at n/8, turned upright, resized from
+    the box `_finish` uses. Its pixels are those of the same JPEG without the tag, resized in
+    the stored frame and then turned. The stored size is odd, so the n/8 decode ends in a
+    fraction of a pixel, which a flip moves to the start of an axis: a box that ignored it
+    would be off by that fraction."""
+    pixels = np.asarray(Image.fromarray(skdata.astronaut()).resize((451, 301)))
+    stored = _save(Image.fromarray(pixels), "JPEG")  # as `_oriented` saves it, but the tag
+    tagged = _oriented(Image.fromarray(pixels), "JPEG", orientation)
+    size = (90, 120)  # (height, width) upright
+    swapped = size[::-1] if orientation >= 5 else size
+    turned = decode_image(tagged, DecodePolicy(image_size=size, resize=resize))
+    plain = decode_image(stored, DecodePolicy(image_size=swapped, resize=resize))
+    want = np.asarray(Image.fromarray(plain).transpose(TRANSPOSE[orientation]))
+    diff = np.abs(turned.astype(int) - want)
+    assert diff.max() <= 2 and diff.mean() < 0.5, (diff.max(), diff.mean())

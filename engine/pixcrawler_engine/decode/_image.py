@@ -63,7 +63,7 @@ import simplejpeg
 from PIL import Image, ImageFile, JpegImagePlugin, TiffImagePlugin
 
 from pixcrawler_engine._config import DecodePolicy
-from pixcrawler_engine.decode._fast import copy_into, decode_other, resize_into
+from pixcrawler_engine.decode._fast import copy_into, decode_other, resize_into, upright
 from pixcrawler_engine.decode._headers import (
     ImageHeader,
     as_view,
@@ -214,7 +214,8 @@ def _decode_jpeg(view: memoryview, header: ImageHeader, plan: Plan, target: np.n
         return False
     if pixels.shape[:2] != (dh, dw):  # a scale other than ours: leave it to Pillow
         return False
-    if header.orientation == 1 and _fast_finish(pixels, n / 8, plan, target):
+    turned = pixels if header.orientation == 1 else upright(pixels, header.orientation)
+    if turned is not None and _fast_finish(turned, n / 8, plan, target, header.orientation):
         return True
     with library_errors("JPEG image"):
         im = Image.fromarray(pixels[:, :, 0] if colorspace == "GRAY" else pixels)
@@ -314,9 +315,12 @@ def _finish(im: Image.Image, orientation: int, plan: Plan, scale: float) -> Imag
     return im.resize(plan.size, RESAMPLE, box=box, reducing_gap=REDUCING_GAP)
 
 
-def _fast_finish(pixels: np.ndarray, scale: float, plan: Plan, target: np.ndarray) -> bool:
-    """The fast path's resize (see `_fast`) of an upright image decoded at `scale` of its size,
-    into `target` as `_write` places it; False (nothing written): Pillow's path finishes."""
+def _fast_finish(
+    pixels: np.ndarray, scale: float, plan: Plan, target: np.ndarray, orientation: int = 1
+) -> bool:
+    """The fast path's resize (see `_fast`) of an image decoded at `scale` of its size and
+    turned upright from `orientation`, into `target` as `_write` places it; False (nothing
+    written): Pillow's path finishes. The box is `_finish`'s."""
     height, width = pixels.shape[:2]
     as_is = plan.size is None or (
         plan.box is None and scale == 1.0 and plan.size == (width, height)
@@ -328,11 +332,13 @@ def _fast_finish(pixels: np.ndarray, scale: float, plan: Plan, target: np.ndarra
         return False
     sw, sh = plan.source
     left, top, right, bottom = plan.box or (0.0, 0.0, float(sw), float(sh))
+    x0 = width - sw * scale if orientation in FLIPS_X else 0.0
+    y0 = height - sh * scale if orientation in FLIPS_Y else 0.0
     box = (
-        max(0.0, left * scale),
-        max(0.0, top * scale),
-        min(float(width), right * scale),
-        min(float(height), bottom * scale),
+        max(0.0, x0 + left * scale),
+        max(0.0, y0 + top * scale),
+        min(float(width), x0 + right * scale),
+        min(float(height), y0 + bottom * scale),
     )
     if (plan.size[1], plan.size[0]) == target.shape[:2]:
         return resize_into(pixels, box, plan.size, target)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import numpy as np
 import odd_images
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from skimage import data as skdata
@@ -281,6 +281,8 @@ def _warp_reference(
 
 
 @settings(max_examples=400, deadline=None)
+# Found by this test: factors that keep the input's size made OpenCV copy it, not resize it.
+@example(left=0, top=0, width=94.0, height=94.25, out_w=94, out_h=94, whole=False, colour="RGB")
 @given(
     left=st.integers(0, 40) | st.floats(0.0, 40.0),
     top=st.integers(0, 40) | st.floats(0.0, 40.0),

@@ -197,7 +197,10 @@ def _resize_box(
     if (x1 - x0 < ow or y1 - y0 < oh) and (left, top, right, bottom) != (0, 0, width, height):
         return None
     fx, fy = ow / (x1 - x0), oh / (y1 - y0)
-    if (round((bottom - top) * fy), round((right - left) * fx)) != (oh, ow):
+    shape = (round((bottom - top) * fy), round((right - left) * fx))
+    if shape == (bottom - top, right - left) and (fx, fy) != (1.0, 1.0):
+        return None  # OpenCV copies an input whose size the factors keep: not a resize
+    if shape != (oh, ow):
         dst = None  # one more row or column: resized aside, its (w, h) corner copied
     region = pixels[top:bottom, left:right]
     out = cv2.resize(region, None, dst=dst, fx=fx, fy=fy, interpolation=cv2.INTER_LINEAR)

@@ -280,7 +280,7 @@ def _warp_reference(
     return np.asarray(warped)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=400, deadline=None, derandomize=True)  # the same cases every run
 # Found by this test: factors that keep the input's size made OpenCV copy it, not resize it.
 @example(left=0, top=0, width=94.0, height=94.25, out_w=94, out_h=94, whole=False, colour="RGB")
 @given(

@@ -297,22 +297,32 @@ def _finish(im: Image.Image, orientation: int, plan: Plan, scale: float) -> Imag
         im = im.transpose(TRANSPOSE[orientation])
     if plan.size is None:
         return im
-    sw, sh = plan.source
-    left, top, right, bottom = plan.box or (0.0, 0.0, float(sw), float(sh))
-    # A decode at `scale` is ceil(size * scale) pixels, of which size * scale are the image:
-    # the fraction of a pixel past it is at the stored right/bottom edge, which orientation
-    # may have moved to the left/top. The box skips it, so the geometry stays exact.
-    x0 = im.width - sw * scale if orientation in FLIPS_X else 0.0
-    y0 = im.height - sh * scale if orientation in FLIPS_Y else 0.0
-    box = (
-        max(0.0, x0 + left * scale),
-        max(0.0, y0 + top * scale),
-        min(float(im.width), x0 + right * scale),
-        min(float(im.height), y0 + bottom * scale),
-    )
+    box = _box(plan, im.size, scale, orientation)
     if im.size == plan.size and box == (0, 0, *im.size):
         return im
     return im.resize(plan.size, RESAMPLE, box=box, reducing_gap=REDUCING_GAP)
+
+
+def _box(
+    plan: Plan, size: tuple[int, int], scale: float, orientation: int
+) -> tuple[float, float, float, float]:
+    """The plan's source box in an upright image of `size` (w, h) decoded at `scale`.
+
+    A decode at `scale` is ceil(size * scale) pixels, of which size * scale are the image: the
+    fraction of a pixel past it is at the stored right/bottom edge, which orientation may have
+    moved to the left/top. The box skips it, so the geometry stays exact.
+    """
+    width, height = size
+    sw, sh = plan.source
+    left, top, right, bottom = plan.box or (0.0, 0.0, float(sw), float(sh))
+    x0 = width - sw * scale if orientation in FLIPS_X else 0.0
+    y0 = height - sh * scale if orientation in FLIPS_Y else 0.0
+    return (
+        max(0.0, x0 + left * scale),
+        max(0.0, y0 + top * scale),
+        min(float(width), x0 + right * scale),
+        min(float(height), y0 + bottom * scale),
+    )
 
 
 def _fast_finish(
@@ -320,7 +330,7 @@ def _fast_finish(
 ) -> bool:
     """The fast path's resize (see `_fast`) of an image decoded at `scale` of its size and
     turned upright from `orientation`, into `target` as `_write` places it; False (nothing
-    written): Pillow's path finishes. The box is `_finish`'s."""
+    written): Pillow's path finishes."""
     height, width = pixels.shape[:2]
     as_is = plan.size is None or (
         plan.box is None and scale == 1.0 and plan.size == (width, height)
@@ -330,16 +340,7 @@ def _fast_finish(
         return True
     if plan.size is None:
         return False
-    sw, sh = plan.source
-    left, top, right, bottom = plan.box or (0.0, 0.0, float(sw), float(sh))
-    x0 = width - sw * scale if orientation in FLIPS_X else 0.0
-    y0 = height - sh * scale if orientation in FLIPS_Y else 0.0
-    box = (
-        max(0.0, x0 + left * scale),
-        max(0.0, y0 + top * scale),
-        min(float(width), x0 + right * scale),
-        min(float(height), y0 + bottom * scale),
-    )
+    box = _box(plan, (width, height), scale, orientation)
     if (plan.size[1], plan.size[0]) == target.shape[:2]:
         return resize_into(pixels, box, plan.size, target)
     # On False, Pillow's path writes the whole target again, border included.

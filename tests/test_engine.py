@@ -209,7 +209,8 @@ def test_small_images_travel_in_bigger_batches(tmp_path: Path) -> None:
     pack(src, tmp_path / "store", "digits", chunk_size=400)
     url = f"file://{tmp_path / 'store'}"
     for rows, sizes in ((None, [341, 59]), (100, [100] * 4)):
-        with load_dataset("digits", base_url=url, image_size=32, num_workers=2, progress=False,
+        # One worker: with more, the run's first and last tasks are cut in pieces as well.
+        with load_dataset("digits", base_url=url, image_size=32, num_workers=1, progress=False,
                           batch_rows=rows) as ds:  # fmt: skip
             assert [len(b) for b in ds.iter_engine_batches()] == sizes
 
@@ -244,9 +245,43 @@ def test_far_more_workers_than_cores_and_batches_larger_than_a_chunk(store: Path
         pids = list(stream.worker_pids)
     assert keys == expected_keys(store)
     assert len(pids) > 2 and wait_gone(pids, 10.0) == []
-    with Stream(job_source(store), config=small_config(batch_rows=1000), policy=POLICY) as stream:
+    config = small_config(batch_rows=1000, num_workers=1)  # one: no task cut in pieces
+    with Stream(job_source(store), config=config, policy=POLICY) as stream:
         sizes = [len(batch) for batch in stream]
     assert sizes == [16] * 7 + [8]  # 120 images in chunks of 16
+
+
+def test_the_runs_first_and_last_tasks_are_cut_into_a_piece_per_worker(store: Path) -> None:
+    """NOTE [task sizes]: the first batch comes when each worker has decoded its share of it,
+    and the last tasks are shared, so no worker decodes a whole task alone at either end.
+    The order and every sample stay as they were; only the engine's batches are smaller."""
+    from pixcrawler_engine.runtime._schedule import task_spans
+
+    assert task_spans([(0, 200)], 64, workers=2, first=True, last=True) == [
+        (0, 32), (32, 64), (64, 128), (128, 160), (160, 192), (192, 196), (196, 200)
+    ]  # fmt: skip
+    assert task_spans([(0, 200)], 64, workers=1, first=True, last=True) == [
+        (0, 64), (64, 128), (128, 192), (192, 200)
+    ]  # fmt: skip
+    # A task that is both the first and among the last is cut once.
+    assert task_spans([(0, 64)], 64, workers=3, first=True, last=True) == [
+        (0, 21),
+        (21, 42),
+        (42, 64),
+    ]
+    assert task_spans([(0, 2)], 64, workers=4, first=True) == [(0, 1), (1, 2)]
+    # Steps stay apart: no task spans two ranges.
+    assert task_spans([(0, 10), (20, 30)], 64, workers=2, last=True) == [
+        (0, 5),
+        (5, 10),
+        (20, 25),
+        (25, 30),
+    ]
+    # On real workers: 120 images in chunks of 16, tasks of 16.
+    with Stream(job_source(store), config=small_config(batch_rows=16), policy=POLICY) as stream:
+        batches = [(len(batch), batch.keys) for batch in stream]
+    assert [n for n, _ in batches] == [8, 8] + [16] * 6 + [4, 4]
+    assert [key for _, keys in batches for key in keys] == expected_keys(store)
 
 
 def test_a_source_found_only_on_the_callers_sys_path(store: Path, tmp_path: Path) -> None:

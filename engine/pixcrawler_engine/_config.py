@@ -131,6 +131,10 @@ class EngineConfig:
         warm_start: a consumer that runs passes (`Dataset`) keeps one supervisor started
             ahead for its next pass (see NOTE [spare] in `runtime._launch`); False starts
             each pass's supervisor when the pass begins.
+        split_ends: the run's first task and its last `num_workers` tasks are cut into a
+            piece per worker, so that the workers share the first batch and end together
+            (NOTE [task sizes] in `runtime._schedule`); exports turn it off, as their files'
+            row groups follow the engine's batches and must not depend on `num_workers`.
     """
 
     num_workers: int | None = None
@@ -152,6 +156,7 @@ class EngineConfig:
     cache_dir: str | None = None
     cache_limit_bytes: int = 10 * 2**30
     warm_start: bool = True
+    split_ends: bool = True
 
     def __post_init__(self) -> None:
         def positive(name: str, value: Any) -> None:

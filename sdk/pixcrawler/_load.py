@@ -149,9 +149,10 @@ def load_dataset(
         seed=seed,
         shuffle_window=shuffle_window,
         cache_dir=os.fspath(cache_dir) if isinstance(cache_dir, (str, os.PathLike)) else None,
-        **({} if cache_limit is None else {"cache_limit_bytes": cache_limit}),
         warm_start=warm_start,
     )
+    if cache_limit is not None:
+        config = config.replace(cache_limit_bytes=cache_limit)
     if parquet:
         ref: JobRef | ParquetRef = ParquetRef.open(
             job_id, token=api_key, timeout=config.timeout, verify_ssl=verify_ssl

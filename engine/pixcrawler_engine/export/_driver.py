@@ -130,7 +130,8 @@ def export_job(
             "the zip format keeps whole chunk files: it takes no shuffle or max_samples"
         )
     WRITERS[format].check(policy)  # before anything is written
-    config = (config or EngineConfig()).replace(shuffle=False)
+    # The files' row groups follow the engine's batches: the same for any num_workers.
+    config = (config or EngineConfig()).replace(shuffle=False, split_ends=False)
     manifest = source.manifest
     ws = Workspace(Path(target))
     inner = CachedSource(source, cache) if cache is not None else source

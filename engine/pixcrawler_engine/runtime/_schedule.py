@@ -37,6 +37,7 @@ __all__ = [
     "queue_group",
     "record_order",
     "slot_bytes_for",
+    "task_spans",
 ]
 
 
@@ -152,15 +153,48 @@ def build_task(
     )
 
 
-def queue_group(st: State, g: int, group: Group, chunks: list[Chunk], rows: int) -> None:
-    """Group `g` has all its chunks: its tasks of `rows` positions queue (or its failure)."""
+def queue_group(
+    st: State, g: int, group: Group, chunks: list[Chunk], rows: int, *, workers: int = 1,
+    first: bool = False, last: bool = False,
+) -> None:  # fmt: skip
+    """Group `g` has all its chunks: its tasks queue (or its failure). `first` and `last`:
+    it is the run's first or last group (see `task_spans`)."""
     failed = next((c.error for c in chunks if c.error is not None), None)
     if failed is not None:
         st.done[(g, group.ranges[0][0])] = Done(None, group.ranges[-1][1], Failed(failed))
         return
-    for lo, hi in group.ranges:
-        for start in range(lo, hi, rows):
-            heapq.heappush(st.pending, (g, start, min(start + rows, hi), -1))
+    for start, end in task_spans(group.ranges, rows, workers=workers, first=first, last=last):
+        heapq.heappush(st.pending, (g, start, end, -1))
+
+
+def task_spans(
+    ranges: Sequence[tuple[int, int]], rows: int, *, workers: int = 1, first: bool = False,
+    last: bool = False,
+) -> list[tuple[int, int]]:  # fmt: skip
+    """`ranges` cut into decode tasks of `rows` positions, each within one range.
+
+    NOTE [task sizes]: with tasks of `rows`, a run's first batch waits for one worker to
+    decode a whole task while the others decode later ones, and at its end one worker decodes
+    the last task while the others have nothing left. So the run's first task (`first`) and
+    its last `workers` tasks (`last`) are cut into one piece per worker: the first batch
+    comes when every worker has decoded its share, and the workers finish within a piece of
+    each other.
+    """
+    spans = [(a, min(a + rows, hi)) for lo, hi in ranges for a in range(lo, hi, rows)]
+    if workers < 2:
+        return spans
+    tail = len(spans) - workers if last else len(spans)
+    out = []
+    for i, span in enumerate(spans):
+        out += _pieces(span, workers) if (first and i == 0) or i >= tail else [span]
+    return out
+
+
+def _pieces(span: tuple[int, int], n: int) -> list[tuple[int, int]]:
+    """`span` cut into min(n, its length) pieces whose lengths differ by at most one."""
+    lo, hi = span
+    n = min(n, hi - lo)
+    return [(lo + (hi - lo) * k // n, lo + (hi - lo) * (k + 1) // n) for k in range(n)]
 
 
 def free_a_slot(st: State, key: tuple[int, int]) -> bool:

@@ -253,7 +253,9 @@ class Supervisor:
         if self.collected[g] < len(group.chunks):
             return
         chunks = [st.chunks[p] for p in range(self.first[g], self.first[g + 1])]
-        queue_group(st, g, group, chunks, self.rows)
+        ends = self.config.split_ends
+        queue_group(st, g, group, chunks, self.rows, workers=self.config.workers,
+                    first=ends and g == 0, last=ends and g == len(self.groups) - 1)  # fmt: skip
 
     def _dispatch(self) -> None:
         assert self.pool is not None

@@ -47,6 +47,27 @@ def test_dataset_order_exactly_once_with_right_pixels(store: Path) -> None:
     assert keys == expected_keys(store)
 
 
+def test_the_run_has_stopped_when_its_last_batch_is_handed_out(store: Path) -> None:
+    """NOTE [last batch]: the stream stops the run before it hands out the last batch, so
+    that the caller's next `next()` (TensorFlow's generator end, a DataLoader's) returns at
+    once; it used to stop it there, tens of ms later. The last batch's views stay valid."""
+    total = len(expected_keys(store))
+    seen = 0
+    with Stream(job_source(store), config=small_config(), policy=POLICY) as stream:
+        for batch in stream:
+            seen += len(batch)
+            if seen < total:
+                continue
+            assert wait_gone([stream.pid, *stream.worker_pids], 0.0) == []
+            assert stream.stats["samples"] == total
+            images = batch.images
+            assert isinstance(images, np.ndarray)
+            np.testing.assert_array_equal(
+                images[-1], reference_pixels(store, batch.keys[-1], POLICY)
+            )
+    assert seen == total
+
+
 def test_batches_are_views_of_shared_memory(store: Path) -> None:
     with Stream(job_source(store), config=small_config(), policy=POLICY) as stream:
         it = iter(stream)

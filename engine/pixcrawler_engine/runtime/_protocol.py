@@ -179,6 +179,7 @@ class BatchReady:
     chunk: int
     errors: tuple[tuple[str, str], ...] = ()  # (key, message) of samples skipped by on_error
     notes: tuple[tuple[str, str], ...] = ()  # (key, message): what decoders said (`_chatter`)
+    last: bool = False  # the run's last batch: `Finished` follows (NOTE [last batch] in `_stream`)
 
 
 @dataclass(frozen=True)

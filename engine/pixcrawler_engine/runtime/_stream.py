@@ -255,6 +255,11 @@ class Stream:
 
     # ---- iteration ------------------------------------------------------------------------
     def __iter__(self) -> Generator[Batch, None, None]:
+        # NOTE [last batch]: the run's last batch says so (`BatchReady.last`). The stream then
+        # takes the `Finished` behind it and stops the run (tens of ms: the supervisor's
+        # teardown) before handing the batch out, so that the caller's next `next()` ends at
+        # once. TensorFlow waits for its autotuning thread's next wake-up (up to ~1.3 s into
+        # a pass) when a generator's end takes time. The batch's views stay valid (see `close`).
         skipped = 0
         try:
             while True:
@@ -267,17 +272,28 @@ class Stream:
                             warnings.warn(SampleWarning(message, key), stacklevel=2)
                     for _key, message in msg.notes:  # decoder chatter, one line a sample
                         logger.warning("%s", message)
+                    if msg.last:
+                        self._finish(self._receive())
                     if len(batch):
                         yield batch
                         skipped = 0
                     del batch
-                elif isinstance(msg, Finished):
-                    self._state.stats = msg.stats
+                    if msg.last:
+                        return
+                else:
+                    self._finish(msg)
                     return
-                elif isinstance(msg, Failed):
-                    msg.error.reraise()
         finally:
             self.close()
+
+    def _finish(self, msg: Any) -> None:
+        """The run's end: `Finished` (its stats kept, the run stopped) or `Failed` (raised)."""
+        if isinstance(msg, Failed):
+            msg.error.reraise()
+        if not isinstance(msg, Finished):
+            raise RuntimeError(f"the supervisor sent {type(msg).__name__} after the run's end")
+        self._state.stats = msg.stats
+        self.close()
 
     def _receive(self) -> Any:
         """The next message for the caller; handles set-up, heartbeats and a lost supervisor.

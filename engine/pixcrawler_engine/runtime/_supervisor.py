@@ -29,6 +29,7 @@ answering (stopped, deadlocked) is the consumer's `WorkerError` after `heartbeat
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import heapq
 import itertools
 import os
@@ -345,11 +346,14 @@ class Supervisor:
                 self.conn.send(done.message)
                 self._linger()
                 raise _Delivered()
+            after = self.groups[g].next_start(done.end)
             if isinstance(done.message, BatchReady):
                 st.stats["samples"] += done.message.rows
                 st.stats["skipped"] += len(done.message.errors)
-                self.conn.send(done.message)
-            after = self.groups[g].next_start(done.end)
+                last = after is None and g == len(self.groups) - 1
+                self.conn.send(
+                    dataclasses.replace(done.message, last=True) if last else done.message
+                )
             if after is not None:
                 st.deliver_at = after
                 continue

@@ -128,9 +128,10 @@ class EngineConfig:
         cache_dir: where downloaded chunks are kept between runs; None downloads into a
             temporary folder removed at the end of the run.
         cache_limit_bytes: size above which the least recently used cached chunks go.
-        warm_start: a consumer that runs passes (`Dataset`) keeps one supervisor started
-            ahead for its next pass (see NOTE [spare] in `runtime._launch`); False starts
-            each pass's supervisor when the pass begins.
+        warm_start: a consumer that runs passes (`Dataset`) keeps a supervisor waiting for
+            its next pass: the last pass's, parked with its zygote, or one started ahead (see
+            NOTE [parked] and NOTE [spare] in `runtime._launch`); False starts each pass's
+            supervisor when the pass begins.
         split_ends: the run's first task and its last `num_workers` tasks are cut into a
             piece per worker, so that the workers share the first batch and end together
             (NOTE [task sizes] in `runtime._schedule`); exports turn it off, as their files'

@@ -62,7 +62,8 @@ class Dataset(Frameworks):
         self._progress = progress
         self._info = DatasetInfo.from_manifest(ref.manifest)
         self._streams: weakref.WeakSet[Stream] = weakref.WeakSet()
-        # The next pass's supervisor, started ahead (NOTE [spare] in `runtime._launch`).
+        # The next pass's supervisor: the last pass's, parked, or one started ahead (NOTE
+        # [parked] and NOTE [spare] in `runtime._launch`).
         self._spare = Spare(enabled=config.warm_start)
         self._closed = False
 

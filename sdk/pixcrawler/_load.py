@@ -105,9 +105,9 @@ def load_dataset(
             it is a Parquet address as described above.
         copy: Hand out private, writable arrays from iteration (one copy per batch) instead
             of read-only views of the engine's shared memory (zero-copy, the default).
-        warm_start: Once a pass has its first batch, start the next pass's engine processes
-            (its supervisor and decoder zygote, idle until then), so that epochs after the
-            first skip their start-up; `False` starts them when each pass begins.
+        warm_start: Keep a pass's engine processes (its supervisor and decoder zygote, idle
+            between passes) for the next pass, so that epochs after the first skip their
+            start-up; `False` starts them when each pass begins.
 
     Returns:
         Dataset object for iteration and conversion.

@@ -3,10 +3,10 @@
 `Dataset` keeps the passes still running in a weak set, so that `close()` can stop them; a pass
 abandoned by its caller (a `break`, garbage collection) closes its stream in `finally`.
 
-A pass runs on the dataset's spare supervisor when one waits, and once its last tasks are out
-(fewer samples left than its workers decode at once), launches the spare for the next pass
-(see NOTE [spare] in `pixcrawler_engine.runtime._launch`): epochs after the first skip the
-processes' start-up.
+A pass runs on the supervisor that waits in the dataset's `Spare` (launched ahead, or parked
+by the pass before), and parks its own there when it ends cleanly (NOTE [spare] and NOTE
+[parked] in `pixcrawler_engine.runtime._launch`): epochs after the first skip the processes'
+start-up.
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ def run_pass(
 ) -> Iterator[Batch]:
     """The batches of one engine pass over `source`, counted on a bar (None: no bar).
 
-    It runs on `spare`'s waiting supervisor if there is one, and with `ahead` launches the
-    spare for the next pass near its end (False for a one-off pass, a conversion).
+    It runs on `spare`'s waiting supervisor if there is one, and with `ahead` parks its
+    supervisor there for the next pass when it ends (False for a one-off pass, a conversion).
     """
     total = share.count(sum(p.num_records for p in source.plan()))
     if total == 0:
@@ -54,20 +54,15 @@ def run_pass(
     bar = progress_bar(total)
     try:
         launched = spare.take() if spare is not None else None
-        stream = Stream(source, config=config, policy=policy, share=share, launched=launched)
-        spare = spare if ahead else None
+        home = spare if ahead else None
+        stream = Stream(source, config=config, policy=policy, share=share, launched=launched,
+                        home=home)  # fmt: skip
     finally:
         # The supervisor got its own copy of the source; this one's connection can go.
         source.close()
     streams.add(stream)
-    tail = total - config.rows_for(policy.fixed_shape) * config.workers
-    seen = 0
     try:
         for batch in stream:
-            seen += len(batch)
-            if spare is not None and seen >= tail:
-                spare.refill(ahead_modules(source, config))
-                spare = None
             yield batch
             if bar is not None:
                 bar.update(len(batch))

@@ -10,7 +10,9 @@
 - a stopped supervisor is a `WorkerError` within `heartbeat_timeout`;
 - a stream is the consumer, its supervisor, one zygote and the workers: no fork server, no
   resource tracker; the supervisor imports no decoder or Arrow;
-- `worker_timeout` measures silence per sample, not per batch.
+- `worker_timeout` measures silence per sample, not per batch;
+- the zygote's report of a fork names the request it answers, not the seat: a report for a
+  worker gone before it was read (or for a parked supervisor's last run) names no other.
 """
 
 from __future__ import annotations
@@ -276,25 +278,25 @@ def test_the_supervisor_imports_no_decoder_or_arrow() -> None:
 def test_worker_arguments_are_plain_pickle_unless_they_hold_user_code(tmp_path: Path) -> None:
     """The zygote loads plain pickle without importing dill (~8 ms before a first batch); code
     defined in a user's script still travels, by dill."""
-    from pixcrawler_engine.runtime._zygote import _dumps_args, _load_args
+    from pixcrawler_engine.runtime._worker_args import dumps_args, load_args
 
     path = tmp_path / "args"
     plain = (list(sys.path), (EngineConfig(num_workers=3), "prefix", 7))  # it sets sys.path
-    path.write_bytes(_dumps_args(*plain))
-    assert path.read_bytes()[:1] == b"P" and _load_args(path) == plain[1]
+    path.write_bytes(dumps_args(*plain))
+    assert path.read_bytes()[:1] == b"P" and load_args(path) == plain[1]
     script = textwrap.dedent(
         f"""
         import sys
         from pathlib import Path
-        from pixcrawler_engine.runtime._zygote import _dumps_args
+        from pixcrawler_engine.runtime._worker_args import dumps_args
         def double(x):
             return 2 * x
-        Path({str(path)!r}).write_bytes(_dumps_args(sys.path, (double, lambda x: x + 1)))
+        Path({str(path)!r}).write_bytes(dumps_args(sys.path, (double, lambda x: x + 1)))
         """
     )
     subprocess.run([sys.executable, "-c", script], check=True)
     assert path.read_bytes()[:1] == b"D"
-    double, plus_one = _load_args(path)
+    double, plus_one = load_args(path)
     assert double(21) == 42 and plus_one(1) == 2
 
 
@@ -316,3 +318,32 @@ def test_worker_timeout_measures_silence_per_sample(
     assert took > 2 * config.worker_timeout  # the big task took longer than worker_timeout
     assert keys == expected
     assert stats["worker_restarts"] == 0
+
+
+def test_a_fork_report_names_its_request_not_the_seat(tmp_path: Path) -> None:
+    """Two requests for one seat (a worker that died before its report was read, then its
+    replacement; or a run's last request, then the next run's first: NOTE [parked]) get
+    reports that tell them apart, so the first's cannot lend its pid to the second."""
+    from multiprocessing.connection import wait
+
+    from pixcrawler_engine.runtime._zygote import Zygote
+
+    zygote = Zygote(dict(os.environ))
+    zygote.start()
+    ends = []
+    try:
+        zygote.set_args(tmp_path / "args", ())  # no arguments: each worker exits at once
+        ends = [zygote.spawn(0), zygote.spawn(0)]
+        (_, one), (_, two) = ends
+        forked: dict[int, int] = {}
+        deadline = time.monotonic() + 30.0
+        while len(forked) < 2 and time.monotonic() < deadline:
+            assert zygote.sock is not None
+            wait([zygote.sock], 1.0)
+            forked.update((a, b) for kind, a, b in zygote.receive() if kind == b"P")
+        assert one != two and set(forked) == {one, two}
+        assert forked[one] != forked[two]
+    finally:
+        for end, _ in ends:
+            end.close()
+        zygote.close()

@@ -1,7 +1,9 @@
-"""The spare supervisor (NOTE [spare] in `runtime._launch`) on real processes.
+"""The supervisor that waits for a dataset's next pass, on real processes: launched ahead (NOTE
+[spare] in `runtime._launch`) or parked by the pass before (NOTE [parked]).
 
-A dataset's second pass runs on a supervisor launched during its first; the spare leaves no
-process, segment or folder behind after `close()`, garbage collection, or its consumer's death.
+A dataset's second pass runs on the supervisor of its first, parked with its zygote and nothing
+else; a waiting supervisor leaves no process, segment or folder behind after `close()`, garbage
+collection, or its consumer's death; what one run leaves behind never reaches the next.
 """
 
 from __future__ import annotations
@@ -12,16 +14,19 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
-from engine_helpers import expected_keys, wait_gone
+from engine_helpers import expected_keys, shm_names, wait_gone
 
 from pixcrawler import load_dataset
 from pixcrawler_engine.runtime._launch import Spare
+from pixcrawler_engine.runtime._protocol import RELEASE
 
 OPTIONS: dict[str, Any] = {"num_workers": 2, "progress": False, "image_size": 16, "batch_rows": 8}
 
@@ -43,21 +48,131 @@ def _wait_spare(ds: Any, timeout: float = 10.0) -> int:
     return int(ds._spare.pid)
 
 
-def test_the_next_pass_runs_on_the_spare_launched_before_it(store: Path) -> None:
+def _zygote_of(supervisor: int) -> int:
+    """The zygote of a parked supervisor, once its workers are gone: its only descendant."""
+    deadline = time.monotonic() + 10.0
+    while len(family := _family(supervisor)) != 2:
+        assert time.monotonic() < deadline, f"the parked supervisor's processes: {family}"
+        time.sleep(0.01)
+    return family[1]
+
+
+def _left_by(supervisor: int) -> set[str]:
+    """The /dev/shm names and run folders of the runs `supervisor` served."""
+    folders = Path(tempfile.gettempdir()).glob(f"pxc-run-{supervisor}_*")
+    return {n for n in shm_names() if n.startswith(f"pxc_{supervisor}_")} | {
+        p.name for p in folders
+    }
+
+
+def test_the_next_pass_runs_on_the_supervisor_the_last_one_parked(store: Path) -> None:
     with load_dataset("demo", base_url=store.as_uri(), **OPTIONS) as ds:
-        first = [key for batch in ds.iter_engine_batches() for key in batch.keys]
-        spare = _wait_spare(ds)
-        began = time.time()
         passes = ds.iter_engine_batches()
-        batch = next(passes)
+        first = [*next(passes).keys]
         (stream,) = list(ds._streams)
-        assert stream.pid == spare  # the pass took the waiting supervisor, started before it
-        assert psutil.Process(spare).create_time() < began
-        # The next spare waits for this pass's last tasks: its start-up must not slow this one.
-        assert ds._spare.pid is None
-        second = [*batch.keys, *(key for b in passes for key in b.keys)]
-        assert ds._spare.pid not in (None, spare)
+        supervisor = stream.pid
+        first += [key for batch in passes for key in batch.keys]
+        assert ds._spare.pid == supervisor  # parked by its pass, no other launched
+        zygote = _zygote_of(supervisor)  # its workers have exited
+        deadline = time.monotonic() + 10.0
+        while left := _left_by(supervisor):  # the run's slots, lock and folder go
+            assert time.monotonic() < deadline, f"a parked supervisor keeps {left}"
+            time.sleep(0.01)
+        passes = ds.iter_engine_batches()
+        second = [*next(passes).keys]
+        (stream,) = list(ds._streams)
+        assert stream.pid == supervisor and _family(supervisor)[1] == zygote
+        second += [key for batch in passes for key in batch.keys]
+        assert ds._spare.pid == supervisor
     assert first == second == expected_keys(store)
+    assert wait_gone([supervisor, zygote], 10.0) == []
+
+
+def test_a_parked_supervisor_keeps_nothing_of_its_runs(store: Path) -> None:
+    """Descriptors, threads and memory of a supervisor parked after pass 1 and after pass 6
+    are the same: each run's pipes and download threads go with it."""
+    with load_dataset("demo", base_url=store.as_uri(), **OPTIONS) as ds:
+        seen = []
+        for _ in range(6):
+            for _ in ds.iter_engine_batches():
+                pass
+            supervisor = psutil.Process(int(ds._spare.pid or 0))
+            _zygote_of(supervisor.pid)  # its run has ended: its workers are gone
+            deadline = time.monotonic() + 10.0
+            while _left_by(supervisor.pid):  # its lock goes last, after the threads
+                assert time.monotonic() < deadline, "a parked supervisor is still tearing down"
+                time.sleep(0.01)
+            seen.append((supervisor.num_fds(), supervisor.num_threads()))
+            rss = supervisor.memory_info().rss
+            if len(seen) == 1:
+                first_rss = rss
+        assert len(set(seen)) == 1, seen  # each run used to keep 2 descriptors
+        assert rss < first_rss + 8 * 2**20
+
+
+def test_a_release_from_an_earlier_run_frees_no_slot_of_the_next(store: Path) -> None:
+    """A view of pass 1 released during pass 2 (from another thread, as it closed) reaches the
+    same supervisor: it must not free a slot of pass 2, whose views would be overwritten."""
+    with load_dataset("demo", base_url=store.as_uri(), **OPTIONS) as ds:
+        expected = [np.array(batch.images) for batch in ds.iter_engine_batches()]
+        held = []
+        for batch in ds.iter_engine_batches():
+            held.append(batch)
+            if len(held) == 1:
+                (stream,) = list(ds._streams)
+                state = stream._state
+                assert state.run == 1  # the supervisor's second run
+            for slot in range(len(state.slots)):  # every slot of pass 1, released late
+                os.write(state.release_fd, RELEASE.pack(state.run - 1, slot))
+        assert len(held) == len(expected)
+        for batch, pixels in zip(held, expected, strict=True):
+            assert np.array_equal(batch.images, pixels)
+
+
+def test_a_parked_supervisor_killed_between_passes_is_replaced(store: Path) -> None:
+    with load_dataset("demo", base_url=store.as_uri(), **OPTIONS) as ds:
+        for _ in ds.iter_engine_batches():
+            pass
+        parked = int(ds._spare.pid or 0)
+        family = [parked, _zygote_of(parked)]
+        os.kill(parked, signal.SIGKILL)
+        assert wait_gone([parked], 10.0) == []
+        passes = ds.iter_engine_batches()
+        keys = [*next(passes).keys]
+        (stream,) = list(ds._streams)
+        assert stream.pid != parked
+        keys += [key for batch in passes for key in batch.keys]
+    assert keys == expected_keys(store)
+    assert wait_gone(family, 10.0) == []  # its zygote followed it
+
+
+def test_a_parked_supervisor_whose_zygote_was_killed_starts_another(store: Path) -> None:
+    with load_dataset("demo", base_url=store.as_uri(), **OPTIONS) as ds:
+        for _ in ds.iter_engine_batches():
+            pass
+        parked = int(ds._spare.pid or 0)
+        zygote = _zygote_of(parked)
+        os.kill(zygote, signal.SIGKILL)
+        passes = ds.iter_engine_batches()
+        keys = [*next(passes).keys]
+        (stream,) = list(ds._streams)
+        assert stream.pid == parked
+        keys += [key for batch in passes for key in batch.keys]
+        assert zygote not in _family(parked)
+    assert keys == expected_keys(store)
+
+
+def test_a_pass_abandoned_halfway_stops_its_supervisor(store: Path) -> None:
+    with load_dataset("demo", base_url=store.as_uri(), **OPTIONS) as ds:
+        for _ in ds.iter_engine_batches():
+            (stream,) = list(ds._streams)
+            family = _family(stream.pid)
+            break
+        assert ds._spare.pid is None  # not parked: only a pass that ended cleanly parks
+        assert wait_gone(family, 10.0) == []
+        assert [key for batch in ds.iter_engine_batches() for key in batch.keys] == (
+            expected_keys(store)
+        )
 
 
 def _settled(pid: int) -> bool:
@@ -79,8 +194,7 @@ def test_a_shuffled_datasets_spare_imports_numpy_while_it_waits(store: Path) -> 
     unshuffled one stays without it, as its supervisor does."""
     for shuffle in (True, False):
         with load_dataset("demo", base_url=store.as_uri(), shuffle=shuffle, **OPTIONS) as ds:
-            for _ in ds.iter_engine_batches():
-                pass
+            ds._launch_ahead()
             spare = _wait_spare(ds)
             assert _settled(spare)
             maps = Path(f"/proc/{spare}/maps").read_text()
@@ -165,7 +279,8 @@ def test_sigkill_of_the_consumer_takes_the_spare_along(store: Path) -> None:
         assert line, "the consumer script printed nothing"
         spare, deadline = json.loads(line)["spare"], time.monotonic() + 10.0
         family = _family(spare)
-        while len(family) < 2 and time.monotonic() < deadline:  # its zygote may be forking
+        # A spare's zygote may be forking, a parked one's workers exiting.
+        while len(family) != 2 and time.monotonic() < deadline:
             time.sleep(0.01)
             family = _family(spare)
         assert len(family) == 2  # the supervisor and its zygote

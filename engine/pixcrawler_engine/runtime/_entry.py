@@ -10,16 +10,12 @@ import os
 import signal
 import socket
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
 
-    from pixcrawler_engine._config import DecodePolicy, EngineConfig
-    from pixcrawler_engine.runtime._epoch import Share
-    from pixcrawler_engine.runtime._ipc import Wire
     from pixcrawler_engine.runtime._zygote import Zygote
-    from pixcrawler_engine.sources._base import Source
 
 __all__ = ["WORKER_ENV", "bootstrap", "supervisor_main"]
 
@@ -35,45 +31,57 @@ WORKER_ENV = {
 def bootstrap() -> None:
     """Entry point of the supervisor interpreter (see NOTE [bootstrap] in `_launch`).
 
-    argv holds the file descriptors of its two pipes. Messages: `Prepare` (a spare's, while
-    it waits: NOTE [spare] in `_launch`), any number; then the caller's `sys.path` (so that
-    its objects unpickle here), or None to exit; then the run's arguments.
+    argv holds the file descriptors of its two pipes. It serves runs one after another (NOTE
+    [parked] in `_launch`); for each, the messages are `Prepare` (a spare's, while it waits:
+    NOTE [spare]), any number; then the caller's `sys.path` (so that its objects unpickle
+    here), or None to exit; then the run's arguments (`_launch.dump_run`).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the consumer handles Ctrl-C
     # First of all, before any import it can do without: the zygote's imports (numpy, pyarrow
     # and the decoders) are the longest step to a first batch.
     zygote = _fork_zygote({**os.environ, **WORKER_ENV})
-    from multiprocess.connection import Connection as DillConnection
+    from multiprocessing.connection import Connection
 
     from pixcrawler_engine.runtime import _supervisor  # noqa: F401  (every run needs it)
-    from pixcrawler_engine.runtime._launch import Prepare
     from pixcrawler_engine.runtime._shm import sweep_stale
 
-    conn = DillConnection(int(sys.argv[1]))
-    release = DillConnection(int(sys.argv[2]), writable=False)
+    conn = Connection(int(sys.argv[1]))
+    release = Connection(int(sys.argv[2]), writable=False)
+    sweep_stale()  # before the run's arguments: a spare does it while it waits
+    while True:
+        run = _next_run(conn)
+        if run is None:
+            # No run came (a spare or a parked supervisor no longer wanted, or its consumer
+            # died: NOTE [spare] in `_launch`): the zygote holds nothing, and may be mid-import,
+            # so no polite wait.
+            zygote.lost()
+            os._exit(0)
+        code = supervisor_main(conn, release, zygote, run)
+        if code is not None:
+            zygote.close()
+            with contextlib.suppress(Exception):
+                conn.close()
+            # Download threads may sit in a socket read; they must not keep this process alive.
+            os._exit(code)
+
+
+def _next_run(conn: Connection) -> tuple[Any, ...] | None:
+    """The next run's arguments (token, run number, source, config, policy, share, wires), or
+    None when the consumer sends this process away or is gone."""
+    from pixcrawler_engine.runtime._launch import Prepare, load_run
+
     try:
-        sweep_stale()  # before the run's arguments: a spare does it while it waits
         while True:
             message = conn.recv()
             if message is None:
-                raise EOFError("sent away before a run")
+                return None
             if not isinstance(message, Prepare):
                 break
             message.apply()
         sys.path[:] = message
-        run = conn.recv()
-        if run is None:
-            raise EOFError("sent away: the run's arguments could not be sent")
-        token, source, config, policy, share, wires = run
+        return load_run(conn.recv_bytes())
     except (EOFError, OSError):
-        # No run came (a spare no longer wanted, or its consumer died: NOTE [spare] in
-        # `_launch`): the zygote holds nothing yet and may be mid-import, so no polite wait.
-        zygote.lost()
-        os._exit(0)
-    from pixcrawler_engine.runtime._protocol import plain_connection
-
-    conn = plain_connection(conn)  # the run's messages: plain pickle
-    supervisor_main(conn, release, zygote, token, source, config, policy, share, wires)
+        return None
 
 
 def _fork_zygote(env: dict[str, str]) -> Zygote:
@@ -95,25 +103,20 @@ def _fork_zygote(env: dict[str, str]) -> Zygote:
 
 
 def supervisor_main(
-    conn: Connection,
-    release: Connection,
-    zygote: Zygote,
-    token: str,
-    source: Source,
-    config: EngineConfig,
-    policy: DecodePolicy,
-    share: Share,
-    wires: tuple[Wire, Wire],
-) -> None:
-    """The body of the supervisor process."""
+    conn: Connection, release: Connection, zygote: Zygote, run: tuple[Any, ...]
+) -> int | None:
+    """One run of the supervisor process: None when it parks for the next (NOTE [parked] in
+    `_launch`), else the exit code of the process."""
     from pixcrawler_engine.runtime._protocol import ExceptionWrapper, Failed
     from pixcrawler_engine.runtime._supervisor import Supervisor, _Delivered
 
     supervisor = None
-    code = 0
+    code: int | None = 0
     try:
-        supervisor = Supervisor(conn, release, zygote, token, source, config, policy, share, wires)
+        supervisor = Supervisor(conn, release, zygote, *run)
         supervisor.run()
+        if supervisor.parked:
+            code = None
     except (_Delivered, SystemExit):
         pass
     except BaseException as exc:
@@ -122,9 +125,8 @@ def supervisor_main(
             conn.send(Failed(ExceptionWrapper.wrap(exc, f"in the supervisor (pid {os.getpid()})")))
     finally:
         if supervisor is not None:
-            supervisor.close()
-        zygote.close()
-        with contextlib.suppress(Exception):
-            conn.close()
-        # Download threads may sit in a socket read; they must not keep this process alive.
-        os._exit(code)
+            try:
+                supervisor.close(park=code is None)
+            except BaseException:
+                code = 1
+    return code

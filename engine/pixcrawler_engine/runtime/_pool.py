@@ -79,7 +79,8 @@ class WorkerPool:
                     f"the worker zygote died {MAX_ZYGOTE_STARTS} times; see its error output "
                     "above (a broken install, or the machine is out of memory)"
                 )
-        self.workers.append(WorkerSlot(seat, self.zygote.spawn(seat)))
+        conn, request = self.zygote.spawn(seat)
+        self.workers.append(WorkerSlot(seat, conn, request))
 
     def pids(self) -> tuple[int, ...]:
         self.changed = False
@@ -146,7 +147,8 @@ class WorkerPool:
 
     # ---- teardown ------------------------------------------------------------------------------
     def stop(self) -> None:
-        """Asks every worker to exit, waits (bounded) for their EOF, kills the rest; idempotent."""
+        """Asks every worker to exit, waits (bounded) for their EOF, kills the rest; idempotent.
+        The zygote stays (the supervisor's `close` ends it, or keeps it for the next run)."""
         for w in self.workers:
             with contextlib.suppress(OSError):
                 w.conn.send(None)
@@ -167,13 +169,12 @@ class WorkerPool:
             self._kill(w)
             w.conn.close()
         self.workers.clear()
-        self.zygote.close()
 
     # ---- internals ----------------------------------------------------------------------------
     def _on_zygote(self) -> None:
         for kind, a, b in self.zygote.receive():
-            if kind == b"P":
-                worker = next((w for w in self.workers if w.seat == a and w.pid is None), None)
+            if kind == b"P":  # a report for an earlier run names a request no worker has
+                worker = next((w for w in self.workers if w.request == a), None)
                 if worker is not None:
                     worker.pid = b
                     self.changed = True

@@ -94,11 +94,17 @@ class Prefetcher:
         self.fetched = still
         return finished
 
-    def close(self) -> None:
+    def close(self, *, wait: bool = False) -> None:
         """Cancels downloads not started; idempotent.
 
-        The wake pipe stays open: a download still running calls back into it, and a closed
-        (or reused) descriptor there would be worse than two descriptors kept until the
-        supervisor exits.
+        Without `wait`, the wake pipe stays open: a download still running calls back into it,
+        and a closed (or reused) descriptor there would be worse than two descriptors kept until
+        the supervisor exits. With `wait` (a supervisor that parks after a finished run, whose
+        downloads are all done: NOTE [parked] in `_launch`), the threads are joined, their
+        callbacks run, and the pipe is closed.
         """
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.executor.shutdown(wait=wait, cancel_futures=True)
+        if wait and self._wake_w >= 0:
+            for fd in (self.wake_fd, self._wake_w):
+                os.close(fd)
+            self.wake_fd = self._wake_w = -1

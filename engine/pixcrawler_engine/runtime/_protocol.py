@@ -2,7 +2,7 @@
 
 Every message is a frozen dataclass; none carries pixels (those stay in shared memory).
 
-    consumer -> supervisor:  Grow() | Ping() | Stop()      (released slots: `RELEASE` on a pipe)
+    consumer -> supervisor:  Grow() | Ping() | Stop(park)  (released slots: `RELEASE` on a pipe)
     supervisor -> consumer:  Ready(slots) | Workers(pids) | BatchReady(...) | SlotsAdded(names)
                              | Pong() | Failed(error) | Finished(stats)
     supervisor -> worker:    Task(...) | None (exit)
@@ -11,7 +11,6 @@ Every message is a frozen dataclass; none carries pixels (those stay in shared m
 
 from __future__ import annotations
 
-import os
 import pickle
 import select
 import socket
@@ -23,8 +22,6 @@ from typing import TYPE_CHECKING, Any
 from pixcrawler_engine._errors import PixCrawlerError
 
 if TYPE_CHECKING:
-    from multiprocessing.connection import Connection
-
     from pixcrawler_engine.sources._listing import RecordLines
 
 __all__ = [
@@ -45,10 +42,12 @@ __all__ = [
     "TaskFailed",
     "WorkerReady",
     "Workers",
-    "plain_connection",
 ]
 
-RELEASE = struct.Struct("<i")  # one released slot, as the consumer writes it to its pipe
+# One released slot, as the consumer writes it to its pipe: (run number, slot). A supervisor
+# serves runs one after another (NOTE [parked] in `_launch`): a view of an earlier run may be
+# released during a later one, which must not take it for one of its own slots.
+RELEASE = struct.Struct("<ii")
 
 
 class Channel:
@@ -86,19 +85,6 @@ class Channel:
 
 
 _FRAME = struct.Struct("!i")  # what multiprocessing's Connection writes before a message
-
-
-def plain_connection(conn: Any) -> Connection:
-    """The same pipe as a stdlib `Connection` (C pickle), closing `conn` (a dill one).
-
-    The run's arguments cross with dill (lambdas, `__main__` objects); the messages after
-    them are plain dataclasses, which the C pickler writes several times faster.
-    """
-    from multiprocessing.connection import Connection
-
-    plain = Connection(os.dup(conn.fileno()))
-    conn.close()
-    return plain
 
 
 @dataclass(frozen=True)
@@ -140,7 +126,10 @@ class Grow:
 
 @dataclass(frozen=True)
 class Stop:
-    pass
+    """The consumer is done with the run. `park`: after its `Finished`, to keep the process
+    and its zygote for the consumer's next run (NOTE [parked] in `_launch`)."""
+
+    park: bool = False
 
 
 @dataclass(frozen=True)

@@ -89,6 +89,7 @@ class WorkerSlot:
 
     seat: int
     conn: Connection
+    request: int  # the zygote request that forks it (see `_zygote`)
     pid: int | None = None  # reported by the zygote once forked
     task: tuple[int, int, int, int] | None = None  # (group, start, end, slot)
     task_id: int = 0

@@ -5,23 +5,20 @@ it only attaches the slots the supervisor created. A batch's arrays are views of
 slot goes back to the pool when the last view is gone (a `weakref.finalize` on the lease that
 every view keeps alive), never earlier.
 
-Teardown (`_shutdown`) is one ordered, idempotent function run by `close()`, `__exit__`, the end
-of iteration and a `weakref.finalize`, so a forgotten stream cleans up too.
+Teardown (`_run.shutdown`) is one ordered, idempotent function run by `close()`, `__exit__`, the
+end of iteration and a `weakref.finalize`, so a forgotten stream cleans up too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import secrets
-import subprocess
 import sys
 import time
 import warnings
 import weakref
 from collections.abc import Generator
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -39,9 +36,8 @@ from pixcrawler_engine.runtime._batch import (
 )
 from pixcrawler_engine.runtime._classes import ClassIndex, label_indices
 from pixcrawler_engine.runtime._epoch import Share
-from pixcrawler_engine.runtime._launch import Launched, launch
+from pixcrawler_engine.runtime._launch import Launched, Spare, dump_run, launch
 from pixcrawler_engine.runtime._protocol import (
-    RELEASE,
     BatchReady,
     Failed,
     Finished,
@@ -50,11 +46,10 @@ from pixcrawler_engine.runtime._protocol import (
     Pong,
     Ready,
     SlotsAdded,
-    Stop,
     Workers,
-    plain_connection,
 )
-from pixcrawler_engine.runtime._shm import attach, sweep_run
+from pixcrawler_engine.runtime._run import RunState, shutdown
+from pixcrawler_engine.runtime._shm import attach
 from pixcrawler_engine.sources._base import Source
 
 __all__ = ["Batch", "SampleWarning", "Stream"]
@@ -123,62 +118,6 @@ class Batch:
         return metadata_of(self.record_batch)
 
 
-@dataclass
-class _RunState:
-    """Everything teardown needs, kept apart from `Stream` so the finalizer holds no cycle.
-
-    Only the process that started the run stops it or releases its slots: a forked child (a
-    DataLoader worker) that drops its copy of a stream, iterator or view closes its own copies
-    of the pipes and mappings, and nothing else.
-    """
-
-    owner: int = field(default_factory=os.getpid)
-    proc: Any = None
-    token: str = ""
-    conn: Any = None
-    release_fd: int = -1
-    release_conn: Any = None
-    slots: list[Any] = field(default_factory=list)
-    live_leases: int = 0
-    closed: bool = False
-    unresponsive: bool = False  # the supervisor missed its heartbeat: no polite stop
-    stats: dict[str, Any] = field(default_factory=dict)
-
-    def release(self, slot: int) -> None:
-        # Runs from garbage collection, in any thread: one atomic pipe write, no lock.
-        self.live_leases -= 1
-        if not self.closed and self.owner == os.getpid():
-            with contextlib.suppress(OSError):
-                os.write(self.release_fd, RELEASE.pack(slot))
-
-
-def _shutdown(state: _RunState) -> None:
-    """Stops the run: ask, wait, terminate, kill, reclaim. Safe to call any number of times."""
-    if state.closed:
-        return
-    state.closed = True
-    proc = state.proc if state.owner == os.getpid() else None
-    if proc is not None:
-        steps: tuple[tuple[Any, float], ...] = ((proc.kill, 2.0),)
-        if not state.unresponsive:
-            with contextlib.suppress(Exception):
-                state.conn.send(Stop())
-            steps = ((None, 5.0), (proc.terminate, 2.0), (proc.kill, 2.0))
-        for stop, grace in steps:
-            if stop is not None:
-                stop()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(grace)
-                break
-        # A supervisor that was killed could not clean up: its lock is free now, so this can.
-        sweep_run(state.token)
-    for conn in (state.conn, state.release_conn):
-        with contextlib.suppress(Exception):
-            conn.close()
-    while state.slots:
-        state.slots.pop().close()  # unmaps now, or when the last view is gone
-
-
 class Stream:
     """One engine run over a source, iterated as `Batch` objects in dataset order.
 
@@ -196,6 +135,7 @@ class Stream:
         policy: DecodePolicy,
         share: Share | None = None,
         launched: Launched | None = None,
+        home: Spare | None = None,
     ) -> None:
         """Starts the run: its supervisor, which starts the workers.
 
@@ -205,39 +145,46 @@ class Stream:
             policy: how images are decoded.
             share: which part of which epoch's order to deliver (see NOTE [epoch order] in
                 `runtime._epoch`); default all of epoch 0.
-            launched: a supervisor launched ahead (`_launch.Spare.take`) to run this; the
-                stream owns it from here. None (or one that died) launches a new one.
+            launched: a waiting supervisor (`_launch.Spare.take`) to run this; the stream
+                owns it from here. None (or one that died) launches a new one.
+            home: where the supervisor waits for the next run once this one has finished
+                (NOTE [parked] in `_launch`); None stops it.
         """
         self.config = config
         self.policy = policy
-        self._state = _RunState()
-        self._finalizer = weakref.finalize(self, _shutdown, self._state)
-        # See NOTE [bootstrap] and NOTE [spare] in `_launch`.
+        self._state = RunState()
+        self._finalizer = weakref.finalize(self, shutdown, self._state)
+        # See NOTE [bootstrap], NOTE [spare] and NOTE [parked] in `_launch`.
         if launched is None or not launched.usable():
             if launched is not None:
                 launched.close()
             launched = launch()
+        state = self._state
         proc, conn, release_w = launched.proc, launched.conn, launched.release
-        self._state.token = f"{proc.pid}_{secrets.token_hex(8)}"  # names the run's resources
-        self._state.release_conn, self._state.release_fd = release_w, release_w.fileno()
+        state.token = f"{proc.pid}_{secrets.token_hex(8)}"  # names the run's resources
+        state.run, launched.runs = launched.runs, launched.runs + 1
+        state.release_conn, state.release_fd = release_w, release_w.fileno()
         # How the workers write this run's batches (NOTE [wire] in `_ipc`): without masks, with.
         wires = (wire_for(policy.fixed_shape), wire_for(policy.fixed_shape, masks=True))
+        run = (state.token, state.run, source, config, policy, share or Share(), wires)
         try:
+            data = dump_run(run)
             conn.send(list(sys.path))
-            conn.send((self._state.token, source, config, policy, share or Share(), wires))
+            conn.send_bytes(data)
         except OSError:
             pass  # it died at once; the first receive says how
         except BaseException:
             launched.close()  # the arguments cannot be pickled (or Ctrl-C): it waits in vain
             raise
-        self._state.proc, self._state.conn = proc, plain_connection(conn)
+        state.proc, state.conn, state.launched, state.home = proc, conn, launched, home
         self.pid = proc.pid
         self.worker_pids: tuple[int, ...] = ()
         self._ready: Ready | None = None
 
     # ---- lifecycle ------------------------------------------------------------------------
     def close(self) -> None:
-        """Stops the supervisor and its workers; views already handed out stay valid."""
+        """Stops the supervisor and its workers (once the run has finished, the workers, and
+        parks the supervisor for the next run: `home`); views already handed out stay valid."""
         self._finalizer()
 
     def __enter__(self) -> Stream:
@@ -294,6 +241,7 @@ class Stream:
         if not isinstance(msg, Finished):
             raise RuntimeError(f"the supervisor sent {type(msg).__name__} after the run's end")
         self._state.stats = msg.stats
+        self._state.finished = True
         self.close()
 
     def _receive(self) -> Any:

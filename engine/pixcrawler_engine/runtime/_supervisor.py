@@ -96,22 +96,22 @@ class Supervisor:
         release: Connection,
         zygote: Zygote,
         token: str,
+        run: int,
         source: Source,
         config: EngineConfig,
         policy: DecodePolicy,
         share: Share,
         wires: tuple[Wire, Wire],
     ) -> None:
-        self.conn = conn
-        self.release = release
+        self.conn, self.release, self.zygote, self.wires = conn, release, zygote, wires
         os.set_blocking(release.fileno(), False)  # read on every pass of the loop
         self.source, self.config, self.policy, self.token = source, config, policy, token
-        self.wires = wires
+        self.run_number = run  # this process's runs so far (NOTE [parked] in `_launch`)
+        self.finished = self.parked = False  # `Finished` sent; to wait for the next run after
         self.consumer = os.getppid()
         self.lock = OwnerLock(token)  # first: everything below is swept by it if we die
         self.workdir = run_folder(token)
         self.workdir.mkdir(mode=0o700)
-        self.zygote = zygote
         self.slots: SlotPool | None = None
         self.beats: Beats | None = None
         self.pool: WorkerPool | None = None
@@ -192,6 +192,7 @@ class Supervisor:
                 return  # the consumer is gone and nobody will read what we make
             self._deliver()
         self.conn.send(Finished(dict(st.stats)))
+        self.finished = True
         self._linger()
 
     def _linger(self) -> None:
@@ -211,6 +212,7 @@ class Supervisor:
             while self.conn.poll():
                 msg = self.conn.recv()
                 if isinstance(msg, Stop):
+                    self.parked = msg.park and self.finished
                     return True
                 if isinstance(msg, Grow):
                     self._grow()
@@ -227,8 +229,9 @@ class Supervisor:
             return
         if not data:
             raise SystemExit(0)  # the consumer closed its end: it is gone
-        for (slot,) in RELEASE.iter_unpack(data):
-            self.state.free_slots.append(slot)
+        for run, slot in RELEASE.iter_unpack(data):
+            if run == self.run_number:  # not a view of an earlier run, released late
+                self.state.free_slots.append(slot)
 
     def _grow(self) -> None:
         assert self.slots is not None
@@ -369,10 +372,10 @@ class Supervisor:
                 st.deliver_at = self.groups[st.deliver_group].ranges[0][0]
 
     # ---- teardown -------------------------------------------------------------------------
-    def close(self) -> None:
+    def close(self, *, park: bool = False) -> None:
         """Stops workers and the zygote, unlinks shared memory, removes the folder, unlocks.
-
         Idempotent. The lock goes last: until then a sweep cannot mistake the run for dead.
+        `park` (NOTE [parked] in `_launch`): the zygote stays, the download threads are joined.
         """
         # Names first: unlinking leaves every mapping valid, and a slow stop below must not
         # keep the segments listed in /dev/shm.
@@ -382,8 +385,9 @@ class Supervisor:
             self.beats.close()
         if self.pool is not None:
             self.pool.stop()
-        self.zygote.close()
-        self.prefetch.close()
+        if not park:
+            self.zygote.close()
+        self.prefetch.close(wait=park)
         self.waiter.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
         with contextlib.suppress(Exception):

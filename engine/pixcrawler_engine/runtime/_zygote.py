@@ -7,29 +7,29 @@ with no thread of its own, and forks every worker from there: a worker costs a f
 interpreter and its imports. Forking the zygote rather than starting an interpreter for it
 saves that interpreter's start and imports, ~80 ms before a first batch on 2 busy cores; a
 zygote started again later (the first one died), when the supervisor has threads, is a fresh
-interpreter (`Zygote.start`). The zygote and the workers
-are named `pxc-zygote` and `pxc-worker` (what `ps -o comm` and `top` show). The two talk over
-a `SOCK_SEQPACKET` socket:
+interpreter (`Zygote.start`). The zygote and the workers are named `pxc-zygote` and
+`pxc-worker` (what `ps -o comm` and `top` show). The two talk over a `SOCK_SEQPACKET` socket:
 
     supervisor -> zygote:  b"A" <path>             the workers' arguments (a dill file)
-                           b"S" <seat> + one fd    fork a worker on this socket end
-    zygote -> supervisor:  b"P" <seat> <pid>       forked
+                           b"S" <seat> <request>   fork a worker for this seat on the socket
+                                                   end that comes with it (one fd)
+    zygote -> supervisor:  b"P" <request> <pid>    forked
                            b"X" <pid> <exitcode>   a worker ended (the zygote reaps them)
                            b"E" <text>             the zygote cannot serve (then it exits)
 
 A worker talks to the supervisor only through the socket end it was given, so the supervisor
 learns of its death from its own handle (EOF, or a failed send), at once, and a worker learns of
 the supervisor's death the same way. The zygote is not a single point of failure: a worker
-outlives it, and the supervisor starts another zygote when it needs one. The zygote exits when
-the supervisor's end of its socket closes.
+outlives it, and the supervisor starts another zygote when it needs one. It exits when the
+supervisor's end of its socket closes, and serves the supervisor's runs one after another (NOTE
+[parked] in `_launch`): a late report (of a worker gone before it was read, or of the last
+run) names a request, numbered for the supervisor's life, that no worker of this run has.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import os
-import pickle
 import select
 import signal
 import socket
@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from pixcrawler_engine._errors import WorkerError
 from pixcrawler_engine.runtime._memory import libc
+from pixcrawler_engine.runtime._worker_args import dumps_args, load_args
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -68,6 +69,7 @@ class Zygote:
         self.proc: subprocess.Popen[bytes] | _Forked | None = None
         self.sock: socket.socket | None = None
         self.args_path: Path | None = None
+        self.requests = 0  # workers asked for so far: each request's number
         if forked is not None:
             self.proc, self.sock = _Forked(forked[0]), forked[1]
 
@@ -91,31 +93,31 @@ class Zygote:
 
     def set_args(self, path: Path, args: tuple[Any, ...]) -> None:
         """Writes the workers' arguments to `path` and names it to the zygote (and again to a
-        restarted one). Plain pickle when it will do, else dill (`_dumps_args`)."""
-        path.write_bytes(_dumps_args(list(sys.path), args))
+        restarted one). Plain pickle when it will do, else dill (`_worker_args`)."""
+        path.write_bytes(dumps_args(list(sys.path), args))
         self.args_path = path
         self._send(b"A" + os.fsencode(path))
 
-    def spawn(self, seat: int) -> Connection:
-        """Asks for a worker on a new socket; returns the supervisor's end of it.
-
-        The end reports EOF if the worker dies, or if the zygote dies before forking it.
-        """
+    def spawn(self, seat: int) -> tuple[Connection, int]:
+        """Asks for a worker at `seat` on a new socket; returns the supervisor's end of it (EOF
+        when the worker dies, or the zygote before forking it) and the request's number."""
         if self.sock is None:
             self.start()
+        self.requests += 1
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         with theirs:
             try:
                 assert self.sock is not None
-                socket.send_fds(self.sock, [b"S" + _SEAT_PID.pack(seat, 0)], [theirs.fileno()])
+                asked = b"S" + _SEAT_PID.pack(seat, self.requests)
+                socket.send_fds(self.sock, [asked], [theirs.fileno()])
             except OSError:
                 self._gone()  # mine then reads EOF: the worker is redone like a dead one
         from multiprocessing.connection import Connection
 
-        return Connection(mine.detach())
+        return Connection(mine.detach()), self.requests
 
     def receive(self) -> list[tuple[bytes, int, int]]:
-        """Reads what the zygote reported: (kind, a, b) for P (seat, pid) and X (pid, code).
+        """Reads what the zygote reported: (kind, a, b) for P (request, pid) and X (pid, code).
 
         Raises:
             WorkerError: the zygote reported that it cannot serve (`E`).
@@ -285,13 +287,13 @@ def _serve(
             return  # the supervisor is gone
         if data[:1] == b"A":
             try:
-                args = _load_args(Path(os.fsdecode(data[1:])))
+                args = load_args(Path(os.fsdecode(data[1:])))
             except Exception as exc:  # e.g. a transform whose module this process cannot import
                 message = f"the workers' arguments cannot be loaded: {type(exc).__name__}: {exc}"
                 sock.send(b"E" + message.encode()[: _MAX_MESSAGE - 1])
                 return
         elif data[:1] == b"S" and fds:
-            seat = _SEAT_PID.unpack(data[1:])[0]
+            seat, request = _SEAT_PID.unpack(data[1:])
             if args is None:
                 os.close(fds[0])  # no arguments yet: the supervisor sees EOF and asks again
                 continue
@@ -301,46 +303,9 @@ def _serve(
             children.add(pid)
             os.close(fds[0])
             try:
-                sock.send(b"P" + _SEAT_PID.pack(seat, pid))
+                sock.send(b"P" + _SEAT_PID.pack(request, pid))
             except OSError:
                 return  # the supervisor is gone
-
-
-class _Plain(pickle.Pickler):
-    """Pickle, refusing what only dill carries: objects of `__main__` (by reference they would
-    not load in the zygote, whose `__main__` is not the caller's); lambdas fail by themselves."""
-
-    def reducer_override(self, obj: Any) -> Any:
-        if getattr(obj, "__module__", None) == "__main__":
-            raise pickle.PicklingError(f"{obj!r} is defined in __main__")
-        return NotImplemented
-
-
-def _dumps_args(sys_path: list[str], args: Any) -> bytes:
-    """The caller's `sys.path`, then the workers' arguments, which may need it to load: b"P" and
-    plain pickle (the zygote imports no dill, ~8 ms before a first batch), or b"D" and dill for
-    user code (a transform defined in a script)."""
-    path = pickle.dumps(sys_path, protocol=pickle.HIGHEST_PROTOCOL)
-    out = io.BytesIO()
-    try:
-        _Plain(out, protocol=pickle.HIGHEST_PROTOCOL).dump(args)
-    except (pickle.PicklingError, AttributeError, TypeError):
-        import dill
-
-        return b"D" + path + dill.dumps(args)
-    return b"P" + path + out.getvalue()
-
-
-def _load_args(path: Path) -> tuple[Any, ...]:
-    """Loads what `_dumps_args` wrote, the caller's `sys.path` first."""
-    data = io.BytesIO(path.read_bytes())
-    kind = data.read(1)
-    sys.path[:] = pickle.load(data)
-    if kind == b"P":
-        return tuple(pickle.load(data))
-    import dill
-
-    return tuple(dill.load(data))
 
 
 def _reap(sock: socket.socket) -> list[int]:

@@ -1,0 +1,100 @@
+"""A run's state on the consumer's side, and its end: the supervisor parked or stopped.
+
+Kept apart from `Stream` so that its finalizer holds no cycle (`shutdown` gets the state, not
+the stream), and so that a view, whose release needs the state, keeps no stream alive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from dataclasses import dataclass, field
+from typing import Any
+
+from pixcrawler_engine.runtime._launch import Launched, Spare
+from pixcrawler_engine.runtime._protocol import RELEASE, Stop
+from pixcrawler_engine.runtime._shm import sweep_run
+
+__all__ = ["RunState", "shutdown"]
+
+
+@dataclass
+class RunState:
+    """Everything teardown needs, kept apart from `Stream` so the finalizer holds no cycle.
+
+    Only the process that started the run stops it or releases its slots: a forked child (a
+    DataLoader worker) that drops its copy of a stream, iterator or view closes its own copies
+    of the pipes and mappings, and nothing else.
+    """
+
+    owner: int = field(default_factory=os.getpid)
+    proc: Any = None
+    token: str = ""
+    run: int = 0  # the run's number on its supervisor (NOTE [parked] in `_launch`)
+    launched: Launched | None = None
+    home: Spare | None = None  # where the supervisor parks when the run ends cleanly
+    finished: bool = False  # `Finished` read
+    conn: Any = None
+    release_fd: int = -1
+    release_conn: Any = None
+    slots: list[Any] = field(default_factory=list)
+    live_leases: int = 0
+    closed: bool = False
+    unresponsive: bool = False  # the supervisor missed its heartbeat: no polite stop
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def release(self, slot: int) -> None:
+        # Runs from garbage collection, in any thread: one atomic pipe write, no lock.
+        self.live_leases -= 1
+        if not self.closed and self.owner == os.getpid():
+            with contextlib.suppress(OSError):
+                os.write(self.release_fd, RELEASE.pack(self.run, slot))
+
+
+def shutdown(state: RunState) -> None:
+    """Ends the run: parks its supervisor for the next one (NOTE [parked] in `_launch`), or stops
+    it: ask, wait, terminate, kill, reclaim. Safe to call any number of times."""
+    if state.closed:
+        return
+    state.closed = True
+    mine = state.owner == os.getpid()
+    if not (mine and _park(state)):
+        if mine and state.proc is not None:
+            _stop(state.proc, state)
+        for conn in (state.conn, state.release_conn):
+            with contextlib.suppress(Exception):
+                conn.close()
+    # The views still out keep this state: not the dataset's spare, nor the process.
+    state.home = state.launched = None
+    while state.slots:
+        state.slots.pop().close()  # unmaps now, or when the last view is gone
+
+
+def _park(state: RunState) -> bool:
+    """Puts a cleanly finished run's supervisor back into its home `Spare`, without waiting for
+    its teardown; False when the run did not finish, or has no home."""
+    if not state.finished or state.home is None or state.launched is None:
+        return False
+    try:
+        state.conn.send(Stop(park=True))
+    except OSError:
+        return False
+    state.home.park(state.launched)
+    return True
+
+
+def _stop(proc: subprocess.Popen[bytes], state: RunState) -> None:
+    steps: tuple[tuple[Any, float], ...] = ((proc.kill, 2.0),)
+    if not state.unresponsive:
+        with contextlib.suppress(Exception):
+            state.conn.send(Stop())
+        steps = ((None, 5.0), (proc.terminate, 2.0), (proc.kill, 2.0))
+    for stop, grace in steps:
+        if stop is not None:
+            stop()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(grace)
+            break
+    # A supervisor that was killed could not clean up: its lock is free now, so this can.
+    sweep_run(state.token)

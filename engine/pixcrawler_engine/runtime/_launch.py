@@ -28,9 +28,9 @@ cleanly (its `Finished` read), the stream sends `Stop(park=True)` instead of sto
 process, and puts it back into the dataset's `Spare` without waiting: the supervisor ends the
 run as it would before exiting (the workers exit; slots, beats, folder and lock go) but keeps
 its zygote, and waits for the next run's arguments like a spare. The next pass then starts
-with no interpreter, import or zygote to pay for: ~0.27 s of CPU a pass on two cores, which a
-spare launched ahead took from the pass before it (11 % of a warm epoch's CPU on the demo
-photos), and its first batch does not wait for a spare still importing. Anything else (an
+with no interpreter, import or zygote to pay for: a spare launched ahead took ~0.29 s of CPU
+from the pass before it (a warm epoch of the demo photos over HTTP: 2.45 CPU-s with the
+spare, 2.16 parked), and its first batch does not wait for a spare still importing. Anything else (an
 error, a pass abandoned halfway, a stream of its own) stops the process as before. What a run
 leaves behind cannot reach the next: its slots' releases carry its run number (`RELEASE`),
 and a worker's fork report names the request it answers (`_zygote`).

@@ -1,4 +1,4 @@
-"""How the engine's processes start: the supervisor's launch, and a spare one.
+"""How the engine's processes start: the supervisor's launch, a spare one, one parked.
 
 NOTE [bootstrap]: the consumer starts the supervisor as a fresh interpreter
 (`python -c "...bootstrap()" <conn fd> <release fd>`), not as a multiprocessing child: spawn
@@ -13,9 +13,9 @@ the zygote and the workers: no fork server, no resource tracker.
 NOTE [spare]: nothing in a supervisor's start-up (its interpreter, the zygote's interpreter and
 imports: most of the time to a first batch) depends on the run's arguments, so a supervisor can
 be launched ahead of time and wait for them, blocked on its pipe. A `Spare` keeps at most one
-such supervisor for a consumer's next run: a `Dataset` launches one for its next pass when the
-current pass's last tasks are out (its workers go idle from there, so the spare's start-up costs
-the pass little CPU). While it waits, the spare does what needs no arguments: it sweeps stale
+waiting supervisor for a consumer's next run: one launched ahead (`to_tensorflow()` launches its
+first pass's while TensorFlow traces its pipeline), or one parked by the pass before (NOTE
+[parked]). While it waits, a spare launched ahead does what needs no arguments: it sweeps stale
 runs, imports the supervisor's modules and those the consumer names in `Prepare` (its source's
 module). A waiting supervisor owns no resource (no segment, folder or lock: those come with
 the arguments) and exits when told (None) or when its pipe closes: on `Spare.close()`, when the
@@ -28,12 +28,13 @@ cleanly (its `Finished` read), the stream sends `Stop(park=True)` instead of sto
 process, and puts it back into the dataset's `Spare` without waiting: the supervisor ends the
 run as it would before exiting (the workers exit; slots, beats, folder and lock go) but keeps
 its zygote, and waits for the next run's arguments like a spare. The next pass then starts
-with no interpreter, import or zygote to pay for: a spare launched ahead took ~0.29 s of CPU
-from the pass before it (a warm epoch of the demo photos over HTTP: 2.45 CPU-s with the
-spare, 2.16 parked), and its first batch does not wait for a spare still importing. Anything else (an
-error, a pass abandoned halfway, a stream of its own) stops the process as before. What a run
-leaves behind cannot reach the next: its slots' releases carry its run number (`RELEASE`),
-and a worker's fork report names the request it answers (`_zygote`).
+with no interpreter, import or zygote to pay for: a spare launched near each pass's end (as
+until 2026-11-30) took ~0.29 s of CPU from that pass (a warm epoch of the demo photos over
+HTTP: 2.45 CPU-s with the spare, 2.16 parked), and the next pass's first batch could wait for
+its imports. Anything else (an error, a pass abandoned halfway, a stream of its own) stops
+the process as before. What a run leaves behind cannot reach the next: its slots' releases
+carry its run number (`RELEASE`), and a worker's fork report names the request it answers
+(`_zygote`).
 """
 
 from __future__ import annotations
@@ -143,10 +144,11 @@ def launch() -> Launched:
 
 
 class Spare:
-    """At most one supervisor launched ahead for the owner's next run (see NOTE [spare]).
+    """At most one supervisor waiting for the owner's next run (see NOTE [spare], [parked]).
 
-    `take()` hands it over (or None), `refill()` launches the next one, `close()` stops it. A
-    `weakref.finalize` closes it when the `Spare` is garbage collected.
+    `take()` hands it over (or None), `refill()` launches one, `park()` keeps one whose run
+    ended, `close()` stops it. A `weakref.finalize` closes it when the `Spare` is garbage
+    collected.
     """
 
     def __init__(self, *, enabled: bool = True) -> None:

@@ -22,11 +22,12 @@ from typing import Any
 
 import numpy as np
 import psutil
+import pytest
 from engine_helpers import expected_keys, shm_names, wait_gone
 
 from pixcrawler import load_dataset
 from pixcrawler_engine.runtime._launch import Spare
-from pixcrawler_engine.runtime._protocol import RELEASE
+from pixcrawler_engine.runtime._protocol import RELEASE, Grow
 
 OPTIONS: dict[str, Any] = {"num_workers": 2, "progress": False, "image_size": 16, "batch_rows": 8}
 
@@ -127,6 +128,29 @@ def test_a_release_from_an_earlier_run_frees_no_slot_of_the_next(store: Path) ->
         assert len(held) == len(expected)
         for batch, pixels in zip(held, expected, strict=True):
             assert np.array_equal(batch.images, pixels)
+
+
+def test_a_grow_that_crosses_the_runs_end_reaches_no_next_run(
+    store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The consumer asks for a slot (it holds them all) as the supervisor sends `Finished`: the
+    supervisor, which then parks, must not answer with a slot the next pass would map."""
+    from pixcrawler_engine.runtime import _run
+
+    park = _run._park
+
+    def grow_then_park(state: Any) -> bool:
+        if state.finished:
+            state.conn.send(Grow())  # what `_receive` sends when every slot is held
+        return park(state)
+
+    monkeypatch.setattr(_run, "_park", grow_then_park)
+    with load_dataset("demo", base_url=store.as_uri(), **OPTIONS) as ds:
+        first = [(b.keys, np.array(b.images)) for b in ds.iter_engine_batches()]
+        second = [(b.keys, np.array(b.images)) for b in ds.iter_engine_batches()]
+    assert len(first) == len(second)
+    for (keys, pixels), (again, same) in zip(first, second, strict=True):
+        assert keys == again and np.array_equal(pixels, same)
 
 
 def test_a_parked_supervisor_killed_between_passes_is_replaced(store: Path) -> None:

@@ -214,7 +214,7 @@ class Supervisor:
                 if isinstance(msg, Stop):
                     self.parked = msg.park and self.finished
                     return True
-                if isinstance(msg, Grow):
+                if isinstance(msg, Grow) and not self.finished:  # after it: for a next run
                     self._grow()
                 elif isinstance(msg, Ping):
                     self.conn.send(Pong())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,9 +24,17 @@ from typing import Any
 import numpy as np
 import psutil
 import pytest
-from engine_helpers import expected_keys, shm_names, wait_gone
+from engine_helpers import (
+    corrupt_one_sample,
+    expected_keys,
+    reference_pixels,
+    shm_names,
+    wait_gone,
+)
 
 from pixcrawler import load_dataset
+from pixcrawler_engine import DecodePolicy
+from pixcrawler_engine._errors import DecodeError
 from pixcrawler_engine.runtime._launch import Spare
 from pixcrawler_engine.runtime._protocol import RELEASE, Grow
 
@@ -186,17 +195,42 @@ def test_a_parked_supervisor_whose_zygote_was_killed_starts_another(store: Path)
     assert keys == expected_keys(store)
 
 
-def test_a_pass_abandoned_halfway_stops_its_supervisor(store: Path) -> None:
+def test_a_pass_stopped_halfway_parks_its_supervisor(store: Path) -> None:
+    """A `break` (a training loop of fixed steps per epoch): the supervisor ends the run and
+    parks; the batch kept from it stays valid, and the next pass runs on it from the start."""
+    policy = DecodePolicy(image_size=(16, 16))
     with load_dataset("demo", base_url=store.as_uri(), **OPTIONS) as ds:
-        for _ in ds.iter_engine_batches():
-            (stream,) = list(ds._streams)
-            family = _family(stream.pid)
+        for batch in ds.iter_engine_batches():
+            kept, (stream,) = batch, list(ds._streams)
+            supervisor = stream.pid
             break
-        assert ds._spare.pid is None  # not parked: only a pass that ended cleanly parks
+        assert ds._spare.pid == supervisor
+        zygote = _zygote_of(supervisor)
+        assert not _left_by(supervisor)  # torn down before it said `Parked`
+        for key, pixels in zip(kept.keys, kept.images, strict=True):
+            assert np.array_equal(pixels, reference_pixels(store, key, policy))
+        passes = ds.iter_engine_batches()
+        keys = [*next(passes).keys]
+        (stream,) = list(ds._streams)
+        assert stream.pid == supervisor and _family(supervisor)[1] == zygote
+        keys += [key for batch in passes for key in batch.keys]
+    assert keys == expected_keys(store)
+
+
+def test_a_failed_pass_stops_its_supervisor(store: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "store"
+    shutil.copytree(store / "jobs" / "demo", bad / "jobs" / "demo")
+    corrupt_one_sample(bad, "demo", chunk=3)  # after the first batch
+    with load_dataset("demo", base_url=bad.as_uri(), **OPTIONS) as ds:
+        passes = ds.iter_engine_batches()
+        next(passes)
+        (stream,) = list(ds._streams)
+        family = _family(stream.pid)
+        with pytest.raises(DecodeError):
+            for _ in passes:
+                pass
+        assert ds._spare.pid is None  # an engine error: nothing of that run is kept
         assert wait_gone(family, 10.0) == []
-        assert [key for batch in ds.iter_engine_batches() for key in batch.keys] == (
-            expected_keys(store)
-        )
 
 
 def _settled(pid: int) -> bool:

@@ -19,6 +19,10 @@ if TYPE_CHECKING:
 
 __all__ = ["WORKER_ENV", "bootstrap", "supervisor_main"]
 
+# How long a run stopped halfway waits for its running downloads before it parks; its
+# consumer waits `_run.PARK_TIMEOUT` for it, past this and the workers' 2 s stop.
+PARK_DOWNLOAD_WAIT = 1.0
+
 # The zygote's (and so the workers') allocator settings; the supervisor keeps glibc's defaults.
 WORKER_ENV = {
     # glibc's malloc trimming slows Pillow in long-lived processes (measured, see README).
@@ -69,11 +73,12 @@ def _next_run(conn: Connection) -> tuple[Any, ...] | None:
     """The next run's arguments (token, run number, source, config, policy, share, wires), or
     None when the consumer sends this process away or is gone."""
     from pixcrawler_engine.runtime._launch import Prepare, load_run
+    from pixcrawler_engine.runtime._protocol import Stop
 
     try:
         while True:
             message = conn.recv()
-            if message is None:
+            if message is None or isinstance(message, Stop):  # a stop that came after parking
                 return None
             if not isinstance(message, Prepare):
                 break
@@ -107,7 +112,7 @@ def supervisor_main(
 ) -> int | None:
     """One run of the supervisor process: None when it parks for the next (NOTE [parked] in
     `_launch`), else the exit code of the process."""
-    from pixcrawler_engine.runtime._protocol import ExceptionWrapper, Failed
+    from pixcrawler_engine.runtime._protocol import ExceptionWrapper, Failed, Parked
     from pixcrawler_engine.runtime._supervisor import Supervisor, _Delivered
 
     supervisor = None
@@ -115,7 +120,8 @@ def supervisor_main(
     try:
         supervisor = Supervisor(conn, release, zygote, *run)
         supervisor.run()
-        if supervisor.parked:
+        # A download still running after PARK_DOWNLOAD_WAIT: the process exits instead.
+        if supervisor.parked and supervisor.prefetch.settle(PARK_DOWNLOAD_WAIT):
             code = None
     except (_Delivered, SystemExit):
         pass
@@ -127,6 +133,8 @@ def supervisor_main(
         if supervisor is not None:
             try:
                 supervisor.close(park=code is None)
+                if code is None:
+                    conn.send(Parked())
             except BaseException:
                 code = 1
     return code

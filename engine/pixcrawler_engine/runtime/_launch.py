@@ -31,10 +31,13 @@ its zygote, and waits for the next run's arguments like a spare. The next pass t
 with no interpreter, import or zygote to pay for: a spare launched near each pass's end (as
 until 2026-11-30) took ~0.29 s of CPU from that pass (a warm epoch of the demo photos over
 HTTP: 2.45 CPU-s with the spare, 2.16 parked), and the next pass's first batch could wait for
-its imports. Anything else (an error, a pass abandoned halfway, a stream of its own) stops
-the process as before. What a run leaves behind cannot reach the next: its slots' releases
-carry its run number (`RELEASE`), and a worker's fork report names the request it answers
-(`_zygote`).
+its imports. A pass stopped halfway (a `break`, a fixed number of steps an epoch) parks its
+supervisor too: the workers end their task and exit, the downloads running are waited for
+(`_entry.PARK_DOWNLOAD_WAIT`, else the process exits), and the stream waits for `Parked`
+(`_run.PARK_TIMEOUT`), dropping what was sent before it. An error, or a stream of its own,
+stops the process as before. What a run leaves behind cannot reach the next: its slots'
+releases carry its run number (`RELEASE`), a worker's fork report names the request it
+answers (`_zygote`), and no slot is grown after `Finished`.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Sequence
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -94,14 +95,20 @@ class Prefetcher:
         self.fetched = still
         return finished
 
+    def settle(self, timeout: float) -> bool:
+        """Cancels the downloads not started and waits up to `timeout` s for the running ones;
+        True when none is left (a run stopped halfway may then park: NOTE [parked])."""
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        return not futures.wait([f for _, f in self.fetched], timeout).not_done
+
     def close(self, *, wait: bool = False) -> None:
         """Cancels downloads not started; idempotent.
 
         Without `wait`, the wake pipe stays open: a download still running calls back into it,
         and a closed (or reused) descriptor there would be worse than two descriptors kept until
-        the supervisor exits. With `wait` (a supervisor that parks after a finished run, whose
-        downloads are all done: NOTE [parked] in `_launch`), the threads are joined, their
-        callbacks run, and the pipe is closed.
+        the supervisor exits. With `wait` (a supervisor that parks once its downloads are done:
+        NOTE [parked] in `_launch`), the threads are joined, their callbacks run, and the pipe
+        is closed.
         """
         self.executor.shutdown(wait=wait, cancel_futures=True)
         if wait and self._wake_w >= 0:

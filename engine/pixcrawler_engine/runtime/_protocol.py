@@ -4,7 +4,7 @@ Every message is a frozen dataclass; none carries pixels (those stay in shared m
 
     consumer -> supervisor:  Grow() | Ping() | Stop(park)  (released slots: `RELEASE` on a pipe)
     supervisor -> consumer:  Ready(slots) | Workers(pids) | BatchReady(...) | SlotsAdded(names)
-                             | Pong() | Failed(error) | Finished(stats)
+                             | Pong() | Failed(error) | Finished(stats) | Parked()
     supervisor -> worker:    Task(...) | None (exit)
     worker -> supervisor:    WorkerReady() | TaskDone(...) | TaskFailed(...)
 """
@@ -32,6 +32,7 @@ __all__ = [
     "Failed",
     "Finished",
     "Grow",
+    "Parked",
     "Ping",
     "Pong",
     "Ready",
@@ -126,8 +127,8 @@ class Grow:
 
 @dataclass(frozen=True)
 class Stop:
-    """The consumer is done with the run. `park`: after its `Finished`, to keep the process
-    and its zygote for the consumer's next run (NOTE [parked] in `_launch`)."""
+    """The consumer is done with the run. `park`: to keep the process and its zygote for the
+    consumer's next run (NOTE [parked] in `_launch`), which it says with `Parked`."""
 
     park: bool = False
 
@@ -153,6 +154,11 @@ class Workers:
 @dataclass(frozen=True)
 class Pong:
     pass
+
+
+@dataclass(frozen=True)
+class Parked:
+    """After `Stop(park=True)`: the run is torn down and the process waits for the next."""
 
 
 @dataclass(frozen=True)

@@ -9,14 +9,18 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from pixcrawler_engine.runtime._launch import Launched, Spare
-from pixcrawler_engine.runtime._protocol import RELEASE, Stop
+from pixcrawler_engine.runtime._protocol import RELEASE, Parked, Stop
 from pixcrawler_engine.runtime._shm import sweep_run
 
-__all__ = ["RunState", "shutdown"]
+__all__ = ["PARK_TIMEOUT", "RunState", "shutdown"]
+
+# A run stopped halfway parks once its workers end their task (a pool stop's grace is 2 s).
+PARK_TIMEOUT = 5.0
 
 
 @dataclass
@@ -35,6 +39,7 @@ class RunState:
     launched: Launched | None = None
     home: Spare | None = None  # where the supervisor parks when the run ends cleanly
     finished: bool = False  # `Finished` read
+    failed: bool = False  # the run raised (the supervisor is not parked)
     conn: Any = None
     release_fd: int = -1
     release_conn: Any = None
@@ -72,16 +77,32 @@ def shutdown(state: RunState) -> None:
 
 
 def _park(state: RunState) -> bool:
-    """Puts a cleanly finished run's supervisor back into its home `Spare`, without waiting for
-    its teardown; False when the run did not finish, or has no home."""
-    if not state.finished or state.home is None or state.launched is None:
+    """Puts the run's supervisor back into its home `Spare`: at once after `Finished`, and
+    for a run stopped halfway (a `break`) once it says `Parked`. False when the run failed,
+    has no home, or its supervisor did not park (it then exits)."""
+    if state.failed or state.unresponsive or state.home is None or state.launched is None:
         return False
     try:
         state.conn.send(Stop(park=True))
     except OSError:
         return False
+    if not state.finished and not _parked(state.conn):
+        return False
     state.home.park(state.launched)
     return True
+
+
+def _parked(conn: Any) -> bool:
+    """Whether the supervisor of a run stopped halfway says `Parked` (its workers stop after
+    their task, within `PARK_TIMEOUT`); what it sent before is dropped."""
+    deadline = time.monotonic() + PARK_TIMEOUT
+    try:
+        while (left := deadline - time.monotonic()) > 0 and conn.poll(left):
+            if isinstance(conn.recv(), Parked):
+                return True
+    except (EOFError, OSError):
+        pass
+    return False
 
 
 def _stop(proc: subprocess.Popen[bytes], state: RunState) -> None:

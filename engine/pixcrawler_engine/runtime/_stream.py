@@ -42,6 +42,7 @@ from pixcrawler_engine.runtime._protocol import (
     Failed,
     Finished,
     Grow,
+    Parked,
     Ping,
     Pong,
     Ready,
@@ -231,6 +232,9 @@ class Stream:
                 else:
                     self._finish(msg)
                     return
+        except Exception:
+            self._state.failed = True  # the engine's error: its supervisor is not kept
+            raise
         finally:
             self.close()
 
@@ -276,7 +280,7 @@ class Stream:
                 if isinstance(msg, Workers):
                     self.worker_pids = msg.pids
                     continue
-                if isinstance(msg, Pong):
+                if isinstance(msg, (Pong, Parked)):  # Parked: the last run's, unread
                     continue
                 if msg is not None:
                     return msg

@@ -212,7 +212,7 @@ class Supervisor:
             while self.conn.poll():
                 msg = self.conn.recv()
                 if isinstance(msg, Stop):
-                    self.parked = msg.park and self.finished
+                    self.parked = msg.park
                     return True
                 if isinstance(msg, Grow) and not self.finished:  # after it: for a next run
                     self._grow()

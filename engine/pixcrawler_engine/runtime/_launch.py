@@ -195,6 +195,11 @@ class Spare:
             self._box.append(launched)
 
     @property
+    def closed(self) -> bool:
+        """True once `close()` was called (or for a disabled spare): it keeps no supervisor."""
+        return self._closed
+
+    @property
     def pid(self) -> int | None:
         """The waiting supervisor's pid, or None."""
         box = self._box

@@ -37,7 +37,7 @@ class RunState:
     token: str = ""
     run: int = 0  # the run's number on its supervisor (NOTE [parked] in `_launch`)
     launched: Launched | None = None
-    home: Spare | None = None  # where the supervisor parks when the run ends cleanly
+    home: Spare | None = None  # where the supervisor parks when the run ends (NOTE [parked])
     finished: bool = False  # `Finished` read
     failed: bool = False  # the run raised (the supervisor is not parked)
     conn: Any = None
@@ -80,7 +80,8 @@ def _park(state: RunState) -> bool:
     """Puts the run's supervisor back into its home `Spare`: at once after `Finished`, and
     for a run stopped halfway (a `break`) once it says `Parked`. False when the run failed,
     has no home, or its supervisor did not park (it then exits)."""
-    if state.failed or state.unresponsive or state.home is None or state.launched is None:
+    home, launched = state.home, state.launched
+    if state.failed or state.unresponsive or home is None or home.closed or launched is None:
         return False
     try:
         state.conn.send(Stop(park=True))
@@ -88,7 +89,7 @@ def _park(state: RunState) -> bool:
         return False
     if not state.finished and not _parked(state.conn):
         return False
-    state.home.park(state.launched)
+    home.park(launched)
     return True
 
 

@@ -148,8 +148,8 @@ class Stream:
                 `runtime._epoch`); default all of epoch 0.
             launched: a waiting supervisor (`_launch.Spare.take`) to run this; the stream
                 owns it from here. None (or one that died) launches a new one.
-            home: where the supervisor waits for the next run once this one has finished
-                (NOTE [parked] in `_launch`); None stops it.
+            home: where the supervisor waits for the next run once this one ends (NOTE
+                [parked] in `_launch`); None stops it.
         """
         self.config = config
         self.policy = policy
@@ -184,8 +184,8 @@ class Stream:
 
     # ---- lifecycle ------------------------------------------------------------------------
     def close(self) -> None:
-        """Stops the supervisor and its workers (once the run has finished, the workers, and
-        parks the supervisor for the next run: `home`); views already handed out stay valid."""
+        """Ends the run: its workers stop, and its supervisor is parked in `home` for the next
+        run (NOTE [parked] in `_launch`) or stopped; views already handed out stay valid."""
         self._finalizer()
 
     def __enter__(self) -> Stream:
@@ -204,8 +204,8 @@ class Stream:
     # ---- iteration ------------------------------------------------------------------------
     def __iter__(self) -> Generator[Batch, None, None]:
         # NOTE [last batch]: the run's last batch says so (`BatchReady.last`). The stream then
-        # takes the `Finished` behind it and stops the run (tens of ms: the supervisor's
-        # teardown) before handing the batch out, so that the caller's next `next()` ends at
+        # takes the `Finished` behind it and ends the run (its supervisor parked, or stopped:
+        # tens of ms) before handing the batch out, so that the caller's next `next()` ends at
         # once: a DataLoader's pass ends with its last batch (it ended 0.02-0.04 s later), and
         # the end of `to_tensorflow()`'s generator does no work of ours in TensorFlow's thread.
         # The batch's views stay valid (see `close`).
